@@ -1,0 +1,137 @@
+"""Host side of the one-launch-per-group kernels: block schedules and pointer-offset tables.
+
+See ``gpuopt/kernels/_multi_tensor.py`` for what the device side expects. A ``LaunchPlan`` is
+built once per group of tensors and kept: the schedule depends only on the tensors' sizes, and the
+offsets table is rebuilt (one small host-to-device copy) only when some tensor's storage moved,
+e.g. when ``zero_grad(set_to_none=True)`` let the next backward allocate new gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._runtime import interpreter_enabled
+
+# Block size and warps: 8 fp32 elements per thread (two 16-byte accesses per stream) on a GPU.
+# The interpreter runs blocks one after another in NumPy; a small block lets small test tensors
+# span several blocks, so tail and full-block paths are both exercised.
+GPU_BLOCK, GPU_WARPS = 2048, 8
+INTERPRETER_BLOCK, INTERPRETER_PROGRAMS = 128, 3
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class LaunchPlan:
+    """Schedule and tables for one kernel launch over ``n`` tensors playing several roles.
+
+    ``roles`` is a list (one entry per role, in the kernel's role order) of equally long tensor
+    lists; tensor ``t`` of every role has the same number of elements. Within a role all tensors
+    share one dtype.
+    """
+
+    def __init__(self, roles: list[list[torch.Tensor]], block: int | None = None):
+        first = roles[0]
+        self.device = first[0].device
+        self.n_tensors = len(first)
+        self.numels = tuple(t.numel() for t in first)
+        interp = self.device.type != "cuda"
+        self.block = block or (INTERPRETER_BLOCK if interp else GPU_BLOCK)
+        self.num_warps = 4 if interp else GPU_WARPS
+        counts = [max(1, _cdiv(n, self.block)) for n in self.numels]  # a 0-element tensor still
+        # gets one (fully masked) block, so per-tensor bookkeeping such as `step` sees it.
+        index = torch.arange(self.n_tensors, dtype=torch.int32)
+        block_tensor = torch.repeat_interleave(index, torch.tensor(counts))
+        first_block = torch.cumsum(torch.tensor([0] + counts[:-1]), 0)
+        block_start = (torch.arange(sum(counts)) - first_block.repeat_interleave(torch.tensor(counts))) * self.block
+        self.n_blocks = int(block_tensor.numel())
+        self.block_tensor = block_tensor.to(self.device)
+        self.block_start = block_start.to(torch.int64).to(self.device)
+        self.numel = torch.tensor(self.numels, dtype=torch.int64, device=self.device)
+        if interp:
+            programs = INTERPRETER_PROGRAMS
+        else:
+            props = torch.cuda.get_device_properties(self.device)
+            # Enough resident warps to keep every SM's memory pipeline full.
+            programs = props.multi_processor_count * (props.max_threads_per_multi_processor // (32 * self.num_warps))
+        self.grid = (min(self.n_blocks, programs),)
+        self._addresses = None
+        self.refresh(roles)
+
+    def matches(self, roles: list[list[torch.Tensor]]) -> bool:
+        """Same tensor sizes (the schedule still fits); addresses may have changed."""
+        return tuple(t.numel() for t in roles[0]) == self.numels
+
+    def refresh(self, roles: list[list[torch.Tensor]]) -> None:
+        """Point the plan at ``roles``' current storage; copies a new table only if it moved."""
+        addresses = tuple(t.data_ptr() for role in roles for t in role)
+        if addresses == self._addresses:
+            self._bases = [role[0] for role in roles]
+            return
+        rows = []
+        for role in roles:
+            base, size = role[0].data_ptr(), role[0].element_size()
+            rows.append([(t.data_ptr() - base) // size for t in role])
+        table = torch.tensor(rows, dtype=torch.int64)
+        if self.device.type == "cuda":
+            table = table.pin_memory().to(self.device, non_blocking=True)
+        self.offsets = table
+        self.aligned = all(a % 16 == 0 for a in addresses)
+        self._bases = [role[0] for role in roles]
+        self._addresses = addresses
+
+    def schedule_args(self):
+        """Kernel arguments shared by every multi-tensor kernel, in the order they declare them."""
+        return (self.block_tensor, self.block_start, self.numel, self.offsets, self.n_blocks, self.n_tensors)
+
+    def bases(self):
+        """The base pointer (first tensor) of each role, in role order."""
+        return self._bases
+
+
+class PlanCache:
+    """LaunchPlans by group key, rebuilt when the group's tensor sizes change."""
+
+    def __init__(self):
+        self._plans: dict = {}
+
+    def get(self, key, roles: list[list[torch.Tensor]]) -> LaunchPlan:
+        plan = self._plans.get(key)
+        if plan is None or not plan.matches(roles):
+            plan = LaunchPlan(roles)
+            self._plans[key] = plan
+        else:
+            plan.refresh(roles)
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+
+def uses_interpreter(device: torch.device) -> bool:
+    return device.type == "cpu" and interpreter_enabled()
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True when ``t``'s elements fill ``numel`` consecutive storage slots in some dim order
+    (contiguous, channels-last, any permutation): such a tensor can be updated as a flat array."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def flat_view(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a dense tensor's elements in storage order.
+
+    An elementwise update does not care about the logical order, only that the tensors it pairs
+    (param, grad, states) share one layout, which the callers ensure."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if not is_dense(t):
+        raise ValueError(f"gpuopt updates dense tensors only; got strides {t.stride()} for shape "
+                         f"{tuple(t.shape)} (call .contiguous() on it first)")
+    return t.as_strided((t.numel(),), (1,))

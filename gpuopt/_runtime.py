@@ -1,0 +1,27 @@
+"""Where kernels can run, and the checks that say so before any kernel launches."""
+
+import os
+
+import torch
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def check_kernel_device(tensor: torch.Tensor, what: str) -> None:
+    """Raise a clear error if Triton kernels cannot run on ``tensor``'s device."""
+    kind = tensor.device.type
+    if kind == "cuda":
+        return
+    if kind == "cpu":
+        if interpreter_enabled():
+            return
+        raise RuntimeError(
+            f"gpuopt: {what} is on the CPU, where gpuopt's Triton kernels cannot run. Move the "
+            "model to a CUDA GPU (model.cuda()), or set TRITON_INTERPRET=1 before triton is "
+            "imported to run the kernels (slowly) through Triton's interpreter."
+        )
+    raise RuntimeError(f"gpuopt: {what} is on device '{tensor.device}'; gpuopt runs on CUDA GPUs "
+                       "(or on the CPU through Triton's interpreter).")

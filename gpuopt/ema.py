@@ -1,0 +1,106 @@
+"""``gpuopt.EMA``: the seed's running average (B.0.1.1) of a model's weights, one launch per update."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from ._multi_tensor import PlanCache, flat_view
+from ._runtime import check_kernel_device
+from .kernels import ema as ema_kernel
+
+
+class EMA:
+    r"""Running average of parameters, updated in place by one fused kernel per (device, dtype).
+
+    After each optimizer step call :meth:`update`; it applies the seed's running average
+
+    .. math:: C_t = \gamma_t C_{t-1} + (1 - \gamma_t) c_t
+
+    to every parameter ``c`` and its average ``C``. ``decay=γ`` keeps a moving average with constant
+    γ; ``decay=None`` uses ``γ_t = (t-1)/t`` and keeps the exact mean of every value seen by
+    ``update`` (the seed's study question; ``torch.optim.swa_utils``' SWA average).
+
+    The averages start as a copy of the parameters (as ``torch.optim.swa_utils.AveragedModel`` and
+    most EMA implementations do), rather than the seed's ``C_0 = 0``, which would bias early
+    averages toward zero. With ``decay=None`` the start value is irrelevant: ``γ_1 = 0``.
+
+    Args:
+        params: an iterable of tensors (``model.parameters()``) or an ``nn.Module``.
+        decay: γ in [0, 1), or ``None`` for the exact mean.
+
+    Example::
+
+        ema = gpuopt.EMA(model.parameters(), decay=0.999)
+        for x, y in loader:
+            loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
+            ema.update()
+        ema.copy_to()          # load the averaged weights into the model for evaluation
+    """
+
+    def __init__(self, params, decay: float | None = 0.999):
+        if isinstance(params, torch.nn.Module):
+            params = params.parameters()
+        self.params = [p for p in params]
+        if not self.params:
+            raise ValueError("EMA got an empty parameter list")
+        if decay is not None and not 0.0 <= decay < 1.0:
+            raise ValueError(f"Invalid decay value: {decay} (must be in [0, 1), or None for the exact mean)")
+        for p in self.params:
+            if not isinstance(p, torch.Tensor) or not (p.is_floating_point()):
+                raise TypeError(f"EMA averages floating-point tensors, got {type(p).__name__} "
+                                f"{getattr(p, 'dtype', '')}")
+            check_kernel_device(p, "an EMA parameter")
+        self.decay = decay
+        self.num_updates = 0
+        self.averages = [p.detach().clone(memory_format=torch.preserve_format) for p in self.params]
+        self._plans = PlanCache()
+
+    def gamma(self, t: int) -> float:
+        """γ_t for update number ``t`` (counting from 1)."""
+        return (t - 1) / t if self.decay is None else self.decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One running-average step over all parameters: one kernel launch per (device, dtype)."""
+        self.num_updates += 1
+        gamma = self.gamma(self.num_updates)
+        groups = defaultdict(lambda: ([], []))
+        for average, p in zip(self.averages, self.params):
+            if p.numel() == 0:
+                continue
+            if average.shape != p.shape:
+                raise RuntimeError(f"EMA: parameter shape {tuple(p.shape)} no longer matches its "
+                                   f"average {tuple(average.shape)}")
+            averages, values = groups[(p.device, p.dtype)]
+            averages.append(flat_view(average))
+            values.append(flat_view(p.detach()))
+        for key, roles in groups.items():
+            plan = self._plans.get(key, list(roles))
+            ema_kernel.ema_(plan, gamma)
+
+    @torch.no_grad()
+    def copy_to(self, params=None) -> None:
+        """Copy the averages into ``params`` (default: the tracked parameters)."""
+        params = self.params if params is None else list(params.parameters() if isinstance(params, torch.nn.Module) else params)
+        if len(params) != len(self.averages):
+            raise ValueError(f"copy_to got {len(params)} tensors for {len(self.averages)} averages")
+        for p, average in zip(params, self.averages):
+            p.copy_(average)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "averages": list(self.averages)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        averages = state_dict["averages"]
+        if len(averages) != len(self.averages):
+            raise ValueError(f"state_dict holds {len(averages)} averages, this EMA tracks {len(self.averages)}")
+        for mine, theirs in zip(self.averages, averages):
+            if mine.shape != theirs.shape:
+                raise ValueError(f"average of shape {tuple(theirs.shape)} does not fit {tuple(mine.shape)}")
+            mine.copy_(theirs)
+        self.decay = state_dict["decay"]
+        self.num_updates = int(state_dict["num_updates"])
+

@@ -1,0 +1,452 @@
+"""The seed's equations (appendix B, "Optimizing Neural Networks") as plain float64 NumPy.
+
+This module is the oracle for the tests and the bench, and a page to read beside the seed. It is
+deliberately slow and literal: one function per equation, in the seed's notation, no fusion.
+
+Layout and notation follow the seed:
+
+* optimizers work on one weight array ``W`` of any shape, element by element (the seed's ``W_j``);
+* batch norm works on ``Z`` of shape ``(n, K)``: ``n`` units by a batch of ``K`` examples, so the
+  statistics of unit ``i`` are taken along row ``i`` (PyTorch's ``(N, C)`` is ``Z.T``).
+
+Functions named after a PyTorch class (``torch_sgd_step``, ``torch_adam_step``, ...) follow that
+class's documented algorithm exactly, so the tests can hold the kernels to both conventions.
+Every function returns new arrays and never modifies its inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def _f64(x) -> np.ndarray:
+    return np.array(x, dtype=np.float64, copy=True)
+
+
+# --------------------------------------------------------------------------------------------
+# B.0.1.1 Running averages
+# --------------------------------------------------------------------------------------------
+
+
+def running_average_step(C_prev, c_t, gamma_t):
+    """One step of the seed's running average: ``C_t = γ_t C_{t-1} + (1 - γ_t) c_t``."""
+    return gamma_t * _f64(C_prev) + (1.0 - gamma_t) * _f64(c_t)
+
+
+def exact_mean_gamma(t: int) -> float:
+    """The schedule ``γ_t = (t - 1) / t`` (t = 1, 2, ...) that turns the running average into the
+    exact mean of ``c_1 .. c_t``."""
+    if t < 1:
+        raise ValueError(f"t counts from 1, got {t}")
+    return (t - 1) / t
+
+
+def running_average(cs, gamma=None):
+    """All running averages ``C_1 .. C_T`` of the sequence ``cs`` (first axis is time).
+
+        C_0 = 0
+        C_t = γ_t C_{t-1} + (1 - γ_t) c_t
+
+    ``gamma`` a float gives the moving average with constant γ, whose closed form is
+    ``C_T = Σ_t γ^{T-t} (1-γ) c_t``; ``gamma=None`` uses ``γ_t = (t-1)/t``, the exact mean.
+    """
+    cs = _f64(cs)
+    C = np.zeros(cs.shape[1:], dtype=np.float64)
+    out = np.empty_like(cs)
+    for t in range(1, cs.shape[0] + 1):
+        g = exact_mean_gamma(t) if gamma is None else float(gamma)
+        C = running_average_step(C, cs[t - 1], g)
+        out[t - 1] = C
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# B.0.1.2 Momentum
+# --------------------------------------------------------------------------------------------
+
+
+def momentum_step_v_form(W, V, grad, eta, gamma):
+    """The seed's momentum, V-form::
+
+        V_t = γ V_{t-1} + η ∇_W J(W_{t-1})
+        W_t = W_{t-1} - V_t
+
+    Returns ``(W_t, V_t)``.
+    """
+    V_t = gamma * _f64(V) + eta * _f64(grad)
+    return _f64(W) - V_t, V_t
+
+
+def momentum_step_m_form(W, M, grad, eta_prime, gamma):
+    """The seed's momentum, M-form (a moving average of gradients, step η′)::
+
+        M_t = γ M_{t-1} + (1 - γ) ∇_W J(W_{t-1})
+        W_t = W_{t-1} - η′ M_t
+
+    Equivalent to the V-form with ``η = η′ (1 - γ)`` (then ``V_t = η′ M_t``). Returns ``(W_t, M_t)``.
+    """
+    M_t = gamma * _f64(M) + (1.0 - gamma) * _f64(grad)
+    return _f64(W) - eta_prime * M_t, M_t
+
+
+def torch_sgd_step(W, grad, buf, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                   nesterov=False, maximize=False):
+    """``torch.optim.SGD``, one step. ``buf`` is the momentum buffer or ``None`` before the first
+    step (then ``buf = d_p``, no dampening)::
+
+        d_p = ±g + λ W
+        buf = d_p                                  (first step)
+        buf = μ buf + (1 - dampening) d_p          (later steps)
+        d_p = d_p + μ buf  if nesterov else buf
+        W   = W - lr d_p
+
+    With ``dampening = 0`` this is the seed's V-form with ``V = lr · buf``, ``η = lr``, ``γ = μ``.
+    Returns ``(W, buf)`` (``buf`` is ``None`` when momentum is 0).
+    """
+    W, d_p = _f64(W), _f64(grad)
+    if maximize:
+        d_p = -d_p
+    if weight_decay:
+        d_p = d_p + weight_decay * W
+    if momentum:
+        buf = d_p.copy() if buf is None else momentum * _f64(buf) + (1.0 - dampening) * d_p
+        d_p = d_p + momentum * buf if nesterov else buf
+    else:
+        buf = None
+    return W - lr * d_p, buf
+
+
+# --------------------------------------------------------------------------------------------
+# B.0.1.3 "Adadelta" (the rest of the world: RMSprop) and PyTorch's RMSprop, Adagrad, Adadelta
+# --------------------------------------------------------------------------------------------
+
+
+def seed_adadelta_step(W, G, grad, eta, gamma, eps):
+    """The seed's "adadelta" (RMSprop with ε inside the square root)::
+
+        G_t = γ G_{t-1} + (1 - γ) g_t²
+        W_t = W_{t-1} - η g_t / sqrt(G_t + ε)
+
+    Returns ``(W_t, G_t)``.
+    """
+    g = _f64(grad)
+    G_t = gamma * _f64(G) + (1.0 - gamma) * g * g
+    return _f64(W) - eta * g / np.sqrt(G_t + eps), G_t
+
+
+@dataclass
+class RMSpropState:
+    square_avg: np.ndarray
+    grad_avg: np.ndarray | None = None
+    momentum_buffer: np.ndarray | None = None
+
+
+def torch_rmsprop_step(W, grad, state: RMSpropState | None, *, lr=1e-2, alpha=0.99, eps=1e-8,
+                       weight_decay=0.0, momentum=0.0, centered=False, maximize=False,
+                       eps_inside_sqrt=False):
+    """``torch.optim.RMSprop``, one step (state ``None`` before the first)::
+
+        g   = ±g + λ W
+        G   = α G + (1 - α) g²
+        ḡ   = α ḡ + (1 - α) g                     (centered)
+        avg = sqrt(G - ḡ²) + ε                    (ε outside: PyTorch)
+        avg = sqrt(G - ḡ² + ε)                    (eps_inside_sqrt: the seed)
+        buf = μ buf + g / avg; W -= lr buf        (momentum > 0)
+        W  -= lr g / avg                          (otherwise)
+
+    With ``alpha=γ``, ``eps_inside_sqrt=True`` and no options this is :func:`seed_adadelta_step`.
+    Returns ``(W, state)``.
+    """
+    W, g = _f64(W), _f64(grad)
+    if state is None:
+        state = RMSpropState(
+            square_avg=np.zeros_like(W),
+            grad_avg=np.zeros_like(W) if centered else None,
+            momentum_buffer=np.zeros_like(W) if momentum > 0 else None,
+        )
+    if maximize:
+        g = -g
+    if weight_decay:
+        g = g + weight_decay * W
+    square_avg = alpha * _f64(state.square_avg) + (1.0 - alpha) * g * g
+    grad_avg = None
+    variance = square_avg
+    if centered:
+        grad_avg = alpha * _f64(state.grad_avg) + (1.0 - alpha) * g
+        variance = square_avg - grad_avg * grad_avg
+    avg = np.sqrt(variance + eps) if eps_inside_sqrt else np.sqrt(variance) + eps
+    buf = None
+    if momentum > 0:
+        buf = momentum * _f64(state.momentum_buffer) + g / avg
+        W = W - lr * buf
+    else:
+        W = W - lr * g / avg
+    return W, RMSpropState(square_avg, grad_avg, buf)
+
+
+def torch_adagrad_step(W, grad, state_sum, step, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                       eps=1e-10, maximize=False):
+    """``torch.optim.Adagrad``, one step; ``step`` counts from 1 and ``state_sum`` starts at
+    ``initial_accumulator_value``::
+
+        g    = ±g + λ W
+        clr  = lr / (1 + (step - 1) lr_decay)
+        sum += g²
+        W   -= clr g / (sqrt(sum) + ε)
+
+    Returns ``(W, sum)``.
+    """
+    W, g = _f64(W), _f64(grad)
+    if maximize:
+        g = -g
+    if weight_decay:
+        g = g + weight_decay * W
+    clr = lr / (1.0 + (step - 1) * lr_decay)
+    state_sum = _f64(state_sum) + g * g
+    return W - clr * g / (np.sqrt(state_sum) + eps), state_sum
+
+
+def torch_adadelta_step(W, grad, square_avg, acc_delta, *, lr=1.0, rho=0.9, eps=1e-6,
+                        weight_decay=0.0, maximize=False):
+    """``torch.optim.Adadelta`` (Zeiler's ADADELTA, not the seed's), one step::
+
+        g     = ±g + λ W
+        E[g²] = ρ E[g²] + (1 - ρ) g²
+        Δ     = sqrt(E[Δ²] + ε) / sqrt(E[g²] + ε) · g
+        E[Δ²] = ρ E[Δ²] + (1 - ρ) Δ²
+        W    -= lr Δ
+
+    Returns ``(W, square_avg, acc_delta)``.
+    """
+    W, g = _f64(W), _f64(grad)
+    if maximize:
+        g = -g
+    if weight_decay:
+        g = g + weight_decay * W
+    square_avg = rho * _f64(square_avg) + (1.0 - rho) * g * g
+    delta = np.sqrt(_f64(acc_delta) + eps) / np.sqrt(square_avg + eps) * g
+    acc_delta = rho * _f64(acc_delta) + (1.0 - rho) * delta * delta
+    return W - lr * delta, square_avg, acc_delta
+
+
+# --------------------------------------------------------------------------------------------
+# B.0.1.4 Adam
+# --------------------------------------------------------------------------------------------
+
+
+def seed_adam_step(W, m, v, grad, t, eta, B1=0.9, B2=0.999, eps=1e-8):
+    """The seed's Adam, one step (``t`` counts from 1)::
+
+        m_t = B1 m_{t-1} + (1 - B1) g_t
+        v_t = B2 v_{t-1} + (1 - B2) g_t²
+        m̂_t = m_t / (1 - B1^t)
+        v̂_t = v_t / (1 - B2^t)
+        W_t = W_{t-1} - η m̂_t / sqrt(v̂_t + ε)
+
+    Returns ``(W_t, m_t, v_t)``.
+    """
+    g = _f64(grad)
+    m_t = B1 * _f64(m) + (1.0 - B1) * g
+    v_t = B2 * _f64(v) + (1.0 - B2) * g * g
+    m_hat = m_t / (1.0 - B1**t)
+    v_hat = v_t / (1.0 - B2**t)
+    return _f64(W) - eta * m_hat / np.sqrt(v_hat + eps), m_t, v_t
+
+
+def bias_corrected_mean_decay(t: int, B1: float) -> float:
+    """The seed's study question: m̂ is itself a running average ``m̂_t = γ_t m̂_{t-1} + (1-γ_t) g_t``
+    with the time-varying decay ``γ_t = B1 (1 - B1^{t-1}) / (1 - B1^t)`` (γ_1 = 0)."""
+    return B1 * (1.0 - B1 ** (t - 1)) / (1.0 - B1**t)
+
+
+@dataclass
+class AdamState:
+    exp_avg: np.ndarray
+    exp_avg_sq: np.ndarray
+    max_exp_avg_sq: np.ndarray | None = None
+    step: int = 0
+
+
+def torch_adam_step(W, grad, state: AdamState | None, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                    weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False,
+                    eps_inside_sqrt=False):
+    """``torch.optim.Adam`` (``decoupled_weight_decay=False``) or ``torch.optim.AdamW`` (``True``)::
+
+        g  = ±g (+ λ W for Adam)
+        W  = W (1 - lr λ)                                   (AdamW)
+        m  = β1 m + (1 - β1) g;     v = β2 v + (1 - β2) g²
+        v' = max(v'_prev, v) if amsgrad else v
+        W -= lr/(1-β1^t) · m / (sqrt(v') / sqrt(1-β2^t) + ε)     (PyTorch)
+        W -= lr/(1-β1^t) · m / sqrt(v' / (1-β2^t) + ε)           (eps_inside_sqrt: the seed)
+
+    With ``eps_inside_sqrt=True`` and no options this is :func:`seed_adam_step`. Returns ``(W, state)``.
+    """
+    W, g = _f64(W), _f64(grad)
+    b1, b2 = betas
+    if state is None:
+        state = AdamState(np.zeros_like(W), np.zeros_like(W), np.zeros_like(W) if amsgrad else None, 0)
+    if maximize:
+        g = -g
+    if weight_decay:
+        if decoupled_weight_decay:
+            W = W * (1.0 - lr * weight_decay)
+        else:
+            g = g + weight_decay * W
+    t = state.step + 1
+    exp_avg = b1 * _f64(state.exp_avg) + (1.0 - b1) * g
+    exp_avg_sq = b2 * _f64(state.exp_avg_sq) + (1.0 - b2) * g * g
+    max_sq = None
+    second = exp_avg_sq
+    if amsgrad:
+        max_sq = np.maximum(_f64(state.max_exp_avg_sq), exp_avg_sq)
+        second = max_sq
+    bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+    if eps_inside_sqrt:
+        denom = np.sqrt(second / bc2 + eps)
+    else:
+        denom = np.sqrt(second) / math.sqrt(bc2) + eps
+    W = W - (lr / bc1) * exp_avg / denom
+    return W, AdamState(exp_avg, exp_avg_sq, max_sq, t)
+
+
+# --------------------------------------------------------------------------------------------
+# B.0.2 Batch normalization (Z is n × K: units × batch)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchNormCache:
+    """What the forward pass keeps for the backward pass (per unit i: μ_i, σ_i, and Z̄)."""
+
+    mu: np.ndarray  # (n,)
+    sigma: np.ndarray  # (n,)  batchwise standard deviation, 1/K
+    Z_bar: np.ndarray  # (n, K)
+    eps: float
+    eps_inside_sqrt: bool
+
+
+def _bn_denominator(sigma, eps, eps_inside_sqrt):
+    # PyTorch: sqrt(σ² + ε); the seed: σ + ε.
+    return np.sqrt(sigma * sigma + eps) if eps_inside_sqrt else sigma + eps
+
+
+def batch_norm_forward(Z, G=None, B=None, eps=1e-5, eps_inside_sqrt=True):
+    """Batch-norm forward pass over a batch ``Z`` of shape ``(n, K)``::
+
+        μ_i = (1/K) Σ_j Z_ij
+        σ_i = sqrt((1/K) Σ_j (Z_ij - μ_i)²)
+        Z̄_ij = (Z_ij - μ_i) / (σ_i + ε)            (the seed: eps_inside_sqrt=False)
+        Z̄_ij = (Z_ij - μ_i) / sqrt(σ_i² + ε)       (PyTorch: eps_inside_sqrt=True)
+        Ẑ_ij = G_i Z̄_ij + B_i
+
+    ``G`` and ``B`` default to ones and zeros (``affine=False``). Returns ``(Ẑ, cache)``.
+    """
+    Z = _f64(Z)
+    if Z.ndim != 2:
+        raise ValueError(f"Z must be (n, K), got shape {Z.shape}")
+    n, K = Z.shape
+    G = np.ones(n) if G is None else _f64(G)
+    B = np.zeros(n) if B is None else _f64(B)
+    mu = Z.mean(axis=1)
+    sigma = np.sqrt(((Z - mu[:, None]) ** 2).mean(axis=1))
+    Z_bar = (Z - mu[:, None]) / _bn_denominator(sigma, eps, eps_inside_sqrt)[:, None]
+    Z_hat = G[:, None] * Z_bar + B[:, None]
+    return Z_hat, BatchNormCache(mu, sigma, Z_bar, eps, eps_inside_sqrt)
+
+
+def batch_norm_backward(dZ_hat, cache: BatchNormCache, G=None):
+    """Batch-norm backward pass: returns ``(∂L/∂Z, ∂L/∂G, ∂L/∂B)`` given ``∂L/∂Ẑ`` of shape (n, K)::
+
+        ∂L/∂B_i = Σ_j ∂L/∂Ẑ_ij
+        ∂L/∂G_i = Σ_j ∂L/∂Ẑ_ij Z̄_ij
+
+    and ∂L/∂Z by the seed's closed form, made exact for either ε placement. The seed's final
+    equation (B.0.2) is derived with ε dropped::
+
+        ∂L/∂Z_ij = Σ_k ∂L/∂Ẑ_ik G_i (δ_jk K - 1 - Z̄_ik Z̄_ij) / (K σ_i)
+
+    Keeping ε, write the denominator as s_i (s = σ + ε for the seed, s = sqrt(σ² + ε) for
+    PyTorch). Then ∂Z̄_ik/∂Z_ij = (δ_jk - 1/K)/s - (Z_ik - μ)/s² · ∂s/∂Z_ij with
+    ∂s/∂Z_ij = (Z_ij - μ)/(K r), where r = σ for the seed (∂σ/∂Z_ij = (Z_ij - μ)/(Kσ)) and r = s
+    for PyTorch (∂ sqrt(σ²+ε)/∂σ = σ/s). Summing over k::
+
+        ∂L/∂Z_ij = G_i / (K s_i) · [ K ∂L/∂Ẑ_ij - Σ_k ∂L/∂Ẑ_ik - (s_i/r_i) Z̄_ij Σ_k ∂L/∂Ẑ_ik Z̄_ik ]
+
+    For PyTorch s/r = 1: the familiar formula. For the seed s/r = (σ + ε)/σ, which reduces to the
+    seed's equation as ε → 0. A constant unit (σ = 0) has Z̄ = 0 and Z_ij - μ = 0, and the last
+    term, (Z_ij - μ) Σ_k ∂L/∂Ẑ_ik (Z_ik - μ) / (K s σ), goes to 0 as σ → 0: we take it as 0, so
+    the result is finite (the gradient of the 1/K-mean part alone).
+    """
+    dY = _f64(dZ_hat)
+    n, K = dY.shape
+    G = np.ones(n) if G is None else _f64(G)
+    sigma, eps, Z_bar = cache.sigma, cache.eps, cache.Z_bar
+    s = _bn_denominator(sigma, eps, cache.eps_inside_sqrt)
+    if cache.eps_inside_sqrt:
+        s_over_r = np.ones_like(s)
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s_over_r = np.where(sigma > 0, s / np.where(sigma > 0, sigma, 1.0), 0.0)
+    dB = dY.sum(axis=1)
+    dG = (dY * Z_bar).sum(axis=1)
+    dZ = (G / (K * s))[:, None] * (K * dY - dB[:, None] - (s_over_r * dG)[:, None] * Z_bar)
+    return dZ, dG, dB
+
+
+def batch_norm_backward_sum_form(dZ_hat, cache: BatchNormCache, G=None):
+    """∂L/∂Z by literally summing the seed's final equation over k (O(n K²), ε dropped in the
+    derivative as the seed does, i.e. the PyTorch convention's exact gradient when ε = 0).
+    Kept to show the closed form above is the seed's equation, term by term."""
+    dY = _f64(dZ_hat)
+    n, K = dY.shape
+    G = np.ones(n) if G is None else _f64(G)
+    Z_bar, sigma = cache.Z_bar, cache.sigma
+    dZ = np.zeros_like(dY)
+    for i in range(n):
+        for j in range(K):
+            total = 0.0
+            for k in range(K):
+                delta = 1.0 if j == k else 0.0
+                total += dY[i, k] * G[i] * (delta * K - 1.0 - Z_bar[i, k] * Z_bar[i, j]) / (K * sigma[i])
+            dZ[i, j] = total
+    return dZ
+
+
+def batch_norm_eval(Z, running_mean, running_var, G=None, B=None, eps=1e-5, eps_inside_sqrt=True):
+    """Batch norm in evaluation mode: the running statistics stand in for μ and σ²::
+
+        Ẑ_ij = G_i (Z_ij - μ̄_i) / sqrt(σ̄²_i + ε) + B_i      (PyTorch)
+        Ẑ_ij = G_i (Z_ij - μ̄_i) / (sqrt(σ̄²_i) + ε) + B_i    (the seed's placement)
+    """
+    Z = _f64(Z)
+    n = Z.shape[0]
+    G = np.ones(n) if G is None else _f64(G)
+    B = np.zeros(n) if B is None else _f64(B)
+    s = _bn_denominator(np.sqrt(_f64(running_var)), eps, eps_inside_sqrt)
+    return G[:, None] * (Z - _f64(running_mean)[:, None]) / s[:, None] + B[:, None]
+
+
+def batch_norm_running_stats(running_mean, running_var, Z, num_batches_tracked, momentum=0.1):
+    """The running statistics as ``torch.nn.BatchNorm*d`` keeps them, after one training batch.
+
+    ``num_batches_tracked`` is the count *before* this batch. With a float ``momentum`` m::
+
+        μ̄ = (1 - m) μ̄ + m μ                 σ̄² = (1 - m) σ̄² + m σ² K/(K-1)   (unbiased)
+
+    With ``momentum=None`` the factor is m = 1/t (t = batches seen, this one included): the seed's
+    running average with ``γ_t = 1 - m = (t-1)/t``, i.e. the exact mean of all batch statistics.
+    Returns ``(running_mean, running_var, num_batches_tracked + 1)``.
+    """
+    Z = _f64(Z)
+    K = Z.shape[1]
+    t = num_batches_tracked + 1
+    m = 1.0 / t if momentum is None else float(momentum)
+    mu = Z.mean(axis=1)
+    var_unbiased = Z.var(axis=1, ddof=1) if K > 1 else np.full(Z.shape[0], np.nan)
+    gamma = 1.0 - m
+    new_mean = running_average_step(running_mean, mu, gamma)
+    new_var = running_average_step(running_var, var_unbiased, gamma)
+    return new_mean, new_var, t

@@ -1,0 +1,77 @@
+"""Shared test helpers: the tolerance table, one comparison that says where it failed, a poison
+value, and a launch counter."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+# (rtol, atol) when a kernel that computes in fp32 is compared with a float64 oracle, by the
+# dtype the result is stored in. bf16 keeps 8 bits of mantissa (rel. step 2^-8 = 3.9e-3), fp16 11.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-12),
+    torch.float32: (2e-5, 2e-6),
+    torch.float16: (2e-3, 1e-3),
+    torch.bfloat16: (1.6e-2, 1e-2),
+}
+
+
+def to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(torch.float64).cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def assert_close(actual, expected, dtype=None, rtol=None, atol=None, name="value"):
+    """|actual - expected| <= atol + rtol |expected| everywhere, NaN where (and only where) the
+    other has NaN. On failure, says how many elements fail, the worst one, and by how much."""
+    if dtype is None:
+        dtype = actual.dtype if isinstance(actual, torch.Tensor) else torch.float64
+    default_rtol, default_atol = TOLERANCES[dtype]
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+    a, e = to_numpy(actual), to_numpy(expected)
+    assert a.shape == e.shape, f"{name}: shape {a.shape} != expected {e.shape}"
+    nan_a, nan_e = np.isnan(a), np.isnan(e)
+    if (nan_a != nan_e).any():
+        where = np.argwhere(nan_a != nan_e)[0]
+        raise AssertionError(f"{name}: NaN mismatch at index {tuple(where)}: got {a[tuple(where)]}, "
+                             f"expected {e[tuple(where)]} ({(nan_a != nan_e).sum()} elements)")
+    ok = nan_a | (np.abs(a - e) <= atol + rtol * np.abs(e)) | (a == e)
+    if not ok.all():
+        err = np.where(ok, 0.0, np.abs(a - e) - rtol * np.abs(e))
+        worst = np.unravel_index(np.argmax(err), err.shape)
+        abs_err = np.abs(a - e)[~ok]
+        rel_err = (np.abs(a - e) / np.maximum(np.abs(e), 1e-300))[~ok]
+        raise AssertionError(
+            f"{name}: {int((~ok).sum())} of {a.size} elements differ beyond rtol={rtol}, atol={atol}; "
+            f"worst at index {tuple(int(i) for i in worst)}: got {a[worst]!r}, expected {e[worst]!r}; "
+            f"max abs err {abs_err.max():.3e}, max rel err {rel_err.max():.3e}")
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output buffer with NaN, so an element a kernel forgets to write fails the check."""
+    return t.fill_(float("nan"))
+
+
+@contextlib.contextmanager
+def count_launches(module, kernel_name: str):
+    """Count ``kernel[grid](...)`` launches of ``module.<kernel_name>`` inside the block."""
+    kernel = getattr(module, kernel_name)
+    counter = {"launches": 0}
+
+    class Counting:
+        def __getitem__(self, grid):
+            counter["launches"] += 1
+            return kernel[grid]
+
+        def __getattr__(self, name):
+            return getattr(kernel, name)
+
+    setattr(module, kernel_name, Counting())
+    try:
+        yield counter
+    finally:
+        setattr(module, kernel_name, kernel)
