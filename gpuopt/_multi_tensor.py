@@ -27,12 +27,18 @@ class LaunchPlan:
     """Schedule and tables for one kernel launch over ``n`` tensors playing several roles.
 
     ``roles`` is a list (one entry per role, in the kernel's role order) of equally long tensor
-    lists; tensor ``t`` of every role has the same number of elements. Within a role all tensors
-    share one dtype.
+    lists; tensor ``t`` of every role has the same number of elements and layout (one-element
+    bookkeeping roles such as ``step`` aside). Within a role all tensors share one dtype. Any dense
+    layout works: kernels index each tensor's storage as a flat array from its ``data_ptr()``.
     """
 
     def __init__(self, roles: list[list[torch.Tensor]], block: int | None = None):
         first = roles[0]
+        for role in roles:
+            for t in role:
+                if not is_dense(t):
+                    raise ValueError(f"gpuopt updates dense tensors only; got strides {t.stride()} for "
+                                     f"shape {tuple(t.shape)} (call .contiguous() on it first)")
         self.device = first[0].device
         self.n_tensors = len(first)
         self.numels = tuple(t.numel() for t in first)
@@ -56,6 +62,8 @@ class LaunchPlan:
             # Enough resident warps to keep every SM's memory pipeline full.
             programs = props.multi_processor_count * (props.max_threads_per_multi_processor // (32 * self.num_warps))
         self.grid = (min(self.n_blocks, programs),)
+        # Arrival counter for kernels whose last program finishes the step (advance_steps).
+        self.counter = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._addresses = None
         self.refresh(roles)
 

@@ -65,3 +65,89 @@ def stochastic_round_bf16(x, seed, offsets):
     noise = tl.randint(seed, offsets.to(tl.int32)) & 0xFFFF
     bits = (x.to(tl.uint32, bitcast=True) + noise) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)  # exact: the low bits are zero
+
+
+# ---------------------------------------------------------------- optimizer-step helpers ----
+
+
+@triton.jit
+def scalar(value, ON_DEVICE: tl.constexpr):
+    """A hyperparameter passed either as a Python float or, for capturable steps, as a pointer
+    to a device scalar (read on the device: no host synchronisation, safe in CUDA graphs)."""
+    if ON_DEVICE:
+        return tl.load(value).to(tl.float32)
+    else:
+        return value
+
+
+@triton.jit
+def step_is_skipped(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
+    """AMP: ``found_inf != 0`` means this step's gradients overflowed; the whole step is skipped."""
+    if HAS_FOUND_INF:
+        return tl.load(found_inf_ptr).to(tl.float32) != 0.0
+    else:
+        return False
+
+
+@triton.jit
+def load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """g in fp32, unscaled by AMP's ``grad_scale`` when given, negated for ``maximize``."""
+    g = load_f32(grad_ptr + offsets, mask)
+    if HAS_GRAD_SCALE:
+        g = g / tl.load(grad_scale_ptr).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@triton.jit
+def load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER: tl.constexpr):
+    """The weight in fp32: the fp32 master copy when there is one, else the parameter itself."""
+    if HAS_MASTER:
+        return tl.load(master_ptr + offsets, mask=mask)
+    else:
+        return load_f32(param_ptr + offsets, mask)
+
+
+@triton.jit
+def store_param(param_ptr, master_ptr, offsets, mask, w, seed,
+                HAS_MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr):
+    """Write the new weight: the master copy in fp32, and the parameter rounded to its dtype in
+    the same pass (to nearest even, or stochastically for bf16 parameters)."""
+    if HAS_MASTER:
+        tl.store(master_ptr + offsets, w, mask=mask)
+    if STOCHASTIC_ROUNDING:
+        tl.store(param_ptr + offsets, stochastic_round_bf16(w, seed, offsets), mask=mask)
+    else:
+        store_as(param_ptr + offsets, w, mask)
+
+
+@triton.jit
+def one_minus_pow(log_base, t):
+    """``1 - base^t`` from ``log(base)`` without cancellation (``1 - 0.999^1`` in fp32 would keep
+    only ~4 significant digits): ``-expm1(t log base)`` by Kahan's expm1 (u = e^x, then
+    (u - 1) x / log u), accurate to a few ulps; base = 0 (log = -inf) gives 1."""
+    x = t * log_base
+    u = tl.exp(x)
+    expm1 = tl.where(u == 1.0, x, (u - 1.0) * x / tl.log(u))
+    return -tl.where(u == 0.0, -1.0, expm1)
+
+
+@triton.jit
+def advance_steps(counter_ptr, step_base_ptr, offsets_ptr, STEP_ROLE: tl.constexpr, n_tensors,
+                  skipped, BLOCK: tl.constexpr):
+    """Add 1 to every tensor's ``step`` (0 when the step was skipped), once all programs have read it.
+
+    Every program reads its tensors' step before arriving here; the program that arrives last
+    (an acq_rel atomic counts arrivals) does the increment and resets the counter for the next
+    launch. So the step lives on the device, the launch is the whole optimizer step, and nothing
+    synchronises with the host."""
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if arrived == tl.num_programs(0) - 1:
+        increment = tl.where(skipped, 0.0, 1.0)
+        for first in range(0, n_tensors, BLOCK):
+            t = first + tl.arange(0, BLOCK)
+            in_range = t < n_tensors
+            step_ptrs = step_base_ptr + tl.load(offsets_ptr + STEP_ROLE * n_tensors + t, mask=in_range, other=0)
+            tl.store(step_ptrs, tl.load(step_ptrs, mask=in_range) + increment, mask=in_range)
+        tl.store(counter_ptr, 0)

@@ -1,0 +1,282 @@
+"""gpuopt's optimizers: ``torch.optim`` drop-ins whose step is one fused kernel launch per group.
+
+Constructor arguments, defaults, param groups, ``state_dict`` keys and checks are PyTorch's, so a
+checkpoint moves between ``torch.optim.X`` and ``gpuopt.X`` in both directions. ``foreach`` and
+``fused`` are accepted for compatibility and ignored (every step is fused); ``capturable=True``
+is accepted and always honoured: steps live on the device and nothing synchronises with the host.
+
+Extra keyword-only options on every class (see :class:`gpuopt._fused.FusedOptimizer`):
+``state_dtype``, ``master_weights``, ``stochastic_rounding``; and on Adam, AdamW and RMSprop
+``eps_inside_sqrt`` for the seed's exact equations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import functional as F
+from ._fused import FusedOptimizer, validate_common, validate_precision
+
+
+def _validate_betas(betas):
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+
+
+def _precision_defaults(state_dtype, master_weights, stochastic_rounding, capturable, differentiable,
+                        foreach, fused, maximize):
+    validate_precision(state_dtype, differentiable)
+    return dict(state_dtype=state_dtype, master_weights=master_weights,
+                stochastic_rounding=stochastic_rounding, capturable=capturable,
+                differentiable=differentiable, foreach=foreach, fused=fused, maximize=maximize)
+
+
+class Adam(FusedOptimizer):
+    r"""Adam (seed B.0.1.4) as a fused ``torch.optim.Adam`` drop-in.
+
+    PyTorch's update (default)::
+
+        m = β1 m + (1-β1) g;   v = β2 v + (1-β2) g²
+        W ← W - lr · m/(1-β1^t) / ( sqrt(v/(1-β2^t)) + ε )
+
+    The seed's update (``eps_inside_sqrt=True``)::
+
+        W ← W - lr · m̂ / sqrt(v̂ + ε),   m̂ = m/(1-β1^t),  v̂ = v/(1-β2^t)
+
+    ``weight_decay`` adds ``λ W`` to the gradient (L2); ``decoupled_weight_decay=True`` gives AdamW.
+    ``amsgrad`` uses the running maximum of v̂. State keys: ``step``, ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq`` (amsgrad), and ``master_param`` with ``master_weights=True``.
+
+    Example::
+
+        opt = gpuopt.Adam(model.parameters(), lr=1e-3)     # was: torch.optim.Adam(...)
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                 *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False, eps_inside_sqrt=False, state_dtype=None,
+                 master_weights=False, stochastic_rounding=False):
+        validate_common(lr, eps, weight_decay)
+        _validate_betas(betas)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        decoupled_weight_decay=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt,
+                        **_precision_defaults(state_dtype, master_weights, stochastic_rounding, capturable,
+                                              differentiable, foreach, fused, maximize))
+        super().__init__(params, defaults)
+
+    def _init_state(self, state, p, group):
+        state["exp_avg"] = self._zeros(p, group)
+        state["exp_avg_sq"] = self._zeros(p, group)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = self._zeros(p, group)
+
+    def _launch(self, group, params, grads, amp):
+        states = [self.state[p] for p in params]
+        if group["amsgrad"]:
+            for p, s in zip(params, states):  # amsgrad switched on mid-run
+                s.setdefault("max_exp_avg_sq", self._zeros(p, group))
+        beta1, beta2 = group["betas"]
+        F.adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+               [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
+               [s["step"] for s in states], amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
+               lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+               maximize=group["maximize"], eps_inside_sqrt=group["eps_inside_sqrt"],
+               decoupled_weight_decay=group["decoupled_weight_decay"],
+               master_params=self._masters(params, group),
+               stochastic_rounding=group["stochastic_rounding"], **amp)
+
+
+class AdamW(Adam):
+    r"""AdamW as a fused ``torch.optim.AdamW`` drop-in: Adam with decoupled weight decay,
+    ``W ← W (1 - lr λ)`` before the Adam update (default ``weight_decay=1e-2``). Everything else,
+    including ``eps_inside_sqrt=True`` for the seed's ``m̂ / sqrt(v̂ + ε)``, is as :class:`Adam`.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                 *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 eps_inside_sqrt=False, state_dtype=None, master_weights=False, stochastic_rounding=False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, eps_inside_sqrt=eps_inside_sqrt,
+                         state_dtype=state_dtype, master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding)
+
+
+class SGD(FusedOptimizer):
+    r"""SGD with momentum (seed B.0.1.2) as a fused ``torch.optim.SGD`` drop-in::
+
+        d_p = g + λ W;  buf = μ buf + (1 - dampening) d_p  (buf = d_p at its first step)
+        W ← W - lr (d_p + μ buf  if nesterov  else  buf)
+
+    The seed's V-form ``V = γV + η∇J, W -= V`` is ``momentum=γ, lr=η, dampening=0`` (``V = lr·buf``);
+    its M-form with step η′ is ``lr = η′(1-γ)``. State key: ``momentum_buffer`` (when momentum ≠ 0).
+
+    Example::
+
+        opt = gpuopt.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    """
+
+    _has_step = False  # torch.optim.SGD keeps no step
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None, state_dtype=None,
+                 master_weights=False, stochastic_rounding=False):
+        validate_common(lr, None, weight_decay)
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov,
+                        **_precision_defaults(state_dtype, master_weights, stochastic_rounding, False,
+                                              differentiable, foreach, fused, maximize))
+        super().__init__(params, defaults)
+
+    def _init_state(self, state, p, group):
+        pass  # the momentum buffer is made at the parameter's first step with momentum
+
+    def _launch(self, group, params, grads, amp):
+        momentum = group["momentum"]
+        # A new buffer takes d_p itself (PyTorch's first step); a kept one the momentum update.
+        # The two kinds launch apart. (With AMP, a skipped first step leaves a zero buffer, which
+        # the next step treats as kept: identical when dampening is 0, as it nearly always is.)
+        first = [momentum != 0 and "momentum_buffer" not in self.state[p] for p in params]
+        for p, new in zip(params, first):
+            if new:
+                self.state[p]["momentum_buffer"] = self._zeros(p, group)
+        for first_step in (True, False):
+            chosen = [i for i, f in enumerate(first) if f == first_step]
+            if not chosen:
+                continue
+            ps = [params[i] for i in chosen]
+            amp_here = dict(amp, _key=(amp["_key"], first_step))
+            F.sgd(ps, [grads[i] for i in chosen],
+                  [self.state[p]["momentum_buffer"] for p in ps] if momentum != 0 else None,
+                  lr=group["lr"], momentum=momentum, dampening=group["dampening"],
+                  weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"],
+                  first_step=first_step, master_params=self._masters(ps, group),
+                  stochastic_rounding=group["stochastic_rounding"], **amp_here)
+
+
+class RMSprop(FusedOptimizer):
+    r"""RMSprop — the seed's "adadelta" (B.0.1.3) — as a fused ``torch.optim.RMSprop`` drop-in::
+
+        G = α G + (1-α) g²;   W ← W - lr g / (sqrt(G) + ε)          (PyTorch, default)
+        G = α G + (1-α) g²;   W ← W - lr g / sqrt(G + ε)            (the seed: eps_inside_sqrt=True)
+
+    ``centered`` subtracts the squared running mean of g from G; ``momentum`` accumulates
+    ``g / avg`` in a buffer. State keys: ``step``, ``square_avg``, ``momentum_buffer``,
+    ``grad_avg``. The seed's γ is ``alpha``.
+    """
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
+                 capturable=False, foreach=None, maximize=False, differentiable=False, *, fused=None,
+                 eps_inside_sqrt=False, state_dtype=None, master_weights=False, stochastic_rounding=False):
+        validate_common(lr, eps, weight_decay)
+        if not 0.0 <= momentum:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if not 0.0 <= alpha:
+            raise ValueError(f"Invalid alpha value: {alpha}")
+        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                        centered=centered, eps_inside_sqrt=eps_inside_sqrt,
+                        **_precision_defaults(state_dtype, master_weights, stochastic_rounding, capturable,
+                                              differentiable, foreach, fused, maximize))
+        super().__init__(params, defaults)
+
+    def _init_state(self, state, p, group):
+        state["square_avg"] = self._zeros(p, group)
+        if group["momentum"] > 0:
+            state["momentum_buffer"] = self._zeros(p, group)
+        if group["centered"]:
+            state["grad_avg"] = self._zeros(p, group)
+
+    def _launch(self, group, params, grads, amp):
+        states = [self.state[p] for p in params]
+        for p, s in zip(params, states):  # options switched on mid-run
+            if group["momentum"] > 0:
+                s.setdefault("momentum_buffer", self._zeros(p, group))
+            if group["centered"]:
+                s.setdefault("grad_avg", self._zeros(p, group))
+        F.rmsprop(params, grads, [s["square_avg"] for s in states],
+                  [s["grad_avg"] for s in states] if group["centered"] else None,
+                  [s["momentum_buffer"] for s in states] if group["momentum"] > 0 else None,
+                  [s["step"] for s in states], lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
+                  weight_decay=group["weight_decay"], momentum=group["momentum"], centered=group["centered"],
+                  maximize=group["maximize"], eps_inside_sqrt=group["eps_inside_sqrt"],
+                  master_params=self._masters(params, group), stochastic_rounding=group["stochastic_rounding"],
+                  **amp)
+
+
+class Adagrad(FusedOptimizer):
+    r"""Adagrad as a fused ``torch.optim.Adagrad`` drop-in::
+
+        sum += g²;   W ← W - lr/(1 + (t-1) lr_decay) · g / (sqrt(sum) + ε)
+
+    State keys: ``step``, ``sum`` (starts at ``initial_accumulator_value``).
+    """
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10,
+                 foreach=None, *, maximize=False, differentiable=False, fused=None, state_dtype=None,
+                 master_weights=False, stochastic_rounding=False):
+        validate_common(lr, eps, weight_decay)
+        if not 0.0 <= lr_decay:
+            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        if not 0.0 <= initial_accumulator_value:
+            raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
+        defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+                        initial_accumulator_value=initial_accumulator_value,
+                        **_precision_defaults(state_dtype, master_weights, stochastic_rounding, False,
+                                              differentiable, foreach, fused, maximize))
+        super().__init__(params, defaults)
+        # PyTorch makes Adagrad's state at construction; so does gpuopt (state_dict then matches).
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                self._init_common_state(state, p, group)
+                self._init_state(state, p, group)
+
+    def _init_state(self, state, p, group):
+        state["sum"] = self._zeros(p, group, fill=group["initial_accumulator_value"])
+
+    def _launch(self, group, params, grads, amp):
+        states = [self.state[p] for p in params]
+        F.adagrad(params, grads, [s["sum"] for s in states], [s["step"] for s in states], lr=group["lr"],
+                  lr_decay=group["lr_decay"], weight_decay=group["weight_decay"], eps=group["eps"],
+                  maximize=group["maximize"], master_params=self._masters(params, group),
+                  stochastic_rounding=group["stochastic_rounding"], **amp)
+
+
+class Adadelta(FusedOptimizer):
+    r"""Adadelta (Zeiler's, not the seed's — that one is :class:`RMSprop`) as a fused
+    ``torch.optim.Adadelta`` drop-in::
+
+        E[g²] = ρ E[g²] + (1-ρ) g²;   Δ = sqrt(E[Δ²] + ε) / sqrt(E[g²] + ε) · g
+        E[Δ²] = ρ E[Δ²] + (1-ρ) Δ²;    W ← W - lr Δ
+
+    State keys: ``step``, ``square_avg``, ``acc_delta``.
+    """
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, foreach=None, *, capturable=False,
+                 maximize=False, differentiable=False, fused=None, state_dtype=None, master_weights=False,
+                 stochastic_rounding=False):
+        validate_common(lr, eps, weight_decay)
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"Invalid rho value: {rho}")
+        defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
+                        **_precision_defaults(state_dtype, master_weights, stochastic_rounding, capturable,
+                                              differentiable, foreach, fused, maximize))
+        super().__init__(params, defaults)
+
+    def _init_state(self, state, p, group):
+        state["square_avg"] = self._zeros(p, group)
+        state["acc_delta"] = self._zeros(p, group)
+
+    def _launch(self, group, params, grads, amp):
+        states = [self.state[p] for p in params]
+        F.adadelta(params, grads, [s["square_avg"] for s in states], [s["acc_delta"] for s in states],
+                   [s["step"] for s in states], lr=group["lr"], rho=group["rho"], eps=group["eps"],
+                   weight_decay=group["weight_decay"], maximize=group["maximize"],
+                   master_params=self._masters(params, group), stochastic_rounding=group["stochastic_rounding"],
+                   **amp)

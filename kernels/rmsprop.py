@@ -1,0 +1,95 @@
+"""RMSprop — the seed's "adadelta" (B.0.1.3) — every tensor of a group in one launch:
+
+    G = α G + (1 - α) g²                        (square_avg)
+    ḡ = α ḡ + (1 - α) g                         (grad_avg, centered)
+    avg = sqrt(G - ḡ²) + ε                      (PyTorch; EPS_INSIDE_SQRT=False)
+    avg = sqrt(G - ḡ² + ε)                      (the seed: W -= η g / sqrt(G + ε))
+    buf = μ buf + g / avg;  W -= η buf          (momentum)
+    W  -= η g / avg                             (otherwise)
+
+Bytes per element (fp32, plain): read W, g, G; write W, G = 20.
+"""
+
+import triton
+import triton.language as tl
+
+from ._multi_tensor import (advance_steps, load_f32, load_grad, load_param, scalar, schedule_entry,
+                            step_is_skipped, store_as, store_param, tensor_ptr)
+
+ROLES = ("param", "grad", "step", "square_avg", "grad_avg", "momentum_buffer", "master")
+PARAM, GRAD, STEP, SQUARE_AVG, GRAD_AVG, MOMENTUM_BUFFER, MASTER = range(len(ROLES))
+
+
+@triton.jit
+def _rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, grad_avg_ptr, buf_ptr, master_ptr, offsets, mask,
+                   lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_scale_ptr, seed,
+                   CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
+                   EPS_INSIDE_SQRT: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                   HAS_MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr):
+    w = load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER)
+    g = load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE) + weight_decay * w
+    G = alpha * load_f32(square_avg_ptr + offsets, mask) + one_minus_alpha * g * g
+    store_as(square_avg_ptr + offsets, G, mask)
+    variance = G
+    if CENTERED:
+        g_avg = alpha * load_f32(grad_avg_ptr + offsets, mask) + one_minus_alpha * g
+        store_as(grad_avg_ptr + offsets, g_avg, mask)
+        variance = G - g_avg * g_avg
+    if EPS_INSIDE_SQRT:
+        avg = tl.sqrt(variance + eps)
+    else:
+        avg = tl.sqrt(variance) + eps
+    if HAS_MOMENTUM:
+        buf = momentum * load_f32(buf_ptr + offsets, mask) + g / avg
+        store_as(buf_ptr + offsets, buf, mask)
+        w = w - lr * buf
+    else:
+        w = w - lr * g / avg
+    store_param(param_ptr, master_ptr, offsets, mask, w, seed, HAS_MASTER, STOCHASTIC_ROUNDING)
+
+
+@triton.jit
+def _rmsprop_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_blocks, n_tensors,
+                    param_base_ptr, grad_base_ptr, step_base_ptr, square_avg_base_ptr, grad_avg_base_ptr,
+                    buf_base_ptr, master_base_ptr, counter_ptr,
+                    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_scale_ptr, found_inf_ptr, seed,
+                    LR_ON_DEVICE: tl.constexpr, CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                    MAXIMIZE: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                    HAS_FOUND_INF: tl.constexpr, HAS_MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
+                    ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    lr = scalar(lr, LR_ON_DEVICE)
+    skipped = step_is_skipped(found_inf_ptr, HAS_FOUND_INF)
+    if not skipped:
+        for i in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+            t, offsets, full, numel = schedule_entry(i, block_tensor_ptr, block_start_ptr, numel_ptr, BLOCK)
+            step = tl.load(tensor_ptr(step_base_ptr, offsets_ptr, STEP, t, n_tensors, ALIGNED)) + 1.0
+            param_ptr = tensor_ptr(param_base_ptr, offsets_ptr, PARAM, t, n_tensors, ALIGNED)
+            grad_ptr = tensor_ptr(grad_base_ptr, offsets_ptr, GRAD, t, n_tensors, ALIGNED)
+            square_avg_ptr = tensor_ptr(square_avg_base_ptr, offsets_ptr, SQUARE_AVG, t, n_tensors, ALIGNED)
+            grad_avg_ptr = tensor_ptr(grad_avg_base_ptr, offsets_ptr, GRAD_AVG, t, n_tensors, ALIGNED)
+            buf_ptr = tensor_ptr(buf_base_ptr, offsets_ptr, MOMENTUM_BUFFER, t, n_tensors, ALIGNED)
+            master_ptr = tensor_ptr(master_base_ptr, offsets_ptr, MASTER, t, n_tensors, ALIGNED)
+            tensor_seed = seed + t * 7919 + step.to(tl.int32) * 104729
+            if full:
+                _rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, grad_avg_ptr, buf_ptr, master_ptr, offsets,
+                               None, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_scale_ptr,
+                               tensor_seed, CENTERED, HAS_MOMENTUM, MAXIMIZE, EPS_INSIDE_SQRT, HAS_GRAD_SCALE,
+                               HAS_MASTER, STOCHASTIC_ROUNDING)
+            else:
+                _rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, grad_avg_ptr, buf_ptr, master_ptr, offsets,
+                               offsets < numel, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+                               grad_scale_ptr, tensor_seed, CENTERED, HAS_MOMENTUM, MAXIMIZE, EPS_INSIDE_SQRT,
+                               HAS_GRAD_SCALE, HAS_MASTER, STOCHASTIC_ROUNDING)
+    advance_steps(counter_ptr, step_base_ptr, offsets_ptr, STEP, n_tensors, skipped, BLOCK)
+
+
+def rmsprop_(plan, step_args, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
+             eps_inside_sqrt, has_master, stochastic_rounding):
+    """Launch one RMSprop step over ``plan`` (roles ``ROLES``)."""
+    _rmsprop_kernel[plan.grid](
+        *plan.schedule_args(), *plan.bases(), plan.counter, step_args.lr(lr), alpha, 1.0 - alpha, eps,
+        weight_decay, momentum, step_args.grad_scale_ptr, step_args.found_inf_ptr, step_args.seed,
+        LR_ON_DEVICE=step_args.lr_on_device(lr), CENTERED=centered, HAS_MOMENTUM=momentum > 0,
+        MAXIMIZE=maximize, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_GRAD_SCALE=step_args.has_grad_scale,
+        HAS_FOUND_INF=step_args.has_found_inf, HAS_MASTER=has_master, STOCHASTIC_ROUNDING=stochastic_rounding,
+        ALIGNED=plan.aligned, BLOCK=plan.block, num_warps=plan.num_warps)
