@@ -189,7 +189,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """As ``torch.optim.Optimizer.load_state_dict``, then with gpuopt's placement: ``step`` as
         a float32 tensor on the parameter's device, states in the group's ``state_dtype``, the
         master copy in fp32, each cast from the checkpoint's own values (never through the
-        parameter's lower precision)."""
+        parameter's lower precision) and copied, never aliased with the checkpoint's tensors."""
         originals = {pid: dict(s) for pid, s in state_dict["state"].items()}
         super().load_state_dict(state_dict)
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
@@ -203,11 +203,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if not isinstance(value, torch.Tensor):
                     continue
                 if key == "step":
-                    state[key] = value.detach().to(device=p.device, dtype=torch.float32).reshape(())
+                    state[key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True).reshape(())
                 elif key == "master_param":
-                    state[key] = value.detach().to(device=p.device, dtype=torch.float32)
+                    state[key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
                 elif value.is_floating_point():
-                    state[key] = value.detach().to(device=p.device, dtype=self._state_dtype(p, group))
+                    state[key] = value.detach().to(device=p.device, dtype=self._state_dtype(p, group), copy=True)
             if self._uses_master(p, group) and "master_param" not in state:
                 state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
         self._plans.clear()

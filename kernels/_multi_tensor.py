@@ -52,9 +52,24 @@ def load_f32(ptr, mask):
 
 
 @triton.jit
+def round_to_bf16(x):
+    """fp32 → bf16, round to nearest, ties to even, done on the bits (as c10's BFloat16 does).
+
+    The compiled cast already rounds this way (cvt.rn.bf16.f32), but Triton's interpreter
+    truncates; doing it explicitly gives identical bits on both, for a few integer ops."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    rounded = tl.where(x != x, bits | 0x00400000, rounded)  # NaN stays (quiet) NaN
+    return rounded.to(tl.float32, bitcast=True).to(tl.bfloat16)  # exact: the low bits are zero
+
+
+@triton.jit
 def store_as(ptr, value, mask):
-    """Round ``value`` to the storage dtype of ``ptr`` (round to nearest even) and store it."""
-    tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+    """Round ``value`` to the storage dtype of ``ptr`` (to nearest even) and store it."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(ptr, round_to_bf16(value), mask=mask)
+    else:
+        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -1,0 +1,441 @@
+"""Fused optimizers against the float64 reference (the seed's equations) and against torch.optim."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gpuopt
+from gpuopt import reference as ref
+from gpuopt.kernels import adam as adam_kernel
+from gpuopt.kernels import sgd as sgd_kernel
+
+from .conftest import HAS_GPU
+from .helpers import TOLERANCES, assert_close, count_launches
+from .test_reference import reference_run
+
+# 1 element, a prime, fewer elements than a block, several blocks, a channels-last conv weight.
+SHAPES = [(1,), (131,), (7, 3), (300,), (4, 3, 5, 7)]
+if HAS_GPU:
+    SHAPES = SHAPES + [(4099, 1021), (3, 64, 7, 7)]
+STEPS = 20
+
+
+def make_params(device, dtype=torch.float32, shapes=SHAPES):
+    params = [torch.nn.Parameter(torch.randn(s, device=device).to(dtype)) for s in shapes]
+    params[4].data = params[4].data.to(memory_format=torch.channels_last)
+    return params
+
+
+def grads_like(params, steps=STEPS):
+    return [[torch.randn_like(p, dtype=torch.float32).to(p.dtype) for p in params] for _ in range(steps)]
+
+
+# Every option of every optimizer, as (name, kwargs). torch.optim names; gpuopt takes the same.
+CASES = [
+    ("SGD", dict(lr=0.05)),
+    ("SGD", dict(lr=0.05, momentum=0.9)),
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, maximize=True)),
+    ("Adam", dict(lr=0.01)),
+    ("Adam", dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True)),
+    ("Adam", dict(lr=0.01, maximize=True, eps=1e-3)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.1)),
+    ("AdamW", dict(lr=0.01, amsgrad=True, maximize=True)),
+    ("RMSprop", dict(lr=0.01)),
+    ("RMSprop", dict(lr=0.01, centered=True, momentum=0.5, weight_decay=0.1)),
+    ("RMSprop", dict(lr=0.01, alpha=0.9, maximize=True, momentum=0.9)),
+    ("Adagrad", dict(lr=0.1)),
+    ("Adagrad", dict(lr=0.1, lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.3, maximize=True)),
+    ("Adadelta", dict()),
+    ("Adadelta", dict(lr=0.5, rho=0.8, weight_decay=0.1, maximize=True)),
+]
+IDS = [f"{n}-{i}" for i, (n, _) in enumerate(CASES)]
+
+
+def run(opt, params, grads):
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=IDS)
+def test_against_reference_float64(device, name, kwargs):
+    """20 steps of every option against the float64 reference."""
+    params = make_params(device)
+    start = [p.detach().double().cpu().numpy() for p in params]
+    grads = grads_like(params)
+    run(getattr(gpuopt, name)(params, **kwargs), params, grads)
+    for i, p in enumerate(params):
+        gs = [g[i].double().cpu().numpy() for g in grads]
+        expected = reference_run(name, kwargs, start[i], gs)
+        assert_close(p, expected, rtol=1e-4, atol=1e-5, name=f"{name} param {i} {tuple(p.shape)}")
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=IDS)
+def test_against_torch_optim(device, name, kwargs):
+    ours = make_params(device)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    grads = grads_like(ours)
+    run(getattr(gpuopt, name)(ours, **kwargs), ours, grads)
+    run(getattr(torch.optim, name)(theirs, **kwargs), theirs, grads)
+    for a, b in zip(ours, theirs):
+        assert_close(a, b, rtol=1e-4, atol=1e-5, name=name)
+        assert a.stride() == b.stride()
+
+
+@pytest.mark.parametrize("eps_inside_sqrt", [True, False])
+def test_seed_equations_adam_and_rmsprop(device, eps_inside_sqrt):
+    """eps_inside_sqrt=True gives the seed's exact Adam and "adadelta"; big ε makes the two
+    placements differ far beyond rounding, so the right one must have run."""
+    eps = 1e-2
+    params = make_params(device)
+    start = [p.detach().double().cpu().numpy() for p in params]
+    grads = grads_like(params, 12)
+    run(gpuopt.Adam(params, lr=0.01, eps=eps, eps_inside_sqrt=eps_inside_sqrt), params, grads)
+    params2 = [torch.nn.Parameter(torch.tensor(s, dtype=torch.float32, device=device)) for s in start]
+    run(gpuopt.RMSprop(params2, lr=0.01, alpha=0.9, eps=eps, eps_inside_sqrt=eps_inside_sqrt), params2, grads)
+    for i in range(len(params)):
+        W, m, v = start[i], 0.0, 0.0
+        W2, G = start[i], 0.0
+        for t, g in enumerate(grads, start=1):
+            gi = g[i].double().cpu().numpy()
+            if eps_inside_sqrt:
+                W, m, v = ref.seed_adam_step(W, m, v, gi, t, 0.01, eps=eps)
+                W2, G = ref.seed_adadelta_step(W2, G, gi, 0.01, 0.9, eps)
+        if not eps_inside_sqrt:
+            W = reference_run("Adam", dict(lr=0.01, eps=eps), start[i], [g[i].double().cpu().numpy() for g in grads])
+            W2 = reference_run("RMSprop", dict(lr=0.01, alpha=0.9, eps=eps), start[i],
+                               [g[i].double().cpu().numpy() for g in grads])
+        assert_close(params[i], W, rtol=1e-4, atol=1e-5, name="Adam")
+        assert_close(params2[i], W2, rtol=1e-4, atol=1e-5, name="RMSprop")
+
+
+def test_param_groups_scheduler_and_closure(device):
+    params = make_params(device)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.003, "weight_decay": 0.1}]  # noqa: E731
+    ours_opt = gpuopt.AdamW(groups(params), lr=0.01)
+    torch_opt = torch.optim.AdamW(groups(theirs), lr=0.01)
+    sched_a = torch.optim.lr_scheduler.StepLR(ours_opt, step_size=3, gamma=0.5)
+    sched_b = torch.optim.lr_scheduler.StepLR(torch_opt, step_size=3, gamma=0.5)
+    for step_grads in grads_like(params, 10):
+        def closure_for(ps):
+            def closure():
+                for p, g in zip(ps, step_grads):
+                    p.grad = g.clone()
+                return torch.tensor(1.5)
+            return closure
+        assert ours_opt.step(closure_for(params)).item() == 1.5
+        torch_opt.step(closure_for(theirs))
+        sched_a.step()
+        sched_b.step()
+    assert ours_opt.param_groups[1]["lr"] == torch_opt.param_groups[1]["lr"] != 0.003
+    for a, b in zip(params, theirs):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,kwargs", [CASES[2], CASES[5], CASES[10], CASES[13], CASES[15]],
+                         ids=["SGD", "Adam", "RMSprop", "Adagrad", "Adadelta"])
+def test_state_dict_round_trips_both_ways_mid_run(device, name, kwargs):
+    """torch → gpuopt → torch mid-run, then both continue identically; keys are PyTorch's."""
+    ours = make_params(device)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    grads = grads_like(ours, 9)
+    torch_opt = getattr(torch.optim, name)(theirs, **kwargs)
+    run(torch_opt, theirs, grads[:3])
+    for a, b in zip(ours, theirs):
+        a.data.copy_(b.data)
+    our_opt = getattr(gpuopt, name)(ours, **kwargs)
+    our_opt.load_state_dict(torch_opt.state_dict())  # torch → gpuopt
+    run(our_opt, ours, grads[3:6])
+    run(torch_opt, theirs, grads[3:6])
+    for a, b in zip(ours, theirs):
+        assert_close(a, b, rtol=1e-4, atol=1e-5, name="after torch → gpuopt")
+    assert set(our_opt.state_dict()["state"][0]) == set(torch_opt.state_dict()["state"][0])
+    fresh_torch = getattr(torch.optim, name)(theirs, **kwargs)
+    fresh_torch.load_state_dict(copy.deepcopy(our_opt.state_dict()))  # gpuopt → torch (torch may alias)
+    for a, b in zip(ours, theirs):
+        b.data.copy_(a.data)
+    run(our_opt, ours, grads[6:])
+    run(fresh_torch, theirs, grads[6:])
+    for a, b in zip(ours, theirs):
+        assert_close(a, b, rtol=1e-4, atol=1e-5, name="after gpuopt → torch")
+
+
+def test_launch_count_is_one_per_group(device):
+    """One launch per (param group, dtype) per step, however many tensors."""
+    params = make_params(device) + make_params(device, torch.bfloat16)
+    opt = gpuopt.Adam([{"params": params[:3]}, {"params": params[3:], "lr": 1e-4}])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with count_launches(adam_kernel, "_adam_kernel") as counter:
+        opt.step()
+        opt.step()
+    # group 0: 3 fp32 tensors; group 1: 2 fp32 + 5 bf16 → 3 launches per step
+    assert counter["launches"] == 6
+    sgd = gpuopt.SGD(params[:5], lr=0.1, momentum=0.9)
+    with count_launches(sgd_kernel, "_sgd_kernel") as counter:
+        for _ in range(3):
+            sgd.step()
+    assert counter["launches"] == 3
+
+
+def test_plan_tables_rebuilt_only_when_storage_moves(device):
+    params = make_params(device)
+    opt = gpuopt.Adam(params, lr=0.01)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    (plan,) = opt._plans._plans.values()
+    table = plan.offsets
+    opt.step()
+    assert plan.offsets is table  # same grads: no new table
+    for p in params:
+        p.grad = torch.randn_like(p)  # zero_grad(set_to_none=True) + backward: new storage
+    opt.step()
+    assert plan.offsets is not table
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("master_weights", [False, True])
+def test_low_precision_params(device, dtype, master_weights):
+    """bf16/fp16 params, math in fp32; with master weights the fp32 copy follows the fp32
+    reference tightly and the param is its rounding."""
+    params = make_params(device, dtype)
+    start = [p.detach().double().cpu().numpy() for p in params]
+    grads = grads_like(params, 10)
+    opt = gpuopt.AdamW(params, lr=0.01, master_weights=master_weights, state_dtype=torch.float32)
+    run(opt, params, grads)
+    for i, p in enumerate(params):
+        expected = reference_run("AdamW", dict(lr=0.01), start[i], [g[i].double().cpu().numpy() for g in grads])
+        if master_weights:
+            master = opt.state[p]["master_param"]
+            assert master.dtype == torch.float32
+            assert_close(master, expected, rtol=1e-4, atol=1e-5, name="master")
+            assert torch.equal(p, master.to(dtype))
+        else:
+            rtol, atol = TOLERANCES[dtype]
+            assert_close(p, expected, rtol=4 * rtol, atol=4 * atol, name=str(dtype))
+        assert opt.state[p]["exp_avg"].dtype == torch.float32
+
+
+def test_states_default_to_param_dtype(device):
+    params = make_params(device, torch.bfloat16)
+    opt = gpuopt.Adam(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert all(opt.state[p]["exp_avg"].dtype == torch.bfloat16 for p in params)
+
+
+def test_stochastic_rounding_is_unbiased(device):
+    """A bf16 weight updated by a step far below its rounding step: round-to-nearest never moves
+    it, stochastic rounding moves it in proportion, so the mean over many trials is right."""
+    trials = 4096
+    w0 = 1.0  # bf16 spacing at 1.0 is 2^-7
+    p = torch.nn.Parameter(torch.full((trials,), w0, device=device, dtype=torch.bfloat16))
+    opt = gpuopt.SGD([p], lr=1.0, stochastic_rounding=True)
+    p.grad = torch.full_like(p, 2.0**-9)  # a quarter of the spacing
+    opt.step()
+    mean = p.double().mean().item()
+    expected = w0 - 2.0**-9
+    assert abs(mean - expected) < 4 * (2.0**-7) * 0.5 / math.sqrt(trials), f"mean {mean} vs {expected}"
+    assert set(p.double().unique().tolist()) == {1.0 - 2.0**-8, 1.0}  # only the two neighbours
+    q = torch.nn.Parameter(torch.full((trials,), w0, device=device, dtype=torch.bfloat16))
+    rne = gpuopt.SGD([q], lr=1.0)
+    q.grad = p.grad.clone()
+    rne.step()
+    assert (q == w0).all()
+
+
+def test_grad_scale_and_found_inf(device):
+    """AMP: grads divided by grad_scale in the kernel; found_inf skips the whole step, step counter
+    included, without any host synchronisation."""
+    params = make_params(device)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, ref_opt = gpuopt.Adam(params, lr=0.01), gpuopt.Adam(twins, lr=0.01)
+    scale = torch.tensor(1024.0, device=device)
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in params]
+        for p, t, g in zip(params, twins, grads):
+            p.grad = g * 1024.0
+            t.grad = g.clone()
+        found = torch.tensor(1.0 if step == 2 else 0.0, device=device)
+        before = [p.detach().clone() for p in params]
+        opt.step(grad_scale=scale, found_inf=found)
+        if step == 2:
+            assert all(torch.equal(b, p) for b, p in zip(before, params))
+        else:
+            ref_opt.step()
+    assert opt.state[params[0]]["step"].item() == 3
+    for a, b in zip(params, twins):
+        assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tensor_lr_and_capturable(device):
+    params = make_params(device)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    lr = torch.tensor(0.01, device=device)
+    opt = gpuopt.Adam(params, lr=lr, capturable=True)
+    ref_opt = gpuopt.Adam(twins, lr=0.01)
+    for step_grads in grads_like(params, 4):
+        for p, t, g in zip(params, twins, step_grads):
+            p.grad, t.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    assert opt.state[params[0]]["step"].device == params[0].device
+    for a, b in zip(params, twins):
+        assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_zero_element_params_and_params_without_grad(device):
+    params = [torch.nn.Parameter(torch.empty(0, device=device)), torch.nn.Parameter(torch.randn(5, device=device)),
+              torch.nn.Parameter(torch.randn(3, device=device))]
+    params[0].grad = torch.empty(0, device=device)
+    params[1].grad = torch.randn(5, device=device)
+    untouched = params[2].detach().clone()
+    opt = gpuopt.Adam(params, lr=0.1)
+    opt.step()
+    assert torch.equal(params[2], untouched) and len(opt.state[params[2]]) == 0
+    assert opt.state[params[0]]["step"].item() == 1 and opt.state[params[1]]["step"].item() == 1
+
+
+def test_grad_in_another_layout_is_handled(device):
+    p = torch.nn.Parameter(torch.randn(2, 3, 4, 5, device=device).to(memory_format=torch.channels_last))
+    q = torch.nn.Parameter(p.detach().clone().contiguous())
+    g = torch.randn(2, 3, 4, 5, device=device)  # contiguous grad for a channels-last param
+    p.grad, q.grad = g.clone(), g.clone()
+    gpuopt.SGD([p], lr=0.1).step()
+    gpuopt.SGD([q], lr=0.1).step()
+    assert torch.equal(p.contiguous(), q)
+
+
+def test_bad_input_gets_clear_errors(device, monkeypatch):
+    p = torch.nn.Parameter(torch.randn(3, device=device))
+    for kwargs, message in [(dict(lr=-1.0), "Invalid learning rate"), (dict(eps=-1.0), "Invalid epsilon value"),
+                            (dict(betas=(1.0, 0.9)), "Invalid beta parameter at index 0"),
+                            (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1"),
+                            (dict(weight_decay=-1.0), "Invalid weight_decay value")]:
+        with pytest.raises(ValueError, match=message):
+            gpuopt.Adam([p], **kwargs)
+    with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero dampening"):
+        gpuopt.SGD([p], lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="Invalid momentum value"):
+        gpuopt.SGD([p], lr=0.1, momentum=-0.5)
+    with pytest.raises(ValueError, match="Invalid alpha value"):
+        gpuopt.RMSprop([p], alpha=-0.5)
+    with pytest.raises(ValueError, match="Invalid rho value"):
+        gpuopt.Adadelta([p], rho=1.5)
+    with pytest.raises(ValueError, match="Invalid lr_decay value"):
+        gpuopt.Adagrad([p], lr_decay=-1)
+    with pytest.raises(NotImplementedError, match="differentiable"):
+        gpuopt.Adam([p], differentiable=True)
+    sparse = torch.nn.Parameter(torch.randn(4, device=device))
+    sparse.grad = torch.randn(4, device=device).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        gpuopt.Adam([sparse]).step()
+    complex_p = torch.nn.Parameter(torch.randn(4, dtype=torch.complex64, device=device))
+    complex_p.grad = torch.randn_like(complex_p)
+    with pytest.raises(RuntimeError, match="complex"):
+        gpuopt.Adam([complex_p]).step()
+    integer = torch.zeros(4, dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match="floating-point"):
+        gpuopt.functional.sgd([integer], [integer], None, lr=0.1)
+    cpu = torch.nn.Parameter(torch.randn(3))
+    cpu.grad = torch.randn(3)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="Move the model to a CUDA GPU"):
+        gpuopt.Adam([cpu]).step()
+
+
+def test_functional_api_matches_class(device):
+    params = [torch.randn(s, device=device) for s in SHAPES[:4]]
+    twins = [torch.nn.Parameter(p.clone()) for p in params]
+    exp_avgs = [torch.zeros_like(p) for p in params]
+    exp_avg_sqs = [torch.zeros_like(p) for p in params]
+    steps = [torch.zeros((), device=device) for _ in params]
+    opt = gpuopt.AdamW(twins, lr=0.01)
+    for step_grads in grads_like(params, 5):
+        gpuopt.functional.adamw(params, step_grads, exp_avgs, exp_avg_sqs, None, steps, lr=0.01)
+        for t, g in zip(twins, step_grads):
+            t.grad = g.clone()
+        opt.step()
+    assert steps[0].item() == 5
+    for a, b in zip(params, twins):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- GPU only -------------------
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_eager(device):
+    params = make_params(device) + [torch.nn.Parameter(torch.randn(1 << 20, device=device))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    grads = [torch.zeros_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    lr = torch.tensor(0.01, device=device)
+    opt = gpuopt.Adam(params, lr=lr, capturable=True)
+    ref_opt = gpuopt.Adam(twins, lr=0.01)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for g in grads:
+            g.normal_()
+        opt.step()  # warm-up: state, plans, compilation
+    torch.cuda.current_stream().wait_stream(stream)
+    for p, t, g in zip(params, twins, grads):
+        t.data.copy_(p.data)
+    ref_opt.load_state_dict(opt.state_dict())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for _ in range(5):
+        for p, t, g in zip(params, twins, grads):
+            g.normal_()
+            t.grad = g.clone()
+        graph.replay()
+        ref_opt.step()
+    torch.cuda.synchronize()
+    assert opt.state[params[0]]["step"].item() == ref_opt.state[twins[0]]["step"].item() == 6
+    for a, b in zip(params, twins):
+        assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_grad_scaler_skips_exactly_the_inf_step(device):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).to(device)
+    twin = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).to(device)
+    twin.load_state_dict(model.state_dict())
+    opt = gpuopt.AdamW(model.parameters(), lr=1e-3)
+    ref_opt = torch.optim.AdamW(twin.parameters(), lr=1e-3, fused=True)
+    scaler, ref_scaler = torch.amp.GradScaler("cuda"), torch.amp.GradScaler("cuda")
+    for step in range(6):
+        x, y = torch.randn(32, 64, device=device), torch.randn(32, 8, device=device)
+        for m, o, s in ((model, opt, scaler), (twin, ref_opt, ref_scaler)):
+            o.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.mse_loss(m(x), y)
+            s.scale(loss).backward()
+            if step == 3:
+                next(m.parameters()).grad[0, 0] = float("inf")
+            s.step(o)
+            s.update()
+    assert opt.state[next(model.parameters())]["step"].item() == 5
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_more_than_2_31_elements(device):
+    n = 2**31 + 1000
+    p = torch.nn.Parameter(torch.zeros(n, device=device, dtype=torch.bfloat16))
+    p.grad = torch.ones(n, device=device, dtype=torch.bfloat16)
+    gpuopt.SGD([p], lr=0.5).step()
+    assert p[-1000:].float().eq(-0.5).all() and p[:1000].float().eq(-0.5).all()
+    assert p[2**31 - 5: 2**31 + 5].float().eq(-0.5).all()
