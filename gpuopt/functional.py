@@ -42,7 +42,7 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, 
                  max_exp_avg_sq=max_exp_avg_sqs if amsgrad else None, master=master_params)
 
     def launch(plan):
-        has_master, sr = bucket_precision(plan, adam_kernel.MASTER, master_params is not None, stochastic_rounding)
+        has_master, sr = bucket_precision(plan, adam_kernel.ROLES.index("master"), master_params is not None, stochastic_rounding)
         adam_kernel.adam_(plan, step_args, lr=lr, beta1=beta1, one_minus_beta1=1.0 - beta1,
                           log_beta1=log_of(beta1), beta2=beta2, one_minus_beta2=1.0 - beta2,
                           log_beta2=log_of(beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -71,7 +71,7 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0, wei
                  master=master_params)
 
     def launch(plan):
-        has_master, sr = bucket_precision(plan, sgd_kernel.MASTER, master_params is not None, stochastic_rounding)
+        has_master, sr = bucket_precision(plan, sgd_kernel.ROLES.index("master"), master_params is not None, stochastic_rounding)
         sgd_kernel.sgd_(plan, step_args, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, first_step=first_step, has_master=has_master,
                         stochastic_rounding=sr)
@@ -93,7 +93,7 @@ def rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps
                  momentum_buffer=momentum_buffers if momentum > 0 else None, master=master_params)
 
     def launch(plan):
-        has_master, sr = bucket_precision(plan, rmsprop_kernel.MASTER, master_params is not None, stochastic_rounding)
+        has_master, sr = bucket_precision(plan, rmsprop_kernel.ROLES.index("master"), master_params is not None, stochastic_rounding)
         rmsprop_kernel.rmsprop_(plan, step_args, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                 momentum=momentum, centered=centered, maximize=maximize,
                                 eps_inside_sqrt=eps_inside_sqrt, has_master=has_master, stochastic_rounding=sr)
@@ -111,7 +111,7 @@ def adagrad(params, grads, state_sums, state_steps, *, lr=1e-2, lr_decay=0.0, we
     roles = dict(param=params, grad=grads, step=state_steps, sum=state_sums, master=master_params)
 
     def launch(plan):
-        has_master, sr = bucket_precision(plan, adagrad_kernel.MASTER, master_params is not None, stochastic_rounding)
+        has_master, sr = bucket_precision(plan, adagrad_kernel.ROLES.index("master"), master_params is not None, stochastic_rounding)
         adagrad_kernel.adagrad_(plan, step_args, lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                                 maximize=maximize, has_master=has_master, stochastic_rounding=sr)
 
@@ -129,7 +129,7 @@ def adadelta(params, grads, square_avgs, acc_deltas, state_steps, *, lr=1.0, rho
                  master=master_params)
 
     def launch(plan):
-        has_master, sr = bucket_precision(plan, adadelta_kernel.MASTER, master_params is not None, stochastic_rounding)
+        has_master, sr = bucket_precision(plan, adadelta_kernel.ROLES.index("master"), master_params is not None, stochastic_rounding)
         adadelta_kernel.adadelta_(plan, step_args, lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
                                   maximize=maximize, has_master=has_master, stochastic_rounding=sr)
 

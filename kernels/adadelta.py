@@ -16,7 +16,7 @@ from ._multi_tensor import (advance_steps, load_f32, load_grad, load_param, scal
                             step_is_skipped, store_as, store_param, tensor_ptr)
 
 ROLES = ("param", "grad", "step", "square_avg", "acc_delta", "master")
-PARAM, GRAD, STEP, SQUARE_AVG, ACC_DELTA, MASTER = range(len(ROLES))
+PARAM, GRAD, STEP, SQUARE_AVG, ACC_DELTA, MASTER = (tl.constexpr(i) for i in range(len(ROLES)))  # rows of the offsets table
 
 
 @triton.jit

@@ -17,7 +17,7 @@ from ._multi_tensor import (advance_steps, load_f32, load_grad, load_param, one_
                             schedule_entry, step_is_skipped, store_as, store_param, tensor_ptr)
 
 ROLES = ("param", "grad", "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
-PARAM, GRAD, STEP, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, MASTER = range(len(ROLES))
+PARAM, GRAD, STEP, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, MASTER = (tl.constexpr(i) for i in range(len(ROLES)))  # rows of the offsets table
 
 
 @triton.jit

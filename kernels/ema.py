@@ -12,8 +12,8 @@ import triton.language as tl
 
 from ._multi_tensor import load_f32, schedule_entry, store_as, tensor_ptr
 
-AVERAGE, VALUE = 0, 1  # rows of the offsets table
 ROLES = ("average", "value")
+AVERAGE, VALUE = tl.constexpr(0), tl.constexpr(1)  # rows of the offsets table
 
 
 @triton.jit

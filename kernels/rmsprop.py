@@ -17,7 +17,7 @@ from ._multi_tensor import (advance_steps, load_f32, load_grad, load_param, scal
                             step_is_skipped, store_as, store_param, tensor_ptr)
 
 ROLES = ("param", "grad", "step", "square_avg", "grad_avg", "momentum_buffer", "master")
-PARAM, GRAD, STEP, SQUARE_AVG, GRAD_AVG, MOMENTUM_BUFFER, MASTER = range(len(ROLES))
+PARAM, GRAD, STEP, SQUARE_AVG, GRAD_AVG, MOMENTUM_BUFFER, MASTER = (tl.constexpr(i) for i in range(len(ROLES)))  # rows of the offsets table
 
 
 @triton.jit

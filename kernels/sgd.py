@@ -17,7 +17,7 @@ from ._multi_tensor import (load_f32, load_grad, load_param, scalar, schedule_en
                             store_as, store_param, tensor_ptr)
 
 ROLES = ("param", "grad", "momentum_buffer", "master")
-PARAM, GRAD, MOMENTUM_BUFFER, MASTER = range(len(ROLES))
+PARAM, GRAD, MOMENTUM_BUFFER, MASTER = (tl.constexpr(i) for i in range(len(ROLES)))  # rows of the offsets table
 
 
 @triton.jit

@@ -1,0 +1,144 @@
+"""Compile every gpuopt kernel for an NVIDIA target without a GPU, and report what the compiler did.
+
+    python bench/compile_report.py [--arch 90]
+
+Step 1 runs a small call of each kernel through Triton's interpreter (a child process with
+TRITON_INTERPRET=1) and records the argument types and constexprs of every launch. Step 2 compiles
+each recorded signature to PTX and cubin with Triton's own LLVM and ptxas, and prints registers,
+spills and the widest global load/store (``v4`` = 16-byte accesses). It proves the kernels compile
+(the interpreter accepts code the compiler rejects) and shows register pressure; it does not
+time anything.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+CAPTURE = r'''
+import os, json, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch, gpuopt
+from gpuopt.kernels import adam, sgd, rmsprop, adagrad, adadelta, ema
+records = []
+def spy(module, name):
+    kernel = getattr(module, name)
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                names = kernel.arg_names
+                sig, constexprs = {}, {}
+                for n, a in zip(names, args):
+                    if isinstance(a, torch.Tensor):
+                        sig[n] = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                                        torch.int32: "i32", torch.int64: "i64", torch.float64: "fp64"}[a.dtype]
+                    elif isinstance(a, bool) or a is None:
+                        sig[n] = "constexpr"; constexprs[n] = a
+                    elif isinstance(a, int):
+                        sig[n] = "i32" if -2**31 <= a < 2**31 else "i64"
+                    else:
+                        sig[n] = "fp32"
+                for n, v in kwargs.items():
+                    if n in ("num_warps", "num_stages"):
+                        continue
+                    sig[n] = "constexpr"; constexprs[n] = v
+                records.append(dict(module=module.__name__, kernel=name, signature=sig, constexprs=constexprs,
+                                    num_warps=kwargs.get("num_warps", 4)))
+                return kernel[grid](*args, **kwargs)
+            return launch
+    setattr(module, name, Spy())
+for m, n in [(adam, "_adam_kernel"), (sgd, "_sgd_kernel"), (rmsprop, "_rmsprop_kernel"), (adagrad, "_adagrad_kernel"),
+             (adadelta, "_adadelta_kernel"), (ema, "_ema_kernel")]:
+    spy(m, n)
+for dtype, extra in [(torch.float32, {}), (torch.bfloat16, dict(master_weights=True)), (torch.bfloat16, dict(stochastic_rounding=True))]:
+    for cls, kw in [("Adam", dict(amsgrad=True)), ("AdamW", {}), ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
+                    ("RMSprop", dict(centered=True, momentum=0.9)), ("Adagrad", {}), ("Adadelta", {})]:
+        p = torch.nn.Parameter(torch.randn(300).to(dtype)); p.grad = torch.randn_like(p)
+        opt = getattr(gpuopt, cls)([p], **kw, **extra)
+        opt.step(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
+    gpuopt.EMA([torch.randn(300).to(dtype)]).update()
+for extra in CAPTURE_EXTRA:
+    exec(extra)
+seen, unique = set(), []
+for r in records:
+    key = json.dumps(r, sort_keys=True, default=str)
+    if key not in seen:
+        seen.add(key); unique.append(r)
+json.dump(unique, open(sys.argv[1], "w"), default=str)
+'''
+
+
+def ptxas_report(ptx: str, arch: int):
+    """(registers, spill bytes) from ptxas -v, using the ptxas that ships with Triton."""
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    # Triton may ship two; the newer (named for Blackwell) reads the PTX versions Triton emits.
+    ptxas = next(p for p in (os.path.join(bin_dir, "ptxas-blackwell"), os.path.join(bin_dir, "ptxas"))
+                 if os.path.exists(p))
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        open(src, "w").write(ptx)
+        suffix = "a" if arch >= 90 else ""
+        res = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    text = res.stdout + res.stderr
+    if os.environ.get("GPUOPT_DEBUG_PTXAS"):
+        print(text)
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores", text)
+    return (regs.group(1) if regs else "?"), (spill.group(1) if spill else "?")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "records.json")
+        extra = os.environ.get("GPUOPT_CAPTURE_EXTRA", "")
+        code = CAPTURE.replace("CAPTURE_EXTRA", repr([extra] if extra else []))
+        subprocess.run([sys.executable, "-c", code, out], check=True)
+        records = json.load(open(out))
+    os.environ.pop("TRITON_INTERPRET", None)
+    import importlib
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+
+    from gpuopt._multi_tensor import GPU_BLOCK, GPU_WARPS
+
+    dtypes = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+    print(f"{'kernel':18s} {'constexprs (flags on)':58s} {'regs':>4s} {'spill':>5s} {'loads':>14s} {'stores':>14s}")
+    failures = 0
+    for r in records:
+        module = importlib.import_module(r["module"])
+        fn = getattr(module, r["kernel"])
+        constexprs = {k: (dtypes.get(v, v) if isinstance(v, str) else v) for k, v in r["constexprs"].items()}
+        # The interpreter run used a small block; compile what a GPU launch uses.
+        constexprs["BLOCK"] = GPU_BLOCK
+        r["num_warps"] = GPU_WARPS
+        ptr_args = [i for i, (n, t) in enumerate(r["signature"].items()) if t.startswith("*")]
+        attrs = {(i,): [["tt.divisibility", 16]] for i in ptr_args}
+        flags = ",".join(k for k, v in constexprs.items() if v is True)
+        try:
+            src = triton.compiler.ASTSource(fn=fn, signature=r["signature"], constexprs=constexprs, attrs=attrs)
+            k = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options={"num_warps": r["num_warps"]})
+        except Exception as exc:  # report every failure, not just the first
+            failures += 1
+            print(f"{r['kernel']:18s} {flags[:58]:58s} COMPILE FAILED: {' | '.join(str(exc).splitlines()[:6])[:600]}")
+            continue
+        ptx = k.asm["ptx"]
+        widest = lambda kind: max(re.findall(kind + r"\.global(?:\.\w+)*?\.(v\d)", ptx) or ["v1"])  # noqa: E731
+        nregs, spills = ptxas_report(ptx, args.arch)
+        print(f"{r['kernel']:18s} {flags[:58]:58s} {nregs!s:>4s} {spills!s:>5s} {widest('ld'):>14s} {widest('st'):>14s}")
+    print(f"{len(records)} launch signatures compiled for sm_{args.arch}, {failures} failed")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
