@@ -59,6 +59,7 @@ for dtype, extra in [(torch.float32, {}), (torch.bfloat16, dict(master_weights=T
         p = torch.nn.Parameter(torch.randn(300).to(dtype)); p.grad = torch.randn_like(p)
         opt = getattr(gpuopt, cls)([p], **kw, **extra)
         opt.step(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
+        opt.step()  # and without AMP tensors, the common path
     gpuopt.EMA([torch.randn(300).to(dtype)]).update()
 for extra in CAPTURE_EXTRA:
     exec(extra)
