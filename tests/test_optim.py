@@ -14,7 +14,7 @@ from gpuopt.kernels import sgd as sgd_kernel
 
 from .conftest import HAS_GPU
 from .helpers import TOLERANCES, assert_close, count_launches
-from .test_reference import reference_run
+from .test_reference import OPT_CASES, reference_run
 
 # 1 element, a prime, fewer elements than a block, several blocks, a channels-last conv weight.
 SHAPES = [(1,), (131,), (7, 3), (300,), (4, 3, 5, 7)]
@@ -33,25 +33,8 @@ def grads_like(params, steps=STEPS):
     return [[torch.randn_like(p, dtype=torch.float32).to(p.dtype) for p in params] for _ in range(steps)]
 
 
-# Every option of every optimizer, as (name, kwargs). torch.optim names; gpuopt takes the same.
-CASES = [
-    ("SGD", dict(lr=0.05)),
-    ("SGD", dict(lr=0.05, momentum=0.9)),
-    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01)),
-    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, maximize=True)),
-    ("Adam", dict(lr=0.01)),
-    ("Adam", dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True)),
-    ("Adam", dict(lr=0.01, maximize=True, eps=1e-3)),
-    ("AdamW", dict(lr=0.01, weight_decay=0.1)),
-    ("AdamW", dict(lr=0.01, amsgrad=True, maximize=True)),
-    ("RMSprop", dict(lr=0.01)),
-    ("RMSprop", dict(lr=0.01, centered=True, momentum=0.5, weight_decay=0.1)),
-    ("RMSprop", dict(lr=0.01, alpha=0.9, maximize=True, momentum=0.9)),
-    ("Adagrad", dict(lr=0.1)),
-    ("Adagrad", dict(lr=0.1, lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.3, maximize=True)),
-    ("Adadelta", dict()),
-    ("Adadelta", dict(lr=0.5, rho=0.8, weight_decay=0.1, maximize=True)),
-]
+# Every option of every optimizer, as (name, kwargs): the cases the reference is held to torch with.
+CASES = OPT_CASES
 IDS = [f"{n}-{i}" for i, (n, _) in enumerate(CASES)]
 
 
