@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from ._runtime import interpreter_enabled
-
 # Block size and warps: 8 fp32 elements per thread (two 16-byte accesses per stream) on a GPU.
 # The interpreter runs blocks one after another in NumPy; a small block lets small test tensors
 # span several blocks, so tail and full-block paths are both exercised.
@@ -117,10 +115,6 @@ class PlanCache:
         self._plans.clear()
 
 
-def uses_interpreter(device: torch.device) -> bool:
-    return device.type == "cpu" and interpreter_enabled()
-
-
 def is_dense(t: torch.Tensor) -> bool:
     """True when ``t``'s elements fill ``numel`` consecutive storage slots in some dim order
     (contiguous, channels-last, any permutation): such a tensor can be updated as a flat array."""
@@ -131,15 +125,3 @@ def is_dense(t: torch.Tensor) -> bool:
         expected *= size
     return True
 
-
-def flat_view(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D view of a dense tensor's elements in storage order.
-
-    An elementwise update does not care about the logical order, only that the tensors it pairs
-    (param, grad, states) share one layout, which the callers ensure."""
-    if t.is_contiguous():
-        return t.view(-1)
-    if not is_dense(t):
-        raise ValueError(f"gpuopt updates dense tensors only; got strides {t.stride()} for shape "
-                         f"{tuple(t.shape)} (call .contiguous() on it first)")
-    return t.as_strided((t.numel(),), (1,))

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import torch
 
-from ._multi_tensor import PlanCache, flat_view
+from ._multi_tensor import PlanCache
 from ._runtime import check_kernel_device
 from .kernels import ema as ema_kernel
 
@@ -74,8 +74,8 @@ class EMA:
                 raise RuntimeError(f"EMA: parameter shape {tuple(p.shape)} no longer matches its "
                                    f"average {tuple(average.shape)}")
             averages, values = groups[(p.device, p.dtype)]
-            averages.append(flat_view(average))
-            values.append(flat_view(p.detach()))
+            averages.append(average)  # same layout as p: cloned with preserve_format
+            values.append(p.detach())
         for key, roles in groups.items():
             plan = self._plans.get(key, list(roles))
             ema_kernel.ema_(plan, gamma)
