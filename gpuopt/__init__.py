@@ -4,10 +4,10 @@ The host API lives here; device code in ``gpuopt.kernels``; the seed's equations
 NumPy in ``gpuopt.reference``.
 """
 
-from . import functional, reference
+from . import functional, nn, reference
 from ._version import __version__
 from .ema import EMA
 from .optim import SGD, Adadelta, Adagrad, Adam, AdamW, RMSprop
 
-__all__ = ["EMA", "SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "RMSprop", "functional", "reference",
+__all__ = ["EMA", "SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "RMSprop", "functional", "nn", "reference",
            "__version__"]

@@ -134,3 +134,26 @@ def adadelta(params, grads, square_avgs, acc_deltas, state_steps, *, lr=1.0, rho
                                   maximize=maximize, has_master=has_master, stochastic_rounding=sr)
 
     launch_grouped(roles, adadelta_kernel.ROLES, launch, plans=_plans, key=_key)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
+               *, eps_inside_sqrt=True, num_batches_tracked=None):
+    """``torch.nn.functional.batch_norm`` on gpuopt's kernels, differentiable (closed-form backward).
+
+    Same arguments and semantics as torch's: ``input`` is (N, C, ...) with at least 2 dimensions,
+    contiguous or channels-last (kept in the output); fp32, bf16, fp16 (statistics in fp32) or
+    fp64; ``weight``/``bias``/running stats have C elements, in the input's dtype or fp32. In
+    training the batch's statistics normalize and the running stats (if given) are updated in
+    place with ``momentum``; otherwise the running stats normalize.
+
+    Extra keyword arguments:
+        eps_inside_sqrt: True (default, PyTorch) normalizes by sqrt(σ² + ε); False by σ + ε, as
+            the seed writes it, with that forward's exact gradient.
+        num_batches_tracked: the module's counter, already counting this batch; with
+            ``momentum=None`` the running stats become the cumulative average (factor 1/t, read on
+            the device).
+    """
+    from ._batch_norm import batch_norm as _batch_norm
+
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       eps_inside_sqrt=eps_inside_sqrt, num_batches_tracked=num_batches_tracked)

@@ -1,0 +1,88 @@
+"""Drop-in batch-norm modules: ``torch.nn.BatchNorm1d/2d/3d`` with gpuopt's kernels.
+
+Each class subclasses its torch counterpart and overrides only ``forward``: constructor
+arguments, parameters, buffers, ``state_dict`` keys, ``train()``/``eval()`` and
+``momentum=None`` (cumulative average) behave exactly as in torch. One extra keyword,
+``eps_inside_sqrt`` (default True, PyTorch's normalization), selects the seed's ``(Z-μ)/(σ+ε)``
+when False.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._batch_norm import batch_norm
+
+
+class _GpuoptBatchNorm:
+    """The shared ``forward``: torch's ``_BatchNorm.forward`` calling gpuopt's batch_norm. The
+    cumulative average's factor 1/t is read on the device from ``num_batches_tracked`` rather
+    than by ``float(num_batches_tracked)``, a host sync torch makes every training step."""
+
+    def __init__(self, *args, eps_inside_sqrt: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps_inside_sqrt = bool(eps_inside_sqrt)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        tracking = self.training and self.track_running_stats
+        if tracking and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        pass_buffers = not self.training or self.track_running_stats
+        return batch_norm(input, self.running_mean if pass_buffers else None,
+                          self.running_var if pass_buffers else None, self.weight, self.bias, use_batch_stats,
+                          self.momentum, self.eps, eps_inside_sqrt=self.eps_inside_sqrt,
+                          num_batches_tracked=self.num_batches_tracked if tracking else None)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.eps_inside_sqrt else text + ", eps_inside_sqrt=False"
+
+
+class BatchNorm1d(_GpuoptBatchNorm, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` for (N, C) or (N, C, L) input, on gpuopt's kernels."""
+
+
+class BatchNorm2d(_GpuoptBatchNorm, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` for (N, C, H, W) input (contiguous or channels_last), on gpuopt's kernels."""
+
+
+class BatchNorm3d(_GpuoptBatchNorm, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` for (N, C, D, H, W) input (contiguous or channels_last_3d), on gpuopt's kernels."""
+
+
+_REPLACEMENTS = ((torch.nn.BatchNorm1d, BatchNorm1d), (torch.nn.BatchNorm2d, BatchNorm2d),
+                 (torch.nn.BatchNorm3d, BatchNorm3d))
+
+
+def _replacement(module: torch.nn.Module, eps_inside_sqrt: bool) -> torch.nn.Module:
+    if isinstance(module, _GpuoptBatchNorm):
+        return module
+    for torch_cls, gpuopt_cls in _REPLACEMENTS:
+        if type(module) is torch_cls:
+            new = gpuopt_cls(module.num_features, module.eps, module.momentum, module.affine,
+                             module.track_running_stats, eps_inside_sqrt=eps_inside_sqrt)
+            # The same Parameter and buffer objects: an optimizer built on the old model, and
+            # anything else holding them, keeps working.
+            new.weight, new.bias = module.weight, module.bias
+            new.running_mean, new.running_var = module.running_mean, module.running_var
+            new.num_batches_tracked = module.num_batches_tracked
+            new.training = module.training
+            if hasattr(module, "qconfig"):
+                new.qconfig = module.qconfig
+            return new
+    return module
+
+
+def convert_batchnorm(module: torch.nn.Module, *, eps_inside_sqrt: bool = True) -> torch.nn.Module:
+    """Return ``module`` with every ``torch.nn.BatchNorm1d/2d/3d`` inside replaced by gpuopt's,
+    sharing its parameters and buffers (like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``).
+    Subclasses of the torch modules (which may change ``forward``) and other modules are kept."""
+    output = _replacement(module, eps_inside_sqrt)
+    for name, child in module.named_children():
+        output.add_module(name, convert_batchnorm(child, eps_inside_sqrt=eps_inside_sqrt))
+    return output
+
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm"]

@@ -1,0 +1,339 @@
+"""Batch normalization (the seed's B.0.2) as split reductions and elementwise passes.
+
+For one channel i with the K = N·S values Z_i1 .. Z_iK of a batch::
+
+    μ_i = (1/K) Σ_j Z_ij        σ_i² = (1/K) Σ_j (Z_ij - μ_i)²
+    Z̄_ij = (Z_ij - μ_i) / s_i   s_i = sqrt(σ_i² + ε) (PyTorch)  or  σ_i + ε (the seed)
+    Ẑ_ij = G_i Z̄_ij + B_i
+
+    ∂L/∂B_i = Σ_j dẐ_ij         ∂L/∂G_i = Σ_j dẐ_ij Z̄_ij
+    ∂L/∂Z_ij = G_i / s_i · [dẐ_ij - ∂L/∂B_i / K - (s_i/r_i) Z̄_ij ∂L/∂G_i / K]
+
+with r_i = s_i for PyTorch's ε placement and r_i = σ_i for the seed's (see
+``gpuopt.reference.batch_norm_backward`` for the derivation).
+
+**Data layout.** The host views the input as ``(R, C, S)`` with strides ``(C·S, S, 1)``:
+
+* channels-first (``CHANNELS_LAST=False``): NCHW-contiguous input, R = N, S = H·W (or L, D·H·W).
+  A program owns one channel and a range of (row, column) tiles ``[BLOCK_R, BLOCK_K]`` of its
+  ``R × S`` values; a tile row is a contiguous run of S values.
+* channels-last (``CHANNELS_LAST=True``): NHWC-contiguous or 2-D input, R = N·S, S = 1. A program
+  owns ``BLOCK_K`` adjacent channels (a contiguous run of each row) and a range of rows.
+
+Axis 0 of the grid is the channel (block), axis 1 the *split*: the rows (and, channels-first, the
+columns) of a channel are spread over many programs, so a layer with 64 channels still fills
+every SM. Each reduction kernel writes one partial per (split, channel); a small combine kernel
+folds the partials per channel. Every pass uses the same grid, so all its programs load their
+per-channel constants once.
+
+Statistics accumulate in ``ACC`` (fp32, or fp64 for fp64 input) with Welford's update per lane and
+Chan's pairwise combine across lanes and splits: a channel with mean 1e4 and std 1 keeps full
+precision, where E[x²] - E[x]² would lose all of it.
+
+Bytes per element (memory floor): forward statistics read x; normalize reads x, writes y;
+backward reduction reads x and dẐ; backward input reads x and dẐ, writes ∂L/∂Z. 3 + 5 = 8 passes.
+"""
+
+import triton
+import triton.language as tl
+
+from ._multi_tensor import store_as
+
+
+# ------------------------------------------------------------------------------ the walk ----
+
+
+@triton.jit
+def _program_range(R, S, rows_per_split, cols_per_split, col_splits,
+                   CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's rows ``[r_begin, r_stop)``, columns ``[k_begin, k_stop)``, and the offset of
+    column 0 of its channel (block) within a row."""
+    split = tl.program_id(1)
+    r_begin = (split // col_splits) * rows_per_split
+    r_stop = tl.minimum(r_begin + rows_per_split, R)
+    if CHANNELS_LAST:
+        k_begin = tl.program_id(0) * BLOCK_K  # the columns are channels
+        k_stop = k_begin + BLOCK_K
+        col_base = 0
+    else:
+        k_begin = (split % col_splits) * cols_per_split
+        k_stop = tl.minimum(k_begin + cols_per_split, S)
+        col_base = tl.program_id(0).to(tl.int64) * S  # channel c starts at c·S in each row
+    return r_begin, r_stop, k_begin, k_stop, col_base
+
+
+@triton.jit
+def _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+          VEC: tl.constexpr):
+    """Element offsets and mask of the ``[BLOCK_R, BLOCK_K]`` tile at row r0, column k0.
+
+    ``VEC`` divides the row stride, the channel offset and ``n_cols`` (the host checks), which
+    tells the compiler that runs of VEC columns are contiguous, aligned and masked alike, so the
+    tile is read and written with 16-byte accesses."""
+    rows = r0 + tl.arange(0, BLOCK_R)
+    cols = tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K)
+    row_offsets = tl.multiple_of(rows.to(tl.int64) * row_stride + col_base, VEC)
+    offsets = row_offsets[:, None] + cols[None, :]
+    mask = (rows < R)[:, None] & (cols < tl.multiple_of(n_cols, VEC))[None, :]
+    return offsets, mask
+
+
+@triton.jit
+def _layout(C, S, CHANNELS_LAST: tl.constexpr):
+    """(row stride, number of columns) of the (R, C, S) view."""
+    if CHANNELS_LAST:
+        return C, C
+    else:
+        return C.to(tl.int64) * S, S
+
+
+@triton.jit
+def _channel_values(ptr, CHANNELS_LAST: tl.constexpr, C, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """This program's per-channel values of ``ptr``: a scalar (channels-first) or a ``[1, BLOCK_K]``
+    row that broadcasts over a tile (channels-last)."""
+    if CHANNELS_LAST:
+        channels = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        return tl.load(ptr + channels, mask=channels < C, other=0.0).to(ACC)[None, :]
+    else:
+        return tl.load(ptr + tl.program_id(0)).to(ACC)
+
+
+@triton.jit
+def _store_partial(ptr, value, C, CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Store this program's per-channel partial result at ``ptr[split, channel]``."""
+    row = ptr + tl.program_id(1).to(tl.int64) * C
+    if CHANNELS_LAST:
+        channels = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        tl.store(row + channels, value, mask=channels < C)
+    else:
+        tl.store(row + tl.program_id(0), value)
+
+
+@triton.jit
+def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """Chan et al.'s pairwise combine of two (mean, M2 = Σ(x-mean)², count) summaries."""
+    n = n_a + n_b
+    w_b = n_b / tl.maximum(n, 1.0)
+    delta = mean_b - mean_a
+    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
+
+
+@triton.jit
+def _reduce_tile(value, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Sum a tile to this program's per-channel values: over rows (channels-last) or everything."""
+    if CHANNELS_LAST:
+        return tl.sum(value, axis=0)
+    else:
+        return tl.sum(tl.sum(value, axis=1), axis=0)
+
+
+# ------------------------------------------------------------------------ forward ----------
+
+
+@triton.jit
+def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, R, C, S, rows_per_split, cols_per_split, col_splits,
+                  CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                  VEC: tl.constexpr, ACC: tl.constexpr):
+    """Per (split, channel): count, mean and M2 of this program's values of the channel.
+
+    Every lane keeps its own Welford summary (count, mean, M2) and adds one value per tile::
+
+        n ← n + 1,   δ = x - mean,   mean ← mean + δ/n,   M2 ← M2 + δ (x - mean)
+
+    and the lanes are combined pairwise at the end."""
+    row_stride, n_cols = _layout(C, S, CHANNELS_LAST)
+    r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, S, rows_per_split, cols_per_split, col_splits,
+                                                                CHANNELS_LAST, BLOCK_K)
+    count = tl.zeros([BLOCK_R, BLOCK_K], ACC)
+    mean = tl.zeros([BLOCK_R, BLOCK_K], ACC)
+    m2 = tl.zeros([BLOCK_R, BLOCK_K], ACC)
+    for r0 in range(r_begin, r_stop, BLOCK_R):
+        for k0 in range(k_begin, k_stop, BLOCK_K):
+            offsets, mask = _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R, BLOCK_K, VEC)
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+            count += mask.to(ACC)
+            delta = tl.where(mask, x - mean, 0.0)
+            mean += delta / tl.maximum(count, 1.0)
+            m2 += delta * (x - mean)
+    if not CHANNELS_LAST:  # one channel: fold the columns too
+        mean, m2, count = tl.reduce((mean, m2, count), 1, _welford_combine)
+    mean, m2, count = tl.reduce((mean, m2, count), 0, _welford_combine)
+    _store_partial(count_ptr, count, C, CHANNELS_LAST, BLOCK_K)
+    _store_partial(mean_ptr, mean, C, CHANNELS_LAST, BLOCK_K)
+    _store_partial(m2_ptr, m2, C, CHANNELS_LAST, BLOCK_K)
+
+
+@triton.jit
+def _inverse_std(var, eps, EPS_INSIDE_SQRT: tl.constexpr):
+    """1/s: 1/sqrt(σ² + ε) (PyTorch) or 1/(σ + ε) (the seed), correctly rounded."""
+    if EPS_INSIDE_SQRT:
+        return tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    else:
+        return tl.div_rn(1.0, tl.sqrt_rn(var) + eps)
+
+
+@triton.jit
+def _stats_combine_kernel(count_ptr, mean_ptr, m2_ptr, n_splits, C,
+                          save_mean_ptr, save_invstd_ptr, save_std_ptr,
+                          running_mean_ptr, running_var_ptr, batches_ptr, momentum, eps,
+                          EPS_INSIDE_SQRT: tl.constexpr, SAVE_STD: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+                          CUMULATIVE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+                          ACC: tl.constexpr):
+    """Fold the partials of ``BLOCK_C`` channels into μ, 1/s (and σ for the seed's backward), and
+    update the running statistics as torch.nn.BatchNorm does::
+
+        running_mean ← (1 - m) running_mean + m μ
+        running_var  ← (1 - m) running_var  + m σ² K/(K-1)      (unbiased)
+
+    m is ``momentum``, or 1/t with t = ``num_batches_tracked`` (already counting this batch) for
+    the cumulative average (the seed's γ_t = (t-1)/t), read on the device: no host sync."""
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_range = channels < C
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    count = tl.zeros([BLOCK_C], ACC)
+    for s0 in range(0, n_splits, BLOCK_SPLITS):
+        splits = s0 + tl.arange(0, BLOCK_SPLITS)
+        offsets = splits.to(tl.int64)[:, None] * C + channels[None, :]
+        mask = (splits < n_splits)[:, None] & in_range[None, :]
+        part = tl.reduce((tl.load(mean_ptr + offsets, mask=mask, other=0.0),
+                          tl.load(m2_ptr + offsets, mask=mask, other=0.0),
+                          tl.load(count_ptr + offsets, mask=mask, other=0.0)), 0, _welford_combine)
+        mean, m2, count = _welford_combine(mean, m2, count, part[0], part[1], part[2])
+    var = m2 / tl.maximum(count, 1.0)  # (count is 0 only in masked-off channels)
+    tl.store(save_mean_ptr + channels, mean, mask=in_range)
+    tl.store(save_invstd_ptr + channels, _inverse_std(var, eps, EPS_INSIDE_SQRT), mask=in_range)
+    if SAVE_STD:
+        tl.store(save_std_ptr + channels, tl.sqrt_rn(var), mask=in_range)
+    if UPDATE_RUNNING:
+        if CUMULATIVE:
+            factor = 1.0 / tl.load(batches_ptr).to(ACC)
+        else:
+            factor = momentum
+        running_mean = tl.load(running_mean_ptr + channels, mask=in_range).to(ACC)
+        running_var = tl.load(running_var_ptr + channels, mask=in_range).to(ACC)
+        store_as(running_mean_ptr + channels, (1.0 - factor) * running_mean + factor * mean, in_range)
+        store_as(running_var_ptr + channels, (1.0 - factor) * running_var + factor * (m2 / tl.maximum(count - 1.0, 1.0)), in_range)
+
+
+@triton.jit
+def _normalize_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, eps,
+                      R, C, S, rows_per_split, cols_per_split, col_splits,
+                      FROM_RUNNING_VAR: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr,
+                      HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                      VEC: tl.constexpr, ACC: tl.constexpr):
+    """Ẑ = G (Z - μ)/s + B, elementwise. Training passes the batch's μ and 1/s; evaluation passes
+    the running mean and variance (``FROM_RUNNING_VAR``) and 1/s is formed here, so inference is
+    this one launch. (Z - μ) is formed before scaling: with μ = 1e4, Z·(G/s) - μ·(G/s) would cancel."""
+    row_stride, n_cols = _layout(C, S, CHANNELS_LAST)
+    r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, S, rows_per_split, cols_per_split, col_splits,
+                                                                CHANNELS_LAST, BLOCK_K)
+    mean = _channel_values(mean_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+    if FROM_RUNNING_VAR:
+        scale = _inverse_std(_channel_values(invstd_ptr, CHANNELS_LAST, C, BLOCK_K, ACC), eps, EPS_INSIDE_SQRT)
+    else:
+        scale = _channel_values(invstd_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+    if HAS_WEIGHT:
+        scale = scale * _channel_values(weight_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+    if HAS_BIAS:
+        shift = _channel_values(bias_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+    else:
+        shift = 0.0
+    for r0 in range(r_begin, r_stop, BLOCK_R):
+        for k0 in range(k_begin, k_stop, BLOCK_K):
+            offsets, mask = _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R, BLOCK_K, VEC)
+            x = tl.load(x_ptr + offsets, mask=mask).to(ACC)
+            store_as(y_ptr + offsets, (x - mean) * scale + shift, mask)
+
+
+# ----------------------------------------------------------------------- backward ----------
+
+
+@triton.jit
+def _backward_reduce_kernel(x_ptr, dy_ptr, mean_ptr, sum_dy_ptr, sum_dy_xmu_ptr,
+                            R, C, S, rows_per_split, cols_per_split, col_splits,
+                            CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                            VEC: tl.constexpr, ACC: tl.constexpr):
+    """Per (split, channel): Σ dẐ and Σ dẐ (Z - μ). (∂L/∂G = Σ dẐ Z̄ = (1/s) Σ dẐ (Z - μ).)"""
+    row_stride, n_cols = _layout(C, S, CHANNELS_LAST)
+    r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, S, rows_per_split, cols_per_split, col_splits,
+                                                                CHANNELS_LAST, BLOCK_K)
+    mean = _channel_values(mean_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+    sum_dy = tl.zeros([BLOCK_R, BLOCK_K], ACC)
+    sum_dy_xmu = tl.zeros([BLOCK_R, BLOCK_K], ACC)
+    for r0 in range(r_begin, r_stop, BLOCK_R):
+        for k0 in range(k_begin, k_stop, BLOCK_K):
+            offsets, mask = _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R, BLOCK_K, VEC)
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
+            sum_dy += dy
+            sum_dy_xmu += dy * (x - mean)  # dy = 0 where masked
+    _store_partial(sum_dy_ptr, _reduce_tile(sum_dy, CHANNELS_LAST, BLOCK_R, BLOCK_K), C, CHANNELS_LAST, BLOCK_K)
+    _store_partial(sum_dy_xmu_ptr, _reduce_tile(sum_dy_xmu, CHANNELS_LAST, BLOCK_R, BLOCK_K), C,
+                   CHANNELS_LAST, BLOCK_K)
+
+
+@triton.jit
+def _backward_combine_kernel(part_dy_ptr, part_dy_xmu_ptr, n_splits, C, invstd_ptr,
+                             sum_dy_ptr, sum_dy_xmu_ptr, grad_weight_ptr, grad_bias_ptr,
+                             GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr,
+                             BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """Sum the partials per channel; write ∂L/∂B = Σ dẐ and ∂L/∂G = (1/s) Σ dẐ (Z - μ) in the
+    parameters' dtype when they are wanted, and the fp32 sums for the input gradient."""
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_range = channels < C
+    sum_dy = tl.zeros([BLOCK_C], ACC)
+    sum_dy_xmu = tl.zeros([BLOCK_C], ACC)
+    for s0 in range(0, n_splits, BLOCK_SPLITS):
+        splits = s0 + tl.arange(0, BLOCK_SPLITS)
+        offsets = splits.to(tl.int64)[:, None] * C + channels[None, :]
+        mask = (splits < n_splits)[:, None] & in_range[None, :]
+        sum_dy += tl.sum(tl.load(part_dy_ptr + offsets, mask=mask, other=0.0), axis=0)
+        sum_dy_xmu += tl.sum(tl.load(part_dy_xmu_ptr + offsets, mask=mask, other=0.0), axis=0)
+    tl.store(sum_dy_ptr + channels, sum_dy, mask=in_range)
+    tl.store(sum_dy_xmu_ptr + channels, sum_dy_xmu, mask=in_range)
+    if GRAD_WEIGHT:
+        invstd = tl.load(invstd_ptr + channels, mask=in_range, other=0.0).to(ACC)
+        store_as(grad_weight_ptr + channels, sum_dy_xmu * invstd, in_range)
+    if GRAD_BIAS:
+        store_as(grad_bias_ptr + channels, sum_dy, in_range)
+
+
+@triton.jit
+def _backward_input_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, std_ptr, weight_ptr,
+                           sum_dy_ptr, sum_dy_xmu_ptr, count,
+                           R, C, S, rows_per_split, cols_per_split, col_splits,
+                           TRAINING: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                           CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                           VEC: tl.constexpr, ACC: tl.constexpr):
+    """∂L/∂Z by the closed form, elementwise::
+
+        ∂L/∂Z = (G/s) · [dẐ - Σ dẐ / K - (Z - μ) · (s/r) (1/s²) Σ dẐ (Z - μ) / K]
+
+    s/r is 1 for PyTorch's ε placement and (σ + ε)/σ for the seed's (0 for a constant channel,
+    the limit σ → 0). In evaluation mode μ and s are constants and ∂L/∂Z = (G/s) dẐ."""
+    row_stride, n_cols = _layout(C, S, CHANNELS_LAST)
+    r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, S, rows_per_split, cols_per_split, col_splits,
+                                                                CHANNELS_LAST, BLOCK_K)
+    invstd = _channel_values(invstd_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * _channel_values(weight_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+    if TRAINING:
+        mean = _channel_values(mean_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+        mean_dy = _channel_values(sum_dy_ptr, CHANNELS_LAST, C, BLOCK_K, ACC) / count
+        projection = invstd * invstd * _channel_values(sum_dy_xmu_ptr, CHANNELS_LAST, C, BLOCK_K, ACC) / count
+        if not EPS_INSIDE_SQRT:
+            std = _channel_values(std_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+            projection = projection * tl.where(std > 0.0, 1.0 / (invstd * tl.where(std > 0.0, std, 1.0)), 0.0)
+    for r0 in range(r_begin, r_stop, BLOCK_R):
+        for k0 in range(k_begin, k_stop, BLOCK_K):
+            offsets, mask = _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R, BLOCK_K, VEC)
+            dy = tl.load(dy_ptr + offsets, mask=mask).to(ACC)
+            if TRAINING:
+                x = tl.load(x_ptr + offsets, mask=mask).to(ACC)
+                dx = scale * (dy - mean_dy - (x - mean) * projection)
+            else:
+                dx = scale * dy
+            store_as(dx_ptr + offsets, dx, mask)
