@@ -164,12 +164,25 @@ def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, R, C, S, rows_per_split, c
 
 
 @triton.jit
+def _sqrt_rn(x):
+    """Correctly rounded square root (tl.sqrt may be approximate; fp64's is always exact)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
 def _inverse_std(var, eps, EPS_INSIDE_SQRT: tl.constexpr):
     """1/s: 1/sqrt(σ² + ε) (PyTorch) or 1/(σ + ε) (the seed), correctly rounded."""
     if EPS_INSIDE_SQRT:
-        return tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+        s = _sqrt_rn(var + eps)
     else:
-        return tl.div_rn(1.0, tl.sqrt_rn(var) + eps)
+        s = _sqrt_rn(var) + eps
+    if s.dtype == tl.float64:
+        return 1.0 / s
+    else:
+        return tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
 
 
 @triton.jit
@@ -204,7 +217,7 @@ def _stats_combine_kernel(count_ptr, mean_ptr, m2_ptr, n_splits, C,
     tl.store(save_mean_ptr + channels, mean, mask=in_range)
     tl.store(save_invstd_ptr + channels, _inverse_std(var, eps, EPS_INSIDE_SQRT), mask=in_range)
     if SAVE_STD:
-        tl.store(save_std_ptr + channels, tl.sqrt_rn(var), mask=in_range)
+        tl.store(save_std_ptr + channels, _sqrt_rn(var), mask=in_range)
     if UPDATE_RUNNING:
         if CUMULATIVE:
             factor = 1.0 / tl.load(batches_ptr).to(ACC)
@@ -326,7 +339,7 @@ def _backward_input_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, std_ptr,
         projection = invstd * invstd * _channel_values(sum_dy_xmu_ptr, CHANNELS_LAST, C, BLOCK_K, ACC) / count
         if not EPS_INSIDE_SQRT:
             std = _channel_values(std_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
-            projection = projection * tl.where(std > 0.0, 1.0 / (invstd * tl.where(std > 0.0, std, 1.0)), 0.0)
+            projection = projection * tl.where(std > 0.0, 1.0 / tl.where(std > 0.0, invstd * std, 1.0), 0.0)
     for r0 in range(r_begin, r_stop, BLOCK_R):
         for k0 in range(k_begin, k_stop, BLOCK_K):
             offsets, mask = _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R, BLOCK_K, VEC)

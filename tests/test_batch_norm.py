@@ -1,0 +1,433 @@
+"""Batch norm kernels against the float64 reference (the seed's B.0.2, both ε placements) and
+against torch.nn.functional.batch_norm + autograd and the torch modules."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpuopt
+from gpuopt import reference as ref
+from gpuopt.kernels import batch_norm as bn_kernels
+
+from .helpers import TOLERANCES, assert_close, count_launches, to_numpy
+
+# Every rank; C = 1, 3, 5; N·S = 2, 7, 129 (and a few more).
+SHAPES = [(2, 3), (7, 5), (129, 1), (1, 3, 7), (2, 3, 1), (3, 5, 43), (1, 5, 1, 2), (3, 3, 43, 1),
+          (1, 1, 7, 1), (2, 5, 3, 7), (1, 3, 1, 1, 7), (3, 5, 43, 1, 1), (2, 3, 2, 3, 4)]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def make_input(shape, layout, device, dtype=torch.float32, mean=0.0, std=1.0):
+    """Random (N, C, ...) input in the given memory layout, with a per-channel offset so channels differ."""
+    C = shape[1]
+    offsets = torch.randn(C, device=device).view(1, C, *([1] * (len(shape) - 2)))
+    values = (torch.randn(shape, device=device) * std + mean + offsets).to(dtype)
+    if layout == "strided":  # every other element of a twice-as-wide tensor along the last dim of size > 1
+        d = max(i for i, n in enumerate(shape) if n > 1)
+        wide = torch.empty(*shape[:d], 2 * shape[d], *shape[d + 1:], device=device, dtype=dtype)
+        x = wide.narrow(d, 0, 2 * shape[d])[(slice(None),) * d + (slice(None, None, 2),)]
+        x.copy_(values)
+    elif layout == "channels_last":  # channel the fastest index, for every rank
+        x = values.movedim(1, -1).contiguous().movedim(-1, 1)
+    else:
+        x = values
+    assert (layout == "strided") != (x.is_contiguous() or x.movedim(1, -1).is_contiguous())
+    return x
+
+
+def as_seed_layout(t):
+    """(N, C, ...) → the seed's (n, K) = (C, N·S) matrix, in float64."""
+    a = to_numpy(t)
+    return np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
+
+
+def from_seed_layout(a, shape):
+    return np.moveaxis(a.reshape(shape[1], shape[0], *shape[2:]), 0, 1)
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def _ids(shape):
+    return "x".join(map(str, shape))
+
+
+# --------------------------------------------------------------- against the reference -------
+
+
+@pytest.mark.parametrize("eps_inside_sqrt", [True, False], ids=["torch-eps", "seed-eps"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_training_forward_backward_and_running_stats_match_reference(device, shape, layout, eps_inside_sqrt):
+    """Output, running stats and all three gradients against the float64 reference. ε = 0.3 so the
+    two ε placements give visibly different answers (the test also checks that they do)."""
+    eps, momentum, C = 0.3, 0.1, shape[1]
+    x = leaf(make_input(shape, layout, device))
+    w, b = leaf(torch.randn(C, device=device)), leaf(torch.randn(C, device=device))
+    running_mean, running_var = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
+    expected_rm, expected_rv, _ = ref.batch_norm_running_stats(to_numpy(running_mean), to_numpy(running_var),
+                                                               as_seed_layout(x), 0, momentum)
+    y = gpuopt.functional.batch_norm(x, running_mean, running_var, w, b, training=True, momentum=momentum, eps=eps,
+                                     eps_inside_sqrt=eps_inside_sqrt)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    Z_hat, cache = ref.batch_norm_forward(as_seed_layout(x), to_numpy(w), to_numpy(b), eps, eps_inside_sqrt)
+    dZ, dG, dB = ref.batch_norm_backward(as_seed_layout(dy), cache, to_numpy(w))
+    assert_close(y, from_seed_layout(Z_hat, shape), rtol=1e-5, atol=1e-5, name="output")
+    assert_close(running_mean, expected_rm, name="running_mean")
+    assert_close(running_var, expected_rv, rtol=1e-5, name="running_var")
+    assert_close(x.grad, from_seed_layout(dZ, shape), rtol=1e-4, atol=1e-5, name="grad input")
+    assert_close(w.grad, dG, rtol=1e-4, atol=1e-5, name="grad weight")
+    assert_close(b.grad, dB, rtol=1e-4, atol=1e-5, name="grad bias")
+    if layout != "strided":  # the output keeps the input's memory layout
+        assert y.stride() == x.stride()
+    other, _ = ref.batch_norm_forward(as_seed_layout(x), to_numpy(w), to_numpy(b), eps, not eps_inside_sqrt)
+    assert np.abs(other - Z_hat).max() > 1e-3, "the ε placement should matter at ε = 0.3"
+
+
+@pytest.mark.parametrize("eps_inside_sqrt", [True, False], ids=["torch-eps", "seed-eps"])
+@pytest.mark.parametrize("shape", [(1, 3), (1, 5, 1, 1), (2, 3, 7), (3, 5, 2, 3, 4)], ids=_ids)
+def test_eval_forward_and_backward_match_reference(device, shape, eps_inside_sqrt):
+    """Evaluation uses the running stats (N·S = 1 is fine here); the gradient treats them as constants."""
+    eps, C = 0.3, shape[1]
+    x = leaf(make_input(shape, "contiguous", device))
+    w, b = leaf(torch.randn(C, device=device)), leaf(torch.randn(C, device=device))
+    running_mean, running_var = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
+    before = running_mean.clone(), running_var.clone()
+    y = gpuopt.functional.batch_norm(x, running_mean, running_var, w, b, training=False, eps=eps,
+                                     eps_inside_sqrt=eps_inside_sqrt)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    Z = as_seed_layout(x)
+    expected = ref.batch_norm_eval(Z, to_numpy(running_mean), to_numpy(running_var), to_numpy(w), to_numpy(b), eps,
+                                   eps_inside_sqrt)
+    s = np.sqrt(to_numpy(running_var) + eps) if eps_inside_sqrt else np.sqrt(to_numpy(running_var)) + eps
+    Z_bar = (Z - to_numpy(running_mean)[:, None]) / s[:, None]
+    assert_close(y, from_seed_layout(expected, shape), rtol=1e-5, atol=1e-5, name="output")
+    assert_close(x.grad, from_seed_layout(as_seed_layout(dy) * (to_numpy(w) / s)[:, None], shape),
+                 rtol=1e-5, atol=1e-6, name="grad input")
+    assert_close(w.grad, (as_seed_layout(dy) * Z_bar).sum(axis=1), rtol=1e-4, atol=1e-5, name="grad weight")
+    assert_close(b.grad, as_seed_layout(dy).sum(axis=1), rtol=1e-4, atol=1e-5, name="grad bias")
+    assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("param_dtype", ["input", "float32"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_half_precision_inputs_match_reference(device, dtype, param_dtype, layout):
+    """bf16/fp16 input, weight in the input dtype or fp32 (as under autocast); statistics in fp32."""
+    shape, C = (3, 5, 7, 9), 5
+    pdtype = dtype if param_dtype == "input" else torch.float32
+    x = leaf(make_input(shape, layout, device, dtype))
+    w, b = leaf(torch.randn(C, device=device).to(pdtype)), leaf(torch.randn(C, device=device).to(pdtype))
+    running_mean, running_var = torch.zeros(C, device=device, dtype=pdtype), torch.ones(C, device=device, dtype=pdtype)
+    y = gpuopt.functional.batch_norm(x, running_mean, running_var, w, b, training=True)
+    assert y.dtype == dtype and w.grad is None
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    Z_hat, cache = ref.batch_norm_forward(as_seed_layout(x), to_numpy(w), to_numpy(b))
+    dZ, dG, dB = ref.batch_norm_backward(as_seed_layout(dy), cache, to_numpy(w))
+    tol = TOLERANCES[dtype]
+    assert_close(y, from_seed_layout(Z_hat, shape), name="output")
+    assert_close(x.grad, from_seed_layout(dZ, shape), rtol=tol[0], atol=tol[1] * 4, name="grad input")
+    assert w.grad.dtype == pdtype and b.grad.dtype == pdtype
+    # Σ over 189 values rounded once to the parameter dtype.
+    assert_close(w.grad, dG, dtype=pdtype, rtol=tol[0] if pdtype != torch.float32 else 1e-4, atol=1e-2,
+                 name="grad weight")
+    assert_close(b.grad, dB, dtype=pdtype, rtol=tol[0] if pdtype != torch.float32 else 1e-4, atol=1e-2,
+                 name="grad bias")
+    rm, rv, _ = ref.batch_norm_running_stats(np.zeros(C), np.ones(C), as_seed_layout(x), 0, 0.1)
+    assert_close(running_mean, rm, dtype=pdtype, name="running_mean")
+    assert_close(running_var, rv, dtype=pdtype, name="running_var")
+
+
+@pytest.mark.parametrize("eps_inside_sqrt", [True, False], ids=["torch-eps", "seed-eps"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradcheck_float64_finite_differences(device, eps_inside_sqrt, training, layout):
+    """The kernels' analytic gradients (float64 input accumulates in float64) against central finite
+    differences, for input, weight and bias."""
+    shape, C = (3, 2, 5), 2
+    x = leaf(make_input(shape, layout, device, torch.float64))
+    w, b = leaf(torch.randn(C, device=device, dtype=torch.float64)), leaf(torch.randn(C, device=device,
+                                                                                       dtype=torch.float64))
+    rm, rv = torch.randn(C, device=device, dtype=torch.float64), torch.rand(C, device=device, dtype=torch.float64) + .5
+
+    def f(x, w, b):
+        # training updates the running stats in place: give each call its own copy
+        return gpuopt.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training, eps=0.1,
+                                            eps_inside_sqrt=eps_inside_sqrt)
+
+    assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- against torch ------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(7, 5), (3, 5, 43), (2, 3, 5, 7), (1, 3, 1, 1, 7), (2, 3, 2, 3, 4)], ids=_ids)
+def test_functional_matches_torch(device, shape, layout):
+    """Output, running stats and gradients against torch.nn.functional.batch_norm + autograd, with
+    weight only, bias only, both and neither."""
+    C = shape[1]
+    for with_weight, with_bias in [(True, True), (True, False), (False, True), (False, False)]:
+        x = make_input(shape, layout, device)
+        w = torch.randn(C, device=device) if with_weight else None
+        b = torch.randn(C, device=device) if with_bias else None
+        outs = []
+        for fn in (gpuopt.functional.batch_norm, F.batch_norm):
+            xi, wi, bi = leaf(x), (leaf(w) if w is not None else None), (leaf(b) if b is not None else None)
+            rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+            y = fn(xi, rm, rv, wi, bi, True, 0.2, 1e-5)
+            y.backward(torch.sin(torch.arange(y.numel(), device=device, dtype=y.dtype).view(y.shape)))
+            outs.append([y, rm, rv, xi.grad] + [t.grad for t in (wi, bi) if t is not None])
+        for name, a, e in zip(["output", "running_mean", "running_var", "grad input", "grad w/b", "grad b"], *outs):
+            assert_close(a, e, rtol=1e-4, atol=1e-5, name=f"{name} (weight={with_weight}, bias={with_bias})")
+        if layout != "strided":  # the input's memory layout is kept (torch makes 3-D (N, C, L) output contiguous)
+            assert outs[0][0].stride() == x.stride()
+
+
+def test_only_the_gradients_asked_for_are_computed(device):
+    """needs_input_grad: a frozen input runs no input-gradient kernel; a frozen weight gets no grad."""
+    x = make_input((3, 5, 7), "contiguous", device)
+    w, b = leaf(torch.randn(5, device=device)), torch.randn(5, device=device)
+    y = gpuopt.functional.batch_norm(x, None, None, w, b, training=True)
+    with count_launches(bn_kernels, "_backward_input_kernel") as inputs, \
+            count_launches(bn_kernels, "_backward_reduce_kernel") as reductions:
+        y.sum().backward()
+    assert inputs["launches"] == 0 and reductions["launches"] == 1
+    assert b.grad is None
+    w_torch = leaf(w)
+    F.batch_norm(x, None, None, w_torch, b, True).sum().backward()
+    assert_close(w.grad, w_torch.grad, rtol=1e-4, atol=1e-5, name="grad weight")
+
+
+def test_launch_counts(device):
+    """Training forward: statistics, combine, normalize. Eval: one launch."""
+    x = make_input((3, 5, 7), "contiguous", device)
+    rm, rv = torch.zeros(5, device=device), torch.ones(5, device=device)
+    names = ["_stats_kernel", "_stats_combine_kernel", "_normalize_kernel"]
+    with count_launches(bn_kernels, names[0]) as a, count_launches(bn_kernels, names[1]) as b, \
+            count_launches(bn_kernels, names[2]) as c:
+        gpuopt.functional.batch_norm(x, rm, rv, training=True)
+        assert (a["launches"], b["launches"], c["launches"]) == (1, 1, 1)
+        gpuopt.functional.batch_norm(x, rm, rv, training=False)
+        assert (a["launches"], b["launches"], c["launches"]) == (1, 1, 2)
+
+
+def test_every_output_element_is_written(device, monkeypatch):
+    """Outputs and partials are allocated NaN-filled: an element a kernel forgets to write fails."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def poisoned_like(*args, **kwargs):
+        t = real_empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    x = make_input((3, 5, 43), "contiguous", device)
+    xl = make_input((2, 5, 3, 7), "channels_last", device)
+    expected = [F.batch_norm(leaf(t), None, None, None, None, True) for t in (x, xl)]
+    monkeypatch.setattr(torch, "empty", poisoned)
+    monkeypatch.setattr(torch, "empty_like", poisoned_like)
+    for t, e in zip((x, xl), expected):
+        xi = leaf(t)
+        y = gpuopt.functional.batch_norm(xi, None, None, None, None, True)
+        y.backward(torch.ones_like(y))
+        assert_close(y, e, rtol=1e-5, atol=1e-5, name="output")
+        assert not torch.isnan(xi.grad).any()
+
+
+def test_large_mean_is_normalized_stably(device):
+    """A channel with mean 1e4 and std 1 in fp32: E[x²] - E[x]² would lose every digit (x² ≈ 1e8,
+    whose fp32 spacing is 8), Welford keeps them."""
+    x = leaf(make_input((64, 3, 129), "contiguous", device, mean=1e4, std=1.0))
+    running_mean, running_var = torch.zeros(3, device=device), torch.ones(3, device=device)
+    y = gpuopt.functional.batch_norm(x, running_mean, running_var, training=True, momentum=1.0)
+    Z = as_seed_layout(x)
+    Z_hat, cache = ref.batch_norm_forward(Z)
+    assert_close(running_var, Z.var(axis=1, ddof=1), rtol=1e-4, name="batch variance")
+    assert_close(running_mean, Z.mean(axis=1), rtol=1e-7, name="batch mean")
+    # fp32 spacing at 1e4 is 1e-3: the mean itself can only be that exact.
+    assert_close(y, from_seed_layout(Z_hat, x.shape), rtol=0, atol=2e-3, name="output")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    dZ, _, _ = ref.batch_norm_backward(as_seed_layout(dy), cache)
+    assert_close(x.grad, from_seed_layout(dZ, x.shape), rtol=0, atol=2e-3, name="grad input")
+
+
+@pytest.mark.parametrize("eps_inside_sqrt", [True, False], ids=["torch-eps", "seed-eps"])
+def test_constant_channel_gives_finite_output_and_gradients(device, eps_inside_sqrt):
+    x = make_input((4, 3, 5), "contiguous", device)
+    x[:, 1] = 2.5
+    x = leaf(x)
+    w, b = leaf(torch.randn(3, device=device)), leaf(torch.randn(3, device=device))
+    y = gpuopt.functional.batch_norm(x, None, None, w, b, training=True, eps_inside_sqrt=eps_inside_sqrt)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    for t in (y, x.grad, w.grad, b.grad):
+        assert torch.isfinite(t).all()
+    Z_hat, cache = ref.batch_norm_forward(as_seed_layout(x), to_numpy(w), to_numpy(b), 1e-5, eps_inside_sqrt)
+    dZ, dG, dB = ref.batch_norm_backward(as_seed_layout(dy), cache, to_numpy(w))
+    assert_close(y, from_seed_layout(Z_hat, x.shape), rtol=1e-5, atol=1e-5, name="output")
+    # 1/ε = 1e5 amplifies fp32 rounding of dẐ - mean(dẐ) in the constant channel
+    assert_close(x.grad, from_seed_layout(dZ, x.shape), rtol=1e-3, atol=1e-3, name="grad input")
+    assert_close(w.grad, dG, rtol=1e-4, atol=1e-5, name="grad weight")
+
+
+def test_empty_batch_behaves_like_torch(device):
+    x = torch.randn(0, 3, 4, device=device)
+    w, b = leaf(torch.randn(3, device=device)), leaf(torch.randn(3, device=device))
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    y = gpuopt.functional.batch_norm(x, rm, rv, w, b, training=True)
+    expected = F.batch_norm(x, rm.clone(), rv.clone(), w, b, True)
+    assert y.shape == expected.shape == x.shape
+    assert torch.equal(rm, torch.zeros(3, device=device)) and torch.equal(rv, torch.ones(3, device=device))
+    y.sum().backward()
+    assert w.grad is not None and b.grad is not None
+
+
+def test_bad_input_is_refused_before_any_kernel(device):
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    with count_launches(bn_kernels, "_stats_kernel") as launches:
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+            gpuopt.functional.batch_norm(torch.randn(1, 3, 1, 1, device=device), rm, rv, training=True)
+        with pytest.raises(ValueError, match="should contain 3 elements"):
+            gpuopt.functional.batch_norm(torch.randn(4, 3, device=device), torch.zeros(4, device=device), rv,
+                                         training=True)
+        with pytest.raises(ValueError, match="weight should contain 3 elements"):
+            gpuopt.functional.batch_norm(torch.randn(4, 3, device=device), rm, rv, torch.ones(2, device=device))
+        with pytest.raises(TypeError, match="float32, bfloat16, float16"):
+            gpuopt.functional.batch_norm(torch.ones(4, 3, dtype=torch.int32, device=device), rm, rv, training=True)
+        with pytest.raises(ValueError, match="at least 2 dimensions"):
+            gpuopt.functional.batch_norm(torch.randn(3, device=device), rm, rv, training=True)
+        with pytest.raises(ValueError, match="evaluation mode"):
+            gpuopt.functional.batch_norm(torch.randn(4, 3, device=device), None, None, training=False)
+        with pytest.raises(TypeError, match="weight must be torch.float32"):
+            gpuopt.functional.batch_norm(torch.randn(4, 3, device=device), rm, rv,
+                                         torch.ones(3, dtype=torch.float16, device=device))
+        with pytest.raises(ValueError, match="momentum=None"):
+            gpuopt.functional.batch_norm(torch.randn(4, 3, device=device), rm, rv, training=True, momentum=None)
+        with pytest.raises(ValueError, match="expected 4D input"):
+            gpuopt.nn.BatchNorm2d(3)(torch.randn(4, 3, 5, device=device))
+    assert launches["launches"] == 0
+
+
+# ---------------------------------------------------------------------------- modules ------
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("cls,shape,channels_last", [
+    ("BatchNorm1d", (6, 5), False), ("BatchNorm1d", (4, 5, 7), False), ("BatchNorm2d", (3, 5, 4, 3), False),
+    ("BatchNorm2d", (3, 5, 4, 3), True), ("BatchNorm3d", (2, 5, 2, 3, 2), True)])
+@pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
+def test_modules_match_torch_over_train_and_eval_steps(device, cls, shape, channels_last, momentum, affine, track):
+    """Four training steps, an eval step, two more training steps: outputs, gradients, buffers and
+    state_dict equal torch's module (momentum=None is the cumulative average)."""
+    ours = getattr(gpuopt.nn, cls)(5, momentum=momentum, affine=affine, track_running_stats=track).to(device)
+    theirs = getattr(torch.nn, cls)(5, momentum=momentum, affine=affine, track_running_stats=track).to(device)
+    if affine:
+        with torch.no_grad():
+            for m in (ours, theirs):
+                m.weight.copy_(torch.linspace(0.5, 1.5, 5))
+                m.bias.copy_(torch.linspace(-1, 1, 5))
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for step, mode in enumerate(["train"] * 4 + ["eval"] + ["train"] * 2):
+        ours.train(mode == "train")
+        theirs.train(mode == "train")
+        x = make_input(shape, "channels_last" if channels_last else "contiguous", device, mean=step, std=step + 1)
+        outs = []
+        for m in (ours, theirs):
+            xi = leaf(x)
+            y = m(xi)
+            y.backward(torch.cos(torch.arange(y.numel(), device=device, dtype=y.dtype).view(y.shape)))
+            outs.append((y, xi.grad))
+        assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5, name=f"step {step} output")
+        assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-5, name=f"step {step} grad input")
+    for key, value in theirs.state_dict().items():
+        mine = ours.state_dict()[key]
+        if value.is_floating_point():
+            assert_close(mine, value, rtol=1e-4, atol=1e-6, name=key)
+        else:
+            assert torch.equal(mine, value), key
+    if affine:
+        assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-5, name="weight.grad")
+        assert_close(ours.bias.grad, theirs.bias.grad, rtol=1e-4, atol=1e-5, name="bias.grad")
+    # state_dict round trip, torch → gpuopt
+    fresh = getattr(gpuopt.nn, cls)(5, momentum=momentum, affine=affine, track_running_stats=track).to(device)
+    fresh.load_state_dict(theirs.state_dict())
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_eps_inside_sqrt_flag_on_modules(device):
+    m = gpuopt.nn.BatchNorm1d(3, eps=0.5, eps_inside_sqrt=False).to(device)
+    x = make_input((8, 3), "contiguous", device)
+    Z_hat, _ = ref.batch_norm_forward(as_seed_layout(x), eps=0.5, eps_inside_sqrt=False)
+    assert_close(m(x), from_seed_layout(Z_hat, x.shape), rtol=1e-5, atol=1e-5, name="seed-ε output")
+    assert "eps_inside_sqrt=False" in repr(m)
+
+
+def small_cnn():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3), torch.nn.BatchNorm2d(6, momentum=None)), torch.nn.Flatten(),
+        torch.nn.Linear(6 * 4 * 4, 10), torch.nn.BatchNorm1d(10), torch.nn.Linear(10, 3))
+
+
+def test_convert_batchnorm_small_cnn(device):
+    """Every torch BatchNorm*d replaced, sharing parameters and buffers; identical outputs and state_dict."""
+    model = small_cnn().to(device)
+    reference_model = copy.deepcopy(model)
+    weight = model[1].weight
+    converted = gpuopt.nn.convert_batchnorm(model)
+    kinds = [type(m) for m in converted.modules()]
+    assert kinds.count(gpuopt.nn.BatchNorm2d) == 2 and kinds.count(gpuopt.nn.BatchNorm1d) == 1
+    assert torch.nn.BatchNorm2d not in kinds and torch.nn.BatchNorm1d not in kinds
+    assert converted[1].weight is weight  # the same Parameter: optimizers built before still work
+    assert converted.state_dict().keys() == reference_model.state_dict().keys()
+    for training in (True, True, False):
+        converted.train(training)
+        reference_model.train(training)
+        x = torch.randn(5, 1, 6, 6, device=device)
+        assert_close(converted(x), reference_model(x), rtol=1e-4, atol=1e-5, name=f"output (training={training})")
+    for key, value in reference_model.state_dict().items():
+        assert_close(converted.state_dict()[key], value, dtype=torch.float32, rtol=1e-4, atol=1e-6, name=key)
+    assert isinstance(gpuopt.nn.convert_batchnorm(torch.nn.BatchNorm1d(3)), gpuopt.nn.BatchNorm1d)
+
+
+# ----------------------------------------------------------------------- GPU shapes --------
+
+GPU_SHAPES = [(256, 64, 56, 56), (256, 2048, 7, 7), (8192, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=_ids)
+def test_realistic_shapes_match_torch_on_gpu(device, shape, layout, dtype):
+    C = shape[1]
+    x = make_input(shape, layout, device, dtype)
+    dy = torch.randn_like(x)
+    results = []
+    for fn in (gpuopt.functional.batch_norm, F.batch_norm):
+        xi = leaf(x)
+        w, b = leaf(torch.rand(C, device=device) + 0.5), leaf(torch.randn(C, device=device))
+        rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+        y = fn(xi, rm, rv, w, b, True, 0.1, 1e-5)
+        y.backward(dy)
+        results.append((y, rm, rv, xi.grad, w.grad, b.grad))
+    # Torch's own reductions differ from ours in order; sums over up to 800k values in fp32.
+    rtol, atol = (1e-3, 1e-3) if dtype == torch.float32 else TOLERANCES[dtype]
+    for name, a, e in zip(["output", "running_mean", "running_var", "grad input", "grad weight", "grad bias"],
+                          *results):
+        scale = e.abs().max().item() if name.startswith("grad w") or name.startswith("grad b") else 1.0
+        assert_close(a.float(), e.float(), dtype=torch.float32, rtol=rtol, atol=atol * scale, name=name)
+    assert results[0][0].stride() == results[1][0].stride()
