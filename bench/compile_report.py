@@ -61,6 +61,22 @@ for dtype, extra in [(torch.float32, {}), (torch.bfloat16, dict(master_weights=T
         opt.step(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
         opt.step()  # and without AMP tensors, the common path
     gpuopt.EMA([torch.randn(300).to(dtype)]).update()
+# Batch norm at the GPU's tile sizes (GPUOPT_GPU_CONFIG): both layouts, every dtype, both ε
+# placements, training and evaluation, forward and backward.
+os.environ["GPUOPT_GPU_CONFIG"] = "1"
+from gpuopt.kernels import batch_norm as bn
+for n in ("_stats_kernel", "_stats_combine_kernel", "_normalize_kernel", "_backward_reduce_kernel",
+          "_backward_combine_kernel", "_backward_input_kernel"):
+    spy(bn, n)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for eps_inside_sqrt in ((True, False) if dtype == torch.float32 else (True,)):
+            for training in (True, False):
+                x = torch.randn(2, 8, 16, 16).to(dtype).contiguous(memory_format=layout).requires_grad_()
+                w = torch.ones(8, requires_grad=True); b = torch.zeros(8, requires_grad=True)
+                y = gpuopt.functional.batch_norm(x, torch.zeros(8), torch.ones(8), w, b, training=training,
+                                                 eps_inside_sqrt=eps_inside_sqrt)
+                y.backward(torch.ones_like(y))
 for extra in CAPTURE_EXTRA:
     exec(extra)
 seen, unique = set(), []
@@ -113,16 +129,16 @@ def main():
 
     from gpuopt._multi_tensor import GPU_BLOCK, GPU_WARPS
 
-    dtypes = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
-    print(f"{'kernel':18s} {'constexprs (flags on)':58s} {'regs':>4s} {'spill':>5s} {'loads':>14s} {'stores':>14s}")
+    dtypes = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
+    print(f"{'kernel':26s} {'constexprs (flags on)':58s} {'regs':>4s} {'spill':>5s} {'loads':>14s} {'stores':>14s}")
     failures = 0
     for r in records:
         module = importlib.import_module(r["module"])
         fn = getattr(module, r["kernel"])
         constexprs = {k: (dtypes.get(v, v) if isinstance(v, str) else v) for k, v in r["constexprs"].items()}
-        # The interpreter run used a small block; compile what a GPU launch uses.
-        constexprs["BLOCK"] = GPU_BLOCK
-        r["num_warps"] = GPU_WARPS
+        if "BLOCK" in constexprs:  # multi-tensor kernels: the interpreter used a small block
+            constexprs["BLOCK"] = GPU_BLOCK
+            r["num_warps"] = GPU_WARPS
         ptr_args = [i for i, (n, t) in enumerate(r["signature"].items()) if t.startswith("*")]
         attrs = {(i,): [["tt.divisibility", 16]] for i in ptr_args}
         flags = ",".join(k for k, v in constexprs.items() if v is True)
@@ -131,12 +147,12 @@ def main():
             k = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options={"num_warps": r["num_warps"]})
         except Exception as exc:  # report every failure, not just the first
             failures += 1
-            print(f"{r['kernel']:18s} {flags[:58]:58s} COMPILE FAILED: {' | '.join(str(exc).splitlines()[:6])[:600]}")
+            print(f"{r['kernel']:26s} {flags[:58]:58s} COMPILE FAILED: {' | '.join(str(exc).splitlines()[:6])[:600]}")
             continue
         ptx = k.asm["ptx"]
         widest = lambda kind: max(re.findall(kind + r"\.global(?:\.\w+)*?\.(v\d)", ptx) or ["v1"])  # noqa: E731
         nregs, spills = ptxas_report(ptx, args.arch)
-        print(f"{r['kernel']:18s} {flags[:58]:58s} {nregs!s:>4s} {spills!s:>5s} {widest('ld'):>14s} {widest('st'):>14s}")
+        print(f"{r['kernel']:26s} {flags[:58]:58s} {nregs!s:>4s} {spills!s:>5s} {widest('ld'):>14s} {widest('st'):>14s}")
     print(f"{len(records)} launch signatures compiled for sm_{args.arch}, {failures} failed")
     sys.exit(1 if failures else 0)
 

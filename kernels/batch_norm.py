@@ -44,7 +44,7 @@ from ._multi_tensor import store_as
 
 
 @triton.jit
-def _program_range(R, S, rows_per_split, cols_per_split, col_splits,
+def _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                    CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's rows ``[r_begin, r_stop)``, columns ``[k_begin, k_stop)``, and the offset of
     column 0 of its channel (block) within a row."""
@@ -57,34 +57,37 @@ def _program_range(R, S, rows_per_split, cols_per_split, col_splits,
         col_base = 0
     else:
         k_begin = (split % col_splits) * cols_per_split
-        k_stop = tl.minimum(k_begin + cols_per_split, S)
-        col_base = tl.program_id(0).to(tl.int64) * S  # channel c starts at c·S in each row
+        k_stop = tl.minimum(k_begin + cols_per_split, n_cols)
+        col_base = tl.program_id(0).to(tl.int64) * n_cols  # channel c starts at c·S in each row
     return r_begin, r_stop, k_begin, k_stop, col_base
 
 
 @triton.jit
-def _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-          VEC: tl.constexpr):
-    """Element offsets and mask of the ``[BLOCK_R, BLOCK_K]`` tile at row r0, column k0.
-
-    ``VEC`` divides the row stride, the channel offset and ``n_cols`` (the host checks), which
-    tells the compiler that runs of VEC columns are contiguous, aligned and masked alike, so the
-    tile is read and written with 16-byte accesses."""
+def _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Element offsets and mask of the ``[BLOCK_R, BLOCK_K]`` tile at row r0, column k0."""
     rows = r0 + tl.arange(0, BLOCK_R)
-    cols = tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K)
-    row_offsets = tl.multiple_of(rows.to(tl.int64) * row_stride + col_base, VEC)
-    offsets = row_offsets[:, None] + cols[None, :]
-    mask = (rows < R)[:, None] & (cols < tl.multiple_of(n_cols, VEC))[None, :]
+    # k0 is a multiple of BLOCK_K; saying so (k0 // BLOCK_K * BLOCK_K is an identity the compiler
+    # can read, unlike a hint on a loop variable) lets it prove runs of columns contiguous.
+    cols = (k0 // BLOCK_K) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offsets = (rows.to(tl.int64) * row_stride + col_base)[:, None] + cols[None, :]
+    mask = (rows < R)[:, None] & (cols < n_cols)[None, :]
     return offsets, mask
 
 
 @triton.jit
-def _layout(C, S, CHANNELS_LAST: tl.constexpr):
-    """(row stride, number of columns) of the (R, C, S) view."""
+def _layout(C, S, CHANNELS_LAST: tl.constexpr, VEC: tl.constexpr):
+    """(row stride, number of columns) of the (R, C, S) view.
+
+    The host checks that ``VEC`` divides the row length (S, or C channels-last). Writing the
+    length as ``n // VEC * VEC`` (an identity then) tells the compiler so: every row start and
+    every channel offset c·S is a multiple of VEC elements (16 bytes), and runs of VEC columns
+    are masked alike, so tiles are read and written with 16-byte accesses (``ld.global.v4``)."""
     if CHANNELS_LAST:
-        return C, C
+        n_cols = (C // VEC) * VEC
+        return n_cols, n_cols
     else:
-        return C.to(tl.int64) * S, S
+        n_cols = (S // VEC) * VEC
+        return C.to(tl.int64) * n_cols, n_cols
 
 
 @triton.jit
@@ -140,17 +143,29 @@ def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, R, C, S, rows_per_split, c
 
         n ← n + 1,   δ = x - mean,   mean ← mean + δ/n,   M2 ← M2 + δ (x - mean)
 
-    and the lanes are combined pairwise at the end."""
-    row_stride, n_cols = _layout(C, S, CHANNELS_LAST)
-    r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, S, rows_per_split, cols_per_split, col_splits,
+    and the lanes are combined pairwise at the end.
+
+    The values are first shifted by the channel's first value (every program of a channel uses the
+    same one). Welford then runs on numbers of the size of σ rather than μ: with μ = 1e4 and σ = 1
+    in fp32 the running mean's rounding step drops from 1e-3 to 1e-7 σ, and the variance keeps
+    ~6 digits instead of ~4."""
+    row_stride, n_cols = _layout(C, S, CHANNELS_LAST, VEC)
+    r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                                                                 CHANNELS_LAST, BLOCK_K)
+    if CHANNELS_LAST:
+        first_channels = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        shift = tl.load(x_ptr + first_channels, mask=first_channels < C, other=0.0).to(ACC)  # row 0
+        tile_shift = shift[None, :]
+    else:
+        shift = tl.load(x_ptr + col_base).to(ACC)  # row 0, column 0 of channel c
+        tile_shift = shift
     count = tl.zeros([BLOCK_R, BLOCK_K], ACC)
     mean = tl.zeros([BLOCK_R, BLOCK_K], ACC)
     m2 = tl.zeros([BLOCK_R, BLOCK_K], ACC)
     for r0 in range(r_begin, r_stop, BLOCK_R):
         for k0 in range(k_begin, k_stop, BLOCK_K):
-            offsets, mask = _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R, BLOCK_K, VEC)
-            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+            offsets, mask = _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R, BLOCK_K)
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - tile_shift
             count += mask.to(ACC)
             delta = tl.where(mask, x - mean, 0.0)
             mean += delta / tl.maximum(count, 1.0)
@@ -159,7 +174,7 @@ def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, R, C, S, rows_per_split, c
         mean, m2, count = tl.reduce((mean, m2, count), 1, _welford_combine)
     mean, m2, count = tl.reduce((mean, m2, count), 0, _welford_combine)
     _store_partial(count_ptr, count, C, CHANNELS_LAST, BLOCK_K)
-    _store_partial(mean_ptr, mean, C, CHANNELS_LAST, BLOCK_K)
+    _store_partial(mean_ptr, mean + shift, C, CHANNELS_LAST, BLOCK_K)
     _store_partial(m2_ptr, m2, C, CHANNELS_LAST, BLOCK_K)
 
 
@@ -239,8 +254,8 @@ def _normalize_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, 
     """Ẑ = G (Z - μ)/s + B, elementwise. Training passes the batch's μ and 1/s; evaluation passes
     the running mean and variance (``FROM_RUNNING_VAR``) and 1/s is formed here, so inference is
     this one launch. (Z - μ) is formed before scaling: with μ = 1e4, Z·(G/s) - μ·(G/s) would cancel."""
-    row_stride, n_cols = _layout(C, S, CHANNELS_LAST)
-    r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, S, rows_per_split, cols_per_split, col_splits,
+    row_stride, n_cols = _layout(C, S, CHANNELS_LAST, VEC)
+    r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                                                                 CHANNELS_LAST, BLOCK_K)
     mean = _channel_values(mean_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
     if FROM_RUNNING_VAR:
@@ -255,7 +270,7 @@ def _normalize_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, 
         shift = 0.0
     for r0 in range(r_begin, r_stop, BLOCK_R):
         for k0 in range(k_begin, k_stop, BLOCK_K):
-            offsets, mask = _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R, BLOCK_K, VEC)
+            offsets, mask = _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R, BLOCK_K)
             x = tl.load(x_ptr + offsets, mask=mask).to(ACC)
             store_as(y_ptr + offsets, (x - mean) * scale + shift, mask)
 
@@ -269,15 +284,15 @@ def _backward_reduce_kernel(x_ptr, dy_ptr, mean_ptr, sum_dy_ptr, sum_dy_xmu_ptr,
                             CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                             VEC: tl.constexpr, ACC: tl.constexpr):
     """Per (split, channel): Σ dẐ and Σ dẐ (Z - μ). (∂L/∂G = Σ dẐ Z̄ = (1/s) Σ dẐ (Z - μ).)"""
-    row_stride, n_cols = _layout(C, S, CHANNELS_LAST)
-    r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, S, rows_per_split, cols_per_split, col_splits,
+    row_stride, n_cols = _layout(C, S, CHANNELS_LAST, VEC)
+    r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                                                                 CHANNELS_LAST, BLOCK_K)
     mean = _channel_values(mean_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
     sum_dy = tl.zeros([BLOCK_R, BLOCK_K], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_R, BLOCK_K], ACC)
     for r0 in range(r_begin, r_stop, BLOCK_R):
         for k0 in range(k_begin, k_stop, BLOCK_K):
-            offsets, mask = _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R, BLOCK_K, VEC)
+            offsets, mask = _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R, BLOCK_K)
             x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
             dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
             sum_dy += dy
@@ -326,8 +341,8 @@ def _backward_input_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, std_ptr,
 
     s/r is 1 for PyTorch's ε placement and (σ + ε)/σ for the seed's (0 for a constant channel,
     the limit σ → 0). In evaluation mode μ and s are constants and ∂L/∂Z = (G/s) dẐ."""
-    row_stride, n_cols = _layout(C, S, CHANNELS_LAST)
-    r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, S, rows_per_split, cols_per_split, col_splits,
+    row_stride, n_cols = _layout(C, S, CHANNELS_LAST, VEC)
+    r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                                                                 CHANNELS_LAST, BLOCK_K)
     invstd = _channel_values(invstd_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
     scale = invstd
@@ -342,7 +357,7 @@ def _backward_input_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, std_ptr,
             projection = projection * tl.where(std > 0.0, 1.0 / tl.where(std > 0.0, invstd * std, 1.0), 0.0)
     for r0 in range(r_begin, r_stop, BLOCK_R):
         for k0 in range(k_begin, k_stop, BLOCK_K):
-            offsets, mask = _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R, BLOCK_K, VEC)
+            offsets, mask = _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R, BLOCK_K)
             dy = tl.load(dy_ptr + offsets, mask=mask).to(ACC)
             if TRAINING:
                 x = tl.load(x_ptr + offsets, mask=mask).to(ACC)
