@@ -15,11 +15,12 @@ from .kernels import batch_norm as kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-# A tile of the big passes holds this many elements (2048 fp32 = 8 per thread at 8 warps); the
-# interpreter runs tiles one after another in NumPy, so small tiles keep small tests fast and
-# still exercise many splits.
+# A tile of the big passes holds this many elements (2048 fp32 = 8 per thread at 8 warps). The
+# interpreter runs tiles one after another in NumPy at a cost per tile, not per element: small
+# test inputs (up to 1024 elements) get 64-element tiles (many tiles and splits, so every path
+# runs), larger ones a few tiles of up to 16384, so that a small model trains in seconds per epoch.
 _GPU_TILE, _GPU_WARPS, _GPU_PROGRAMS_PER_SM = 2048, 8, 4
-_INTERPRETER_TILE, _INTERPRETER_PROGRAMS = 64, 3
+_INTERPRETER_TILE, _INTERPRETER_MAX_TILE, _INTERPRETER_PROGRAMS = 64, 16384, 3
 _COMBINE_BLOCK_C = 64
 
 
@@ -84,12 +85,17 @@ class Grid:
 @functools.lru_cache(maxsize=256)
 def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gpu_config: bool,
               sm_count: int) -> Grid:
-    tile = _GPU_TILE if gpu_config else _INTERPRETER_TILE
+    if gpu_config:
+        tile = _GPU_TILE
+    elif R * C * S <= 1024:
+        tile = _INTERPRETER_TILE
+    else:
+        tile = min(_INTERPRETER_MAX_TILE, _next_power_of_2(R * C * S // 4))
     target_programs = sm_count * _GPU_PROGRAMS_PER_SM if gpu_config else _INTERPRETER_PROGRAMS
     n_cols = C if channels_last else S
     if channels_last:
         # A warp reads 32 × 16 bytes: one 128-channel fp32 run (256 for 16-bit types) per row.
-        block_k = min(_next_power_of_2(C), 512 // element_size if gpu_config else 16)
+        block_k = min(_next_power_of_2(C), 512 // element_size if gpu_config else 64)
         channel_blocks = _cdiv(C, block_k)
     else:
         block_k = _column_block(S, min(tile, 1024))

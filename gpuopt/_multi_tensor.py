@@ -11,10 +11,18 @@ from __future__ import annotations
 import torch
 
 # Block size and warps: 8 fp32 elements per thread (two 16-byte accesses per stream) on a GPU.
-# The interpreter runs blocks one after another in NumPy; a small block lets small test tensors
-# span several blocks, so tail and full-block paths are both exercised.
+# The interpreter runs blocks one after another in NumPy, at a cost per block rather than per
+# element: small test tensors get a small block (so they span several blocks, and tail and
+# full-block paths are both exercised), a real model's tensors a block of up to 16384.
 GPU_BLOCK, GPU_WARPS = 2048, 8
-INTERPRETER_BLOCK, INTERPRETER_PROGRAMS = 128, 3
+INTERPRETER_BLOCK, INTERPRETER_MAX_BLOCK, INTERPRETER_PROGRAMS = 128, 16384, 3
+
+
+def interpreter_block(numels) -> int:
+    """Block size for an interpreter launch: 128 up to a few hundred elements, then ~1/4 of the
+    largest tensor (a power of 2)."""
+    largest = max(numels, default=0)
+    return min(INTERPRETER_MAX_BLOCK, max(INTERPRETER_BLOCK, 1 << max(0, (largest // 4 - 1).bit_length())))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -41,7 +49,7 @@ class LaunchPlan:
         self.n_tensors = len(first)
         self.numels = tuple(t.numel() for t in first)
         interp = self.device.type != "cuda"
-        self.block = block or (INTERPRETER_BLOCK if interp else GPU_BLOCK)
+        self.block = block or (interpreter_block(self.numels) if interp else GPU_BLOCK)
         self.num_warps = 4 if interp else GPU_WARPS
         counts = [max(1, _cdiv(n, self.block)) for n in self.numels]  # a 0-element tensor still
         # gets one (fully masked) block, so per-tensor bookkeeping such as `step` sees it.

@@ -3,4 +3,4 @@
 # gpuopt and with PyTorch side by side. Extra arguments go to the script (see --help).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-exec python examples/reference_vs_kernel.py "$@"
+exec python examples/train_digits.py "$@"
