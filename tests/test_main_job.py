@@ -23,6 +23,8 @@ def test_one_epoch_of_the_main_job(tmp_path, optimizer, extra):
     torch_run, gpuopt_run = runs
     assert torch_run.accuracies[-1] > 0.85 and gpuopt_run.accuracies[-1] > 0.85
     assert len(torch_run.losses) == len(gpuopt_run.losses) == 23  # ceil(1437 images / 64 per batch)
-    # the first step's losses are identical up to fp32 rounding (same weights, same batch)
-    assert abs(torch_run.losses[0] - gpuopt_run.losses[0]) < 1e-5
+    # the first step's losses are identical up to fp32 rounding (same weights, same batch); with
+    # the seed's ε placement batch norm divides by σ + ε instead of sqrt(σ² + ε): close, not equal
+    tolerance = 1e-3 if "--seed-equations" in extra else 1e-5
+    assert abs(torch_run.losses[0] - gpuopt_run.losses[0]) < tolerance
     assert png.exists() and png.stat().st_size > 10_000
