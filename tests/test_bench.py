@@ -1,0 +1,40 @@
+"""The bench runs end to end (here through the interpreter, at tiny sizes): both suites, every
+algorithm, CSV and PNG written, byte counts as DESIGN.md's table. It times nothing meaningful on
+the CPU; the GPU numbers live in bench/RESULTS.md."""
+
+import csv
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_runs_both_suites_and_writes_csv_and_png(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from bench import bn_suite, optim_suite, run
+
+    monkeypatch.setattr(optim_suite, "cases", lambda gpu, quick: [("flat 2^12", [(4096,)], torch.float32, False)])
+    monkeypatch.setattr(bn_suite, "TINY_SHAPES", [(4, 3, 5, 7)])
+    rows = run.main(["--quick", "--out-dir", str(tmp_path)])
+    slug = "cpu-interpreter" if not torch.cuda.is_available() else None
+    if slug is None:
+        pytest.skip("on a GPU the bench is run by hand, not by the tests")
+    assert (tmp_path / f"{slug}.png").stat().st_size > 10_000
+    with open(tmp_path / f"{slug}.csv") as f:
+        assert f.readline().startswith("# date=")
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows)
+    ops = {(r["suite"], r["op"]) for r in table}
+    for algorithm in optim_suite.ALGORITHMS:
+        assert ("optim", algorithm) in ops
+    for op in bn_suite.PASSES:
+        assert ("bn", op) in ops
+    for r in table:
+        assert r["median_ms"] and float(r["median_ms"]) > 0, r
+        assert r["implementation"] == "gpuopt" or float(r["gpuopt_speedup"]) > 0, r
+    adam = next(r for r in table if r["op"] == "Adam" and r["implementation"] == "gpuopt")
+    assert int(adam["bytes"]) == 28 * 4096  # read p, g, m, v; write p, m, v (fp32)
+    bn = next(r for r in table if r["op"] == "train fwd+bwd" and r["dtype"] == "bfloat16")
+    assert int(bn["bytes"]) == 8 * 2 * 4 * 3 * 5 * 7  # 8 passes of 2-byte elements
