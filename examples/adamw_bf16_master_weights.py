@@ -37,7 +37,7 @@ for step in range(201):
     scaler.step(optimizer)  # unscales inside gpuopt's kernel; skipped on the device when inf was found
     scaler.update()
     if step % 50 == 0:
-        print(f"step {step:3d}  loss {loss.item():.4f}  scale {scaler.get_scale():.0f}")
+        print(f"step {step:3d}  loss {loss.item():.2e}  scale {scaler.get_scale():.0f}")
 
 first = next(model.parameters())
 state = optimizer.state[first]
