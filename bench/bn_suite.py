@@ -52,7 +52,7 @@ def _free():
         torch.cuda.empty_cache()
 
 
-def run(timer, copy_gbps: float, gpu: bool, quick: bool, log=print) -> list[Row]:
+def run(timer, copy_gbps: float, gpu: bool, quick: bool, log=print, compile=True) -> list[Row]:
     device = "cuda" if gpu else "cpu"
     shapes = QUICK_SHAPES if quick and gpu else (SHAPES if gpu else TINY_SHAPES)
     dtypes = [torch.float32, torch.bfloat16] if quick else [torch.float32, torch.bfloat16, torch.float16]
@@ -70,7 +70,7 @@ def run(timer, copy_gbps: float, gpu: bool, quick: bool, log=print) -> list[Row]
                 backend = torch_backend(x, w, b, rm, rv)
                 implementations = [("gpuopt", gpuopt.functional.batch_norm, ""),
                                    (f"torch F.batch_norm ({backend})", F.batch_norm, "")]
-                if gpu:
+                if gpu and compile:
                     start = time.perf_counter()
                     compiled = torch.compile(F.batch_norm, dynamic=False)
                     compiled(x.detach().requires_grad_(), rm, rv, w, b, True, 0.1, 1e-5).backward(dy)

@@ -88,7 +88,7 @@ def _free():
         torch.cuda.empty_cache()
 
 
-def run(timer, copy_gbps: float, gpu: bool, quick: bool, algorithms=None, log=print) -> list[Row]:
+def run(timer, copy_gbps: float, gpu: bool, quick: bool, algorithms=None, log=print, compile=True) -> list[Row]:
     device = "cuda" if gpu else "cpu"
     rows = []
     for case, shapes, dtype, master in cases(gpu, quick):
@@ -103,14 +103,14 @@ def run(timer, copy_gbps: float, gpu: bool, quick: bool, algorithms=None, log=pr
             row = lambda impl, ms, note="": Row("optim", case, algorithm, dtype_name, "—", impl, ms,  # noqa: E731
                                                  bytes_moved(numel, algorithm, dtype, master), copy_gbps, note)
             log(f"  optim: {case} / {algorithm}")
-            rows.extend(_time_algorithm(timer, row, algorithm, params, master, gpu))
+            rows.extend(_time_algorithm(timer, row, algorithm, params, master, gpu, compile))
             _free()
         del params
         _free()
     return rows
 
 
-def _time_algorithm(timer, row, algorithm, params, master, gpu):
+def _time_algorithm(timer, row, algorithm, params, master, gpu, compile):
     out = []
     name, kwargs, _ = ALGORITHMS[algorithm]
     if algorithm == "EMA":
@@ -163,7 +163,7 @@ def _time_algorithm(timer, row, algorithm, params, master, gpu):
             out.append(row("torch fused, CUDA graph", timer(_graphed(opt.step)), "capturable=True, graph.replay()"))
         del opt
         _free()
-    if gpu and not master:
+    if gpu and compile and not master:
         opt = cls(targets, **kwargs, foreach=True)
         compiled = torch.compile(opt.step)
         start = time.perf_counter()

@@ -1,6 +1,6 @@
 """gpuopt's benchmarks against PyTorch and against the memory floor.
 
-    python -m bench [--suite optim|bn|all] [--quick] [--out-dir bench/results]
+    python -m bench [--suite optim|bn|all] [--quick] [--no-compile] [--out-dir bench/results]
 
 On a CUDA GPU: every row is the median of many timed runs (``triton.testing.do_bench``, warm-up
 first, L2 flushed between runs), its effective GB/s from an analytic byte count (DESIGN.md), the
@@ -32,6 +32,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=["optim", "bn", "all"], default="all")
     parser.add_argument("--quick", action="store_true", help="a subset of cases and dtypes, shorter timing")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile alternatives (each compiles for minutes in total)")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
 
@@ -49,12 +51,12 @@ def main(argv=None):
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     rows = []
     if args.suite in ("optim", "all"):
-        optim_rows = optim_suite.run(timer, copy_gbps, gpu, args.quick, log=log)
+        optim_rows = optim_suite.run(timer, copy_gbps, gpu, args.quick, log=log, compile=not args.no_compile)
         finish(optim_rows)
         print_table(optim_rows, "Optimizer step (opt.step() as a user calls it, eager unless marked)")
         rows += optim_rows
     if args.suite in ("bn", "all"):
-        bn_rows = bn_suite.run(timer, copy_gbps, gpu, args.quick, log=log)
+        bn_rows = bn_suite.run(timer, copy_gbps, gpu, args.quick, log=log, compile=not args.no_compile)
         finish(bn_rows)
         print_table(bn_rows, "Batch norm")
         rows += bn_rows

@@ -157,7 +157,7 @@ def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, R, C, S, rows_per_split, c
 
         n ← n + 1,   δ = x - mean,   mean ← mean + δ/n,   M2 ← M2 + δ (x - mean)
 
-    and the lanes are combined pairwise at the end.
+    and the lanes are merged at the end (Chan et al.).
 
     The values are first shifted by the channel's first value (every program of a channel uses the
     same one). Welford then runs on numbers of the size of σ rather than μ: with μ = 1e4 and σ = 1
