@@ -109,7 +109,9 @@ def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gp
     col_splits = min(col_tiles, _cdiv(wanted, row_splits))
     rows_per_split = _cdiv(row_tiles, row_splits) * block_r
     cols_per_split = _cdiv(col_tiles, col_splits) * block_k
-    row_splits, col_splits = _cdiv(R, rows_per_split), _cdiv(n_cols, cols_per_split)
+    row_splits = _cdiv(R, rows_per_split)
+    # Channels-last columns are channel blocks (grid axis 0), never split.
+    col_splits = 1 if channels_last else _cdiv(S, cols_per_split)
     # 16-byte accesses need every row start 16-byte aligned: VEC elements must divide the row
     # length (channels-first: S, which also aligns each channel's offset c·S; channels-last: C).
     vec = 16 // element_size

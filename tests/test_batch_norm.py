@@ -16,7 +16,10 @@ from .helpers import TOLERANCES, assert_close, count_launches, to_numpy
 
 # Every rank; C = 1, 3, 5; N·S = 2, 7, 129 (and a few more).
 SHAPES = [(2, 3), (7, 5), (129, 1), (1, 3, 7), (2, 3, 1), (3, 5, 43), (1, 5, 1, 2), (3, 3, 43, 1),
-          (1, 1, 7, 1), (2, 5, 3, 7), (1, 3, 1, 1, 7), (3, 5, 43, 1, 1), (2, 3, 2, 3, 4)]
+          (1, 1, 7, 1), (2, 5, 3, 7), (1, 3, 1, 1, 7), (3, 5, 43, 1, 1), (2, 3, 2, 3, 4),
+          # one channel of few rows and many values: its columns are split over programs too;
+          # more channels than one channels-last block holds (64 in the interpreter): 2 blocks.
+          (1, 1, 300), (2, 1, 17, 19), (9, 67), (3, 67, 2, 3)]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 
@@ -190,6 +193,26 @@ def test_functional_matches_torch(device, shape, layout):
             assert_close(a, e, rtol=1e-4, atol=1e-5, name=f"{name} (weight={with_weight}, bias={with_bias})")
         if layout != "strided":  # the input's memory layout is kept (torch makes 3-D (N, C, L) output contiguous)
             assert outs[0][0].stride() == x.stride()
+
+
+def test_every_value_is_counted_once_by_the_splits():
+    """The launch grid covers each (row, channel) exactly once: rows split in rows_per_split
+    pieces, channels-first columns in cols_per_split pieces, channels-last channels in blocks
+    (a channels-last C of 67 over 64-wide blocks once made two programs read the same rows)."""
+    from gpuopt._batch_norm import make_grid
+
+    for R, C, S, channels_last in [(1, 1, 300, False), (2, 1, 323, False), (9, 67, 1, True), (18, 67, 1, True),
+                                   (256 * 196, 256, 1, True), (256, 64, 3136, False), (8, 64, 65536, False),
+                                   (65536, 1024, 1, True), (256, 2048, 49, False)]:
+        for gpu_config in (False, True):
+            g = make_grid(R, C, S, channels_last, 4, gpu_config, 132)
+            n_cols = C if channels_last else S
+            width = g.block_k if channels_last else g.cols_per_split
+            assert g.n_splits == g.col_splits * -(-R // g.rows_per_split)
+            assert g.rows_per_split % g.block_r == 0 and g.cols_per_split % g.block_k == 0
+            assert (g.col_splits == 1) if channels_last else (g.col_splits == -(-S // width))
+            assert g.channel_blocks * (width if channels_last else 1) >= (C if channels_last else 1)
+            assert n_cols % g.vec == 0
 
 
 def test_only_the_gradients_asked_for_are_computed(device):
