@@ -215,6 +215,34 @@ def test_every_value_is_counted_once_by_the_splits():
             assert n_cols % g.vec == 0
 
 
+@pytest.mark.parametrize("shape,layout,dtype", [((4, 300, 3, 3), "channels_last", torch.float32),
+                                                ((4, 300, 3, 3), "channels_last", torch.bfloat16),
+                                                ((2, 3, 40, 40), "contiguous", torch.float32),
+                                                ((3, 5, 7, 28), "contiguous", torch.float16),
+                                                ((40, 520), "contiguous", torch.float32)], ids=str)
+def test_gpu_tile_sizes_match_torch(device, monkeypatch, shape, layout, dtype):
+    """The tile sizes, channel blocks (128 or 256 wide) and splits a GPU launch uses, run here (on
+    the CPU through the interpreter with GPUOPT_GPU_CONFIG=1): forward, running stats, gradients."""
+    monkeypatch.setenv("GPUOPT_GPU_CONFIG", "1")
+    C = shape[1]
+    x = make_input(shape, layout, device, dtype)
+    dy = torch.randn_like(x)
+    weight, bias = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+    results = []
+    for fn in (gpuopt.functional.batch_norm, F.batch_norm):
+        xi, w, b = leaf(x), leaf(weight), leaf(bias)
+        rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+        y = fn(xi, rm, rv, w, b, True, 0.1, 1e-5)
+        y.backward(dy)
+        results.append((y, rm, rv, xi.grad, w.grad, b.grad))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+    for name, a, e in zip(["output", "running_mean", "running_var", "grad input", "grad weight", "grad bias"],
+                          *results):
+        assert_close(a, e.to(a.dtype), dtype=a.dtype if name.startswith("grad ") or name == "output" else torch.float32,
+                     name=name, **(tol if name in ("output", "grad input") or dtype == torch.float32 else
+                                   dict(rtol=2e-2, atol=5e-2)))
+
+
 def test_only_the_gradients_asked_for_are_computed(device):
     """needs_input_grad: a frozen input runs no input-gradient kernel; a frozen weight gets no grad."""
     x = make_input((3, 5, 7), "contiguous", device)
@@ -440,10 +468,10 @@ def test_realistic_shapes_match_torch_on_gpu(device, shape, layout, dtype):
     C = shape[1]
     x = make_input(shape, layout, device, dtype)
     dy = torch.randn_like(x)
+    weight, bias = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
     results = []
     for fn in (gpuopt.functional.batch_norm, F.batch_norm):
-        xi = leaf(x)
-        w, b = leaf(torch.rand(C, device=device) + 0.5), leaf(torch.randn(C, device=device))
+        xi, w, b = leaf(x), leaf(weight), leaf(bias)
         rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
         y = fn(xi, rm, rv, w, b, True, 0.1, 1e-5)
         y.backward(dy)
