@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
-from ._runtime import check_kernel_device, interpreter_enabled
+from ._runtime import ASSUMED_SM_COUNT, check_kernel_device, use_gpu_config
 from .kernels import batch_norm as kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -30,12 +29,6 @@ def _cdiv(a: int, b: int) -> int:
 
 def _next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def _use_gpu_config(device: torch.device) -> bool:
-    # GPUOPT_GPU_CONFIG=1 makes interpreter runs use the GPU's tile sizes: bench/compile_report.py
-    # records launches through the interpreter and compiles what a GPU would launch.
-    return device.type == "cuda" or os.environ.get("GPUOPT_GPU_CONFIG") == "1"
 
 
 @functools.lru_cache(maxsize=64)
@@ -291,9 +284,9 @@ class BatchNormFunction(torch.autograd.Function):
                 eps_inside_sqrt):
         x, R, C, S, channels_last = view_of(input)
         device = x.device
-        g = make_grid(R, C, S, channels_last, x.element_size(), _use_gpu_config(device),
+        g = make_grid(R, C, S, channels_last, x.element_size(), use_gpu_config(device),
                       _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-                      if device.type == "cuda" else 132)
+                      if device.type == "cuda" else ASSUMED_SM_COUNT)
         if training:
             y, mean, invstd, std = forward_train(x, g, weight, bias, running_mean, running_var, num_batches_tracked,
                                                  momentum, eps, eps_inside_sqrt)

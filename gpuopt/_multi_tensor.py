@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ._runtime import ASSUMED_SM_COUNT, ASSUMED_THREADS_PER_SM, use_gpu_config
+
 # Block size and warps: 8 fp32 elements per thread (two 16-byte accesses per stream) on a GPU.
 # The interpreter runs blocks one after another in NumPy, at a cost per block rather than per
 # element: small test tensors get a small block (so they span several blocks, and tail and
@@ -48,9 +50,9 @@ class LaunchPlan:
         self.device = first[0].device
         self.n_tensors = len(first)
         self.numels = tuple(t.numel() for t in first)
-        interp = self.device.type != "cuda"
-        self.block = block or (interpreter_block(self.numels) if interp else GPU_BLOCK)
-        self.num_warps = 4 if interp else GPU_WARPS
+        gpu_config = use_gpu_config(self.device)
+        self.block = block or (GPU_BLOCK if gpu_config else interpreter_block(self.numels))
+        self.num_warps = GPU_WARPS if gpu_config else 4
         counts = [max(1, _cdiv(n, self.block)) for n in self.numels]  # a 0-element tensor still
         # gets one (fully masked) block, so per-tensor bookkeeping such as `step` sees it.
         index = torch.arange(self.n_tensors, dtype=torch.int32)
@@ -61,12 +63,14 @@ class LaunchPlan:
         self.block_tensor = block_tensor.to(self.device)
         self.block_start = block_start.to(torch.int64).to(self.device)
         self.numel = torch.tensor(self.numels, dtype=torch.int64, device=self.device)
-        if interp:
-            programs = INTERPRETER_PROGRAMS
-        else:
+        # Enough resident warps to keep every SM's memory pipeline full.
+        if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
-            # Enough resident warps to keep every SM's memory pipeline full.
             programs = props.multi_processor_count * (props.max_threads_per_multi_processor // (32 * self.num_warps))
+        elif gpu_config:
+            programs = ASSUMED_SM_COUNT * (ASSUMED_THREADS_PER_SM // (32 * self.num_warps))
+        else:
+            programs = INTERPRETER_PROGRAMS
         self.grid = (min(self.n_blocks, programs),)
         # Arrival counter for kernels whose last program finishes the step (advance_steps).
         self.counter = torch.zeros(1, dtype=torch.int32, device=self.device)

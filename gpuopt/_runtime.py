@@ -25,3 +25,14 @@ def check_kernel_device(tensor: torch.Tensor, what: str) -> None:
         )
     raise RuntimeError(f"gpuopt: {what} is on device '{tensor.device}'; gpuopt runs on CUDA GPUs "
                        "(or on the CPU through Triton's interpreter).")
+
+
+def use_gpu_config(device: torch.device) -> bool:
+    """Launch with the block sizes and grids of a GPU: on a GPU, or in the interpreter when
+    ``GPUOPT_GPU_CONFIG=1`` (the tests check the GPU's configurations on the CPU that way, and
+    bench/compile_report.py records the launches a GPU would make)."""
+    return device.type == "cuda" or os.environ.get("GPUOPT_GPU_CONFIG") == "1"
+
+
+# What GPUOPT_GPU_CONFIG=1 pretends to run on when there is no GPU: an H100 SXM.
+ASSUMED_SM_COUNT, ASSUMED_THREADS_PER_SM = 132, 2048

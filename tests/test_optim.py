@@ -70,6 +70,25 @@ def test_against_torch_optim(device, name, kwargs):
         assert a.stride() == b.stride()
 
 
+@pytest.mark.parametrize("name,kwargs", [CASES[3], CASES[5], CASES[10], CASES[13], CASES[15], CASES[-1]],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_gpu_block_size_and_grid_match_torch(device, monkeypatch, name, kwargs):
+    """The 2048-element blocks and the SMs × 8 programs a GPU launch uses (here on the CPU through
+    the interpreter with GPUOPT_GPU_CONFIG=1), on tensors of several full blocks plus a tail."""
+    monkeypatch.setenv("GPUOPT_GPU_CONFIG", "1")
+    shapes = [(5000,), (2048,), (64, 3, 3, 3), (7,), (3, 4099)]
+    ours = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    grads = grads_like(ours, steps=3)
+    opt = getattr(gpuopt, name)(ours, **kwargs)
+    run(opt, ours, grads)
+    plan = next(iter(opt._plans._plans.values()))
+    assert plan.block == 2048 and plan.grid[0] == plan.n_blocks == 3 + 1 + 1 + 1 + 7
+    run(getattr(torch.optim, name)(theirs, **kwargs), theirs, grads)
+    for a, b in zip(ours, theirs):
+        assert_close(a, b, rtol=1e-4, atol=1e-5, name=name)
+
+
 @pytest.mark.parametrize("eps_inside_sqrt", [True, False])
 def test_seed_equations_adam_and_rmsprop(device, eps_inside_sqrt):
     """eps_inside_sqrt=True gives the seed's exact Adam and "adadelta"; big ε makes the two
