@@ -58,26 +58,40 @@ def log_of(beta: float) -> float:
     return math.log(beta) if beta > 0 else float("-inf")
 
 
+_FLOAT_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
+
+
 def check_tensors(name: str, params, grads) -> None:
-    """Clear errors, before any kernel runs, for input the kernels must not see."""
+    """Clear errors, before any kernel runs, for input the kernels must not see.
+
+    This runs every step over every parameter, so the common case is one cheap test per pair
+    and the specific message is worked out only when it fails."""
     for p, g in zip(params, grads):
-        if g.is_sparse:
-            raise RuntimeError(f"{name} does not support sparse gradients; use torch.optim.SparseAdam "
-                               "or densify the gradient (grad.to_dense())")
-        if p.is_complex() or g.is_complex():
-            raise RuntimeError(f"{name} does not support complex parameters or gradients; optimize "
-                               "torch.view_as_real(param) instead")
-        if not p.is_floating_point():
-            raise RuntimeError(f"{name} updates floating-point parameters; got a {p.dtype} parameter")
-        if not g.is_floating_point():
-            raise RuntimeError(f"{name}: gradient has dtype {g.dtype}, expected a floating-point gradient")
-        if g.shape != p.shape:
-            raise RuntimeError(f"{name}: gradient shape {tuple(g.shape)} does not match parameter "
-                               f"shape {tuple(p.shape)}")
-        if g.device != p.device:
-            raise RuntimeError(f"{name}: gradient on {g.device} but parameter on {p.device}; "
-                               "parameters, gradients and states must share a device")
-        check_kernel_device(p, f"{name}'s parameter")
+        if (g.layout is not torch.strided or p.dtype not in _FLOAT_DTYPES or g.dtype not in _FLOAT_DTYPES
+                or g.shape != p.shape or g.device != p.device):
+            _explain_bad_pair(name, p, g)
+    for device in {p.device for p in params}:
+        check_kernel_device(torch.empty(0, device=device), f"{name}'s parameter")
+
+
+def _explain_bad_pair(name, p, g):
+    if g.is_sparse:
+        raise RuntimeError(f"{name} does not support sparse gradients; use torch.optim.SparseAdam "
+                           "or densify the gradient (grad.to_dense())")
+    if p.is_complex() or g.is_complex():
+        raise RuntimeError(f"{name} does not support complex parameters or gradients; optimize "
+                           "torch.view_as_real(param) instead")
+    if not p.is_floating_point():
+        raise RuntimeError(f"{name} updates floating-point parameters; got a {p.dtype} parameter")
+    if not g.is_floating_point():
+        raise RuntimeError(f"{name}: gradient has dtype {g.dtype}, expected a floating-point gradient")
+    if g.shape != p.shape:
+        raise RuntimeError(f"{name}: gradient shape {tuple(g.shape)} does not match parameter "
+                           f"shape {tuple(p.shape)}")
+    if g.device != p.device:
+        raise RuntimeError(f"{name}: gradient on {g.device} but parameter on {p.device}; "
+                           "parameters, gradients and states must share a device")
+    raise RuntimeError(f"{name}: unsupported gradient layout {g.layout}")
 
 
 def matching_layout(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -99,12 +113,36 @@ def bucket_precision(plan, master_role: int, has_masters: bool, stochastic_round
 
 
 def launch_grouped(roles: dict, role_names: tuple, launch, *, plans: PlanCache | None = None,
-                   key=None) -> None:
+                   key=None, trusted: bool = False) -> None:
     """Group tensor ``i`` of every role by (device, dtype of each role) and call ``launch(plan)``
     once per group. A role missing from ``roles`` is filled with the param tensors as a
-    placeholder that the kernel's flags keep it from touching."""
+    placeholder that the kernel's flags keep it from touching. ``trusted``: the states were made
+    by a gpuopt optimizer (on the parameter's device, step as float32), so only the caller's
+    tensors need checking — this runs every step, and skipping a per-tensor loop per role matters
+    on models with hundreds of parameters."""
     plans = _FUNCTIONAL_PLANS if plans is None else plans
     params = roles["param"]
+    if not trusted:
+        _check_roles(roles, params)
+    present = [name for name in role_names if roles.get(name) is not None]
+    keys = list(zip([p.device for p in params], *[[t.dtype for t in roles[name]] for name in present]))
+    if keys.count(keys[0]) == len(keys):  # the common case: one group
+        buckets = {keys[0]: None}
+    else:
+        buckets = defaultdict(list)
+        for i, k in enumerate(keys):
+            buckets[k].append(i)
+    for bucket_key, index in buckets.items():
+        ordered = []
+        for name in role_names:
+            tensors = roles.get(name)
+            if tensors is None:
+                tensors = params
+            ordered.append(tensors if index is None else [tensors[i] for i in index])
+        launch(plans.get((key, bucket_key), ordered))
+
+
+def _check_roles(roles, params):
     for name, tensors in roles.items():
         if tensors is not None and len(tensors) != len(params):
             raise ValueError(f"got {len(tensors)} {name} tensors for {len(params)} parameters")
@@ -119,18 +157,6 @@ def launch_grouped(roles: dict, role_names: tuple, launch, *, plans: PlanCache |
         if step.device != p.device:
             raise RuntimeError(f"state step on {step.device} but parameter on {p.device}: gpuopt keeps "
                                "`step` on the parameter's device (as torch's fused/capturable optimizers do)")
-    present = [name for name in role_names if roles.get(name) is not None]
-    buckets = defaultdict(list)
-    for i, p in enumerate(params):
-        buckets[(p.device,) + tuple(roles[name][i].dtype for name in present)].append(i)
-    for bucket_key, index in buckets.items():
-        ordered = []
-        for name in role_names:
-            tensors = roles.get(name)
-            if tensors is None:
-                tensors = params
-            ordered.append([tensors[i] for i in index])
-        launch(plans.get((key, bucket_key), ordered))
 
 
 class FusedOptimizer(torch.optim.Optimizer):

@@ -8,6 +8,8 @@ e.g. when ``zero_grad(set_to_none=True)`` let the next backward allocate new gra
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from ._runtime import ASSUMED_SM_COUNT, ASSUMED_THREADS_PER_SM, use_gpu_config
@@ -79,11 +81,12 @@ class LaunchPlan:
 
     def matches(self, roles: list[list[torch.Tensor]]) -> bool:
         """Same tensor sizes (the schedule still fits); addresses may have changed."""
-        return tuple(t.numel() for t in roles[0]) == self.numels
+        return tuple(map(torch.Tensor.numel, roles[0])) == self.numels
 
     def refresh(self, roles: list[list[torch.Tensor]]) -> None:
         """Point the plan at ``roles``' current storage; copies a new table only if it moved."""
-        addresses = tuple(t.data_ptr() for role in roles for t in role)
+        # map over a C method, not a generator expression: this runs every step for every tensor
+        addresses = tuple(itertools.chain.from_iterable(map(torch.Tensor.data_ptr, role) for role in roles))
         if addresses == self._addresses:
             self._bases = [role[0] for role in roles]
             return

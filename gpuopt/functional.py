@@ -49,7 +49,7 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, 
                           maximize=maximize, decoupled=decoupled_weight_decay,
                           eps_inside_sqrt=eps_inside_sqrt, has_master=has_master, stochastic_rounding=sr)
 
-    launch_grouped(roles, adam_kernel.ROLES, launch, plans=_plans, key=_key)
+    launch_grouped(roles, adam_kernel.ROLES, launch, plans=_plans, key=_key, trusted=_plans is not None)
 
 
 def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, weight_decay=1e-2, **kwargs):
@@ -76,7 +76,7 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0, wei
                         nesterov=nesterov, maximize=maximize, first_step=first_step, has_master=has_master,
                         stochastic_rounding=sr)
 
-    launch_grouped(roles, sgd_kernel.ROLES, launch, plans=_plans, key=_key)
+    launch_grouped(roles, sgd_kernel.ROLES, launch, plans=_plans, key=_key, trusted=_plans is not None)
 
 
 def rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, *, lr=1e-2, alpha=0.99,
@@ -98,7 +98,7 @@ def rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps
                                 momentum=momentum, centered=centered, maximize=maximize,
                                 eps_inside_sqrt=eps_inside_sqrt, has_master=has_master, stochastic_rounding=sr)
 
-    launch_grouped(roles, rmsprop_kernel.ROLES, launch, plans=_plans, key=_key)
+    launch_grouped(roles, rmsprop_kernel.ROLES, launch, plans=_plans, key=_key, trusted=_plans is not None)
 
 
 def adagrad(params, grads, state_sums, state_steps, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
@@ -115,7 +115,7 @@ def adagrad(params, grads, state_sums, state_steps, *, lr=1e-2, lr_decay=0.0, we
         adagrad_kernel.adagrad_(plan, step_args, lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                                 maximize=maximize, has_master=has_master, stochastic_rounding=sr)
 
-    launch_grouped(roles, adagrad_kernel.ROLES, launch, plans=_plans, key=_key)
+    launch_grouped(roles, adagrad_kernel.ROLES, launch, plans=_plans, key=_key, trusted=_plans is not None)
 
 
 def adadelta(params, grads, square_avgs, acc_deltas, state_steps, *, lr=1.0, rho=0.9, eps=1e-6,
@@ -133,7 +133,7 @@ def adadelta(params, grads, square_avgs, acc_deltas, state_steps, *, lr=1.0, rho
         adadelta_kernel.adadelta_(plan, step_args, lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
                                   maximize=maximize, has_master=has_master, stochastic_rounding=sr)
 
-    launch_grouped(roles, adadelta_kernel.ROLES, launch, plans=_plans, key=_key)
+    launch_grouped(roles, adadelta_kernel.ROLES, launch, plans=_plans, key=_key, trusted=_plans is not None)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
