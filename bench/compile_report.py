@@ -30,7 +30,7 @@ def spy(module, name):
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 names = kernel.arg_names
-                sig, constexprs = {}, {}
+                sig, constexprs, ints = {}, {}, {}
                 for n, a in zip(names, args):
                     if isinstance(a, torch.Tensor):
                         sig[n] = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
@@ -39,6 +39,7 @@ def spy(module, name):
                         sig[n] = "constexpr"; constexprs[n] = a
                     elif isinstance(a, int):
                         sig[n] = "i32" if -2**31 <= a < 2**31 else "i64"
+                        ints[n] = a
                     else:
                         sig[n] = "fp32"
                 for n, v in kwargs.items():
@@ -46,7 +47,7 @@ def spy(module, name):
                         continue
                     sig[n] = "constexpr"; constexprs[n] = v
                 records.append(dict(module=module.__name__, kernel=name, signature=sig, constexprs=constexprs,
-                                    num_warps=kwargs.get("num_warps", 4)))
+                                    ints=ints, num_warps=kwargs.get("num_warps", 4)))
                 return kernel[grid](*args, **kwargs)
             return launch
     setattr(module, name, Spy())
@@ -68,6 +69,14 @@ from gpuopt.kernels import batch_norm as bn
 for n in ("_stats_kernel", "_stats_combine_kernel", "_normalize_kernel", "_backward_reduce_kernel",
           "_backward_combine_kernel", "_backward_input_kernel"):
     spy(bn, n)
+# Arguments equal to 1 become compile-time constants in a real launch (Triton specialises them):
+# one channel, one sample, one spatial position.
+for shape, layout in (((1, 1, 16, 16), torch.contiguous_format), ((4, 1, 8, 8), torch.channels_last),
+                      ((2, 8, 1, 1), torch.contiguous_format), ((1, 16, 4, 4), torch.contiguous_format)):
+    x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_()
+    C = shape[1]
+    w = torch.ones(C, requires_grad=True); b = torch.zeros(C, requires_grad=True)
+    gpuopt.functional.batch_norm(x, torch.zeros(C), torch.ones(C), w, b, training=True).backward(torch.ones_like(x))
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for layout in (torch.contiguous_format, torch.channels_last):
         for eps_inside_sqrt in ((True, False) if dtype == torch.float32 else (True,)):
@@ -139,8 +148,18 @@ def main():
         if "BLOCK" in constexprs:  # multi-tensor kernels: the interpreter used a small block
             constexprs["BLOCK"] = GPU_BLOCK
             r["num_warps"] = GPU_WARPS
-        ptr_args = [i for i, (n, t) in enumerate(r["signature"].items()) if t.startswith("*")]
-        attrs = {(i,): [["tt.divisibility", 16]] for i in ptr_args}
+        # As a real launch specialises: pointers 16-byte aligned, ints equal to 1 constexpr, ints
+        # divisible by 16 marked so.
+        signature = dict(r["signature"])
+        for n, v in r.get("ints", {}).items():
+            if v == 1:
+                signature[n] = "constexpr"
+                constexprs[n] = 1
+        attrs = {}
+        for i, (n, t) in enumerate(signature.items()):
+            if t.startswith("*") or (t in ("i32", "i64") and r.get("ints", {}).get(n, 1) % 16 == 0):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        r["signature"] = signature
         flags = ",".join(k for k, v in constexprs.items() if v is True)
         try:
             src = triton.compiler.ASTSource(fn=fn, signature=r["signature"], constexprs=constexprs, attrs=attrs)

@@ -87,7 +87,7 @@ def _layout(C, S, CHANNELS_LAST: tl.constexpr, VEC: tl.constexpr):
         return n_cols, n_cols
     else:
         n_cols = (S // VEC) * VEC
-        return C.to(tl.int64) * n_cols, n_cols
+        return n_cols.to(tl.int64) * C, n_cols  # (C may be the constant 1: Triton specialises it)
 
 
 @triton.jit
