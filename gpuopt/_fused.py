@@ -70,8 +70,8 @@ def check_tensors(name: str, params, grads) -> None:
         if (g.layout is not torch.strided or p.dtype not in _FLOAT_DTYPES or g.dtype not in _FLOAT_DTYPES
                 or g.shape != p.shape or g.device != p.device):
             _explain_bad_pair(name, p, g)
-    for device in {p.device for p in params}:
-        check_kernel_device(torch.empty(0, device=device), f"{name}'s parameter")
+    for p in {p.device: p for p in params}.values():  # one parameter per device
+        check_kernel_device(p, f"{name}'s parameter")
 
 
 def _explain_bad_pair(name, p, g):
