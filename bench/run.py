@@ -7,7 +7,8 @@ first, L2 flushed between runs), its effective GB/s from an analytic byte count 
 percentage of the copy bandwidth measured in this same run (a 1 GiB device-to-device copy, read +
 written bytes), the floor time (bytes / copy bandwidth), and gpuopt's speedup over each PyTorch
 alternative timed in this same run. Prints one table per suite, writes
-``bench/results/<device>.csv`` (the environment in its first line) and ``<device>.png``.
+``bench/results/<device>.csv`` (the environment in its first line) and ``<device>.png``
+(``<device>-optim.csv`` / ``-bn`` with ``--suite``).
 
 Without a GPU it runs tiny cases through Triton's interpreter, to show the bench works end to end;
 those numbers time the interpreter, not the kernels, and are labelled so.
@@ -61,7 +62,7 @@ def main(argv=None):
         print_table(bn_rows, "Batch norm")
         rows += bn_rows
 
-    slug = device_slug(info, gpu)
+    slug = device_slug(info, gpu) + ("" if args.suite == "all" else f"-{args.suite}")
     csv_path = os.path.join(args.out_dir, f"{slug}.csv")
     png_path = os.path.join(args.out_dir, f"{slug}.png")
     write_csv(rows, csv_path, info)

@@ -17,7 +17,7 @@ def test_bench_runs_both_suites_and_writes_csv_and_png(tmp_path, monkeypatch):
 
     monkeypatch.setattr(optim_suite, "cases", lambda gpu, quick: [("flat 2^12", [(4096,)], torch.float32, False)])
     monkeypatch.setattr(bn_suite, "TINY_SHAPES", [(4, 3, 5, 7)])
-    rows = run.main(["--quick", "--out-dir", str(tmp_path)])
+    rows = run.main(["--quick", "--out-dir", str(tmp_path)])  # both suites: <device>.csv
     slug = "cpu-interpreter" if not torch.cuda.is_available() else None
     if slug is None:
         pytest.skip("on a GPU the bench is run by hand, not by the tests")
