@@ -246,7 +246,7 @@ def forward_eval(x, g: Grid, weight, bias, running_mean, running_var, eps, eps_i
 
 
 def backward(x, dy, g: Grid, weight, mean, invstd, std, training, eps_inside_sqrt, need_input, need_weight,
-             need_bias):
+             need_bias, bias_dtype=None):
     """Reduction (Σ dẐ, Σ dẐ(Z-μ)) + combine, then the closed-form input gradient."""
     acc = _acc_dtype(x.dtype)
     tl_acc = _tl_acc(x.dtype)
@@ -254,8 +254,7 @@ def backward(x, dy, g: Grid, weight, mean, invstd, std, training, eps_inside_sqr
     need_sums = need_weight or need_bias or (need_input and training)
     sum_dy = sum_dy_xmu = None
     grad_weight = torch.empty_like(weight) if need_weight else None
-    grad_bias = torch.empty(C, dtype=weight.dtype if weight is not None else x.dtype, device=device) \
-        if need_bias else None
+    grad_bias = torch.empty(C, dtype=bias_dtype, device=device) if need_bias else None
     if need_sums:
         part_dy, part_dy_xmu = (torch.empty((g.n_splits, C), dtype=acc, device=device) for _ in range(2))
         kernels._backward_reduce_kernel[g.grid](x, dy, mean, part_dy, part_dy_xmu, *g.args(), **g.constexprs(tl_acc))
@@ -295,7 +294,7 @@ class BatchNormFunction(torch.autograd.Function):
             y = forward_eval(x, g, weight, bias, running_mean, running_var, eps, eps_inside_sqrt)
             ctx.save_for_backward(x, weight, running_mean, running_var, None)
         ctx.grid, ctx.training, ctx.eps, ctx.eps_inside_sqrt = g, training, eps, eps_inside_sqrt
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
@@ -312,7 +311,7 @@ class BatchNormFunction(torch.autograd.Function):
         dx, grad_weight, grad_bias = backward(
             x, dy, g, weight, mean, invstd, std, ctx.training, ctx.eps_inside_sqrt,
             need_input=ctx.needs_input_grad[0], need_weight=weight is not None and ctx.needs_input_grad[1],
-            need_bias=ctx.has_bias and ctx.needs_input_grad[2])
+            need_bias=ctx.bias_dtype is not None and ctx.needs_input_grad[2], bias_dtype=ctx.bias_dtype)
         return dx, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 

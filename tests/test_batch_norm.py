@@ -149,6 +149,18 @@ def test_half_precision_inputs_match_reference(device, dtype, param_dtype, layou
     assert_close(running_var, rv, dtype=pdtype, name="running_var")
 
 
+def test_parameter_gradients_keep_each_parameters_dtype(device):
+    """bf16 input with only an fp32 bias, and with a bf16 weight beside an fp32 bias."""
+    x = leaf(make_input((4, 3, 5), "contiguous", device, torch.bfloat16))
+    for weight in (None, leaf(torch.rand(3, device=device).to(torch.bfloat16))):
+        bias = leaf(torch.randn(3, device=device))
+        gpuopt.functional.batch_norm(x, None, None, weight, bias, training=True).float().sum().backward()
+        assert bias.grad.dtype == torch.float32
+        assert_close(bias.grad, np.full(3, 20.0), name="grad bias")  # Σ over N·S = 20 ones
+        if weight is not None:
+            assert weight.grad.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("eps_inside_sqrt", [True, False], ids=["torch-eps", "seed-eps"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
