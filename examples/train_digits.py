@@ -251,9 +251,11 @@ def main(argv=None):
     for run in runs:
         print(f"{run.label}: held-out accuracy {run.accuracies[-1]:.1%}, final-epoch loss "
               f"{sum(run.losses[-len(batches):]) / len(batches):.4f}, wall time {run.seconds:.1f} s")
+    why = ("gpuopt ran the seed's ε placements (--seed-equations), torch its own: the runs differ by design"
+           if args.seed_equations else "fp32 rounding differences (sums taken in another order) grow over "
+           "training, as between any two implementations")
     print(f"largest difference between the two runs' parameters and buffers: after one step {first_step[0]:.1e} "
-          f"(in {first_step[1]}); after training {final[0]:.1e} (in {final[1]}) — fp32 rounding differences "
-          "(sums taken in another order) grow over training, as between any two implementations")
+          f"(in {first_step[1]}); after training {final[0]:.1e} (in {final[1]}) — {why}")
     print(f"loss curves: {os.path.abspath(path)}")
     if device.type == "cpu":
         print("(on the CPU gpuopt's kernels run through Triton's interpreter: its wall time is the "
