@@ -26,9 +26,9 @@ every SM. Each reduction kernel writes one partial per (split, channel); a small
 folds the partials per channel. Every pass uses the same grid, so all its programs load their
 per-channel constants once.
 
-Statistics accumulate in ``ACC`` (fp32, or fp64 for fp64 input) with Welford's update per lane and
-Chan's combine across lanes and splits: a channel with mean 1e4 and std 1 keeps full
-precision, where E[x²] - E[x]² would lose all of it.
+Statistics accumulate in ``ACC`` (fp32, or fp64 for fp64 input) with Welford's update per lane, on
+values shifted by the channel's first value, and Chan's combine across lanes and splits: a channel
+with mean 1e4 and std 1 in fp32 keeps its variance to ~1e-6, where E[x²] - E[x]² would lose it all.
 
 Bytes per element (memory floor): forward statistics read x; normalize reads x, writes y;
 backward reduction reads x and dẐ; backward input reads x and dẐ, writes ∂L/∂Z. 3 + 5 = 8 passes.
@@ -136,7 +136,7 @@ def _welford_merge(mean, m2, count, axis: tl.constexpr):
 
 
 @triton.jit
-def _reduce_tile(value, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _reduce_tile(value, CHANNELS_LAST: tl.constexpr):
     """Sum a tile to this program's per-channel values: over rows (channels-last) or everything."""
     if CHANNELS_LAST:
         return tl.sum(value, axis=0)
@@ -311,8 +311,8 @@ def _backward_reduce_kernel(x_ptr, dy_ptr, mean_ptr, sum_dy_ptr, sum_dy_xmu_ptr,
             dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
             sum_dy += dy
             sum_dy_xmu += dy * (x - mean)  # dy = 0 where masked
-    _store_partial(sum_dy_ptr, _reduce_tile(sum_dy, CHANNELS_LAST, BLOCK_R, BLOCK_K), C, CHANNELS_LAST, BLOCK_K)
-    _store_partial(sum_dy_xmu_ptr, _reduce_tile(sum_dy_xmu, CHANNELS_LAST, BLOCK_R, BLOCK_K), C,
+    _store_partial(sum_dy_ptr, _reduce_tile(sum_dy, CHANNELS_LAST), C, CHANNELS_LAST, BLOCK_K)
+    _store_partial(sum_dy_xmu_ptr, _reduce_tile(sum_dy_xmu, CHANNELS_LAST), C,
                    CHANNELS_LAST, BLOCK_K)
 
 
