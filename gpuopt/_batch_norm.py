@@ -315,6 +315,9 @@ class BatchNormFunction(torch.autograd.Function):
         return dx, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
+# Inside torch.compile this runs eagerly (a graph break), launching gpuopt's own kernels: Dynamo
+# would otherwise trace into the launch code (and, under the interpreter, into NumPy).
+@torch.compiler.disable
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
                *, eps_inside_sqrt=True, num_batches_tracked=None):
     """See :func:`gpuopt.functional.batch_norm`."""

@@ -471,6 +471,22 @@ def test_convert_batchnorm_small_cnn(device):
     assert isinstance(gpuopt.nn.convert_batchnorm(torch.nn.BatchNorm1d(3)), gpuopt.nn.BatchNorm1d)
 
 
+def test_inside_torch_compile_batch_norm_runs_eagerly(device):
+    """torch.compile around a model with gpuopt batch norms: a graph break, gpuopt's kernels run
+    as in eager mode (Dynamo does not trace into the launches), same outputs and gradients."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), gpuopt.nn.BatchNorm2d(4), torch.nn.ReLU()).to(device)
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(4, 3, 7, 7, device=device)
+    y, y_twin = compiled(x), twin(x)
+    y.square().sum().backward()
+    y_twin.square().sum().backward()
+    assert_close(y, y_twin, rtol=1e-6, atol=1e-6, name="output")
+    assert_close(model[0].weight.grad, twin[0].weight.grad, rtol=1e-5, atol=1e-6, name="conv weight grad")
+    assert_close(model[1].running_var, twin[1].running_var, rtol=1e-6, name="running_var")
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------- GPU shapes --------
 
 GPU_SHAPES = [(256, 64, 56, 56), (256, 2048, 7, 7), (8192, 4096)]
