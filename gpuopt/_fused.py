@@ -240,6 +240,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- step -------------------------------------------------------------------------------
 
+    # Inside torch.compile a step runs eagerly (a graph break): it is one launch already, and
+    # Dynamo cannot trace the launch plans (they read storage addresses).
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale=None, found_inf=None):
         """One optimizer step; one kernel launch per (param group, device, dtypes).

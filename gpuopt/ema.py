@@ -61,6 +61,7 @@ class EMA:
         """γ_t for update number ``t`` (counting from 1)."""
         return (t - 1) / t if self.decay is None else self.decay
 
+    @torch.compiler.disable  # as the optimizers' step: eager inside torch.compile
     @torch.no_grad()
     def update(self) -> None:
         """One running-average step over all parameters: one kernel launch per (device, dtype)."""

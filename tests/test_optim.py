@@ -89,6 +89,33 @@ def test_gpu_block_size_and_grid_match_torch(device, monkeypatch, name, kwargs):
         assert_close(a, b, rtol=1e-4, atol=1e-5, name=name)
 
 
+def test_step_inside_torch_compile_runs_eagerly(device):
+    """A compiled training step that calls opt.step() and ema.update(): graph breaks, the same
+    result as without compile."""
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(5, 3).to(device) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [gpuopt.AdamW(m.parameters(), lr=0.1) for m in models]
+    emas = [gpuopt.EMA(m.parameters(), decay=0.5) for m in models]
+
+    def train_step(model, opt, ema, x):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+        ema.update()
+
+    compiled = torch.compile(train_step, backend="eager")
+    for _ in range(3):
+        x = torch.randn(8, 5, device=device)
+        compiled(models[0], opts[0], emas[0], x)
+        train_step(models[1], opts[1], emas[1], x)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert_close(a, b, rtol=1e-6, atol=1e-7, name="param")
+    for a, b in zip(emas[0].averages, emas[1].averages):
+        assert_close(a, b, rtol=1e-6, atol=1e-7, name="average")
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("eps_inside_sqrt", [True, False])
 def test_seed_equations_adam_and_rmsprop(device, eps_inside_sqrt):
     """eps_inside_sqrt=True gives the seed's exact Adam and "adadelta"; big ε makes the two
