@@ -211,7 +211,8 @@ def forward_train(x, g: Grid, weight, bias, running_mean, running_var, num_batch
     tl_acc = _tl_acc(x.dtype)
     C, device = g.C, x.device
     count, part_mean, part_m2 = (torch.empty((g.n_splits, C), dtype=acc, device=device) for _ in range(3))
-    kernels._stats_kernel[g.grid](x, count, part_mean, part_m2, *g.args(), **g.constexprs(tl_acc))
+    shift = torch.empty(C, dtype=acc, device=device)
+    kernels._stats_kernel[g.grid](x, count, part_mean, part_m2, shift, *g.args(), **g.constexprs(tl_acc))
 
     mean = torch.empty(C, dtype=acc, device=device)
     invstd = torch.empty(C, dtype=acc, device=device)
@@ -220,7 +221,7 @@ def forward_train(x, g: Grid, weight, bias, running_mean, running_var, num_batch
     cumulative = update and momentum is None
     gpu_config = g.num_warps > 1
     kernels._stats_combine_kernel[(_cdiv(C, _COMBINE_BLOCK_C),)](
-        count, part_mean, part_m2, g.n_splits, C, mean, invstd, std,
+        count, part_mean, part_m2, shift, g.n_splits, C, mean, invstd, std,
         running_mean, running_var, num_batches_tracked if cumulative else None,
         0.0 if momentum is None else float(momentum), float(eps),
         EPS_INSIDE_SQRT=eps_inside_sqrt, SAVE_STD=std is not None, UPDATE_RUNNING=update, CUMULATIVE=cumulative,

@@ -148,10 +148,11 @@ def _reduce_tile(value, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, R, C, S, rows_per_split, cols_per_split, col_splits,
+def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, shift_ptr, R, C, S, rows_per_split, cols_per_split, col_splits,
                   CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                   VEC: tl.constexpr, ACC: tl.constexpr):
-    """Per (split, channel): count, mean and M2 of this program's values of the channel.
+    """Per (split, channel): count, mean and M2 of this program's values of the channel, the mean
+    relative to the channel's shift (written to ``shift_ptr`` by split 0).
 
     Every lane keeps its own Welford summary (count, mean, M2) and adds one value per tile::
 
@@ -162,7 +163,8 @@ def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, R, C, S, rows_per_split, c
     The values are first shifted by the channel's first value (every program of a channel uses the
     same one). Welford then runs on numbers of the size of σ rather than μ: with μ = 1e4 and σ = 1
     in fp32 the running mean's rounding step drops from 1e-3 to 1e-7 σ, and the variance keeps
-    ~6 digits instead of ~4."""
+    ~6 digits instead of ~4. The partial means stay shifted (O(σ), not O(μ)) until the combine
+    kernel has merged them, so the between-split term of M2 keeps its digits too."""
     row_stride, n_cols = _layout(C, S, CHANNELS_LAST, VEC)
     r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                                                                 CHANNELS_LAST, BLOCK_K)
@@ -188,7 +190,9 @@ def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, R, C, S, rows_per_split, c
         mean, m2, count = _welford_merge(mean, m2, count, 1)
     mean, m2, count = _welford_merge(mean, m2, count, 0)
     _store_partial(count_ptr, count, C, CHANNELS_LAST, BLOCK_K)
-    _store_partial(mean_ptr, mean + shift, C, CHANNELS_LAST, BLOCK_K)
+    _store_partial(mean_ptr, mean, C, CHANNELS_LAST, BLOCK_K)
+    if tl.program_id(1) == 0:
+        _store_partial(shift_ptr, shift, C, CHANNELS_LAST, BLOCK_K)  # row 0 of a [1, C] "partial"
     _store_partial(m2_ptr, m2, C, CHANNELS_LAST, BLOCK_K)
 
 
@@ -215,7 +219,7 @@ def _inverse_std(var, eps, EPS_INSIDE_SQRT: tl.constexpr):
 
 
 @triton.jit
-def _stats_combine_kernel(count_ptr, mean_ptr, m2_ptr, n_splits, C,
+def _stats_combine_kernel(count_ptr, mean_ptr, m2_ptr, shift_ptr, n_splits, C,
                           save_mean_ptr, save_invstd_ptr, save_std_ptr,
                           running_mean_ptr, running_var_ptr, batches_ptr, momentum, eps,
                           EPS_INSIDE_SQRT: tl.constexpr, SAVE_STD: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
@@ -242,6 +246,7 @@ def _stats_combine_kernel(count_ptr, mean_ptr, m2_ptr, n_splits, C,
                                                        tl.load(m2_ptr + offsets, mask=mask, other=0.0),
                                                        tl.load(count_ptr + offsets, mask=mask, other=0.0), 0)
         mean, m2, count = _welford_combine(mean, m2, count, part_mean, part_m2, part_count)
+    mean += tl.load(shift_ptr + channels, mask=in_range, other=0.0)  # un-shift, once merged
     var = m2 / tl.maximum(count, 1.0)  # (count is 0 only in masked-off channels)
     tl.store(save_mean_ptr + channels, mean, mask=in_range)
     tl.store(save_invstd_ptr + channels, _inverse_std(var, eps, EPS_INSIDE_SQRT), mask=in_range)
