@@ -62,10 +62,20 @@ class Grid:
     col_splits: int
     n_splits: int
     num_warps: int
+    combine_block_splits: int  # the combine kernels fold this many splits at a time
+    combine_warps: int
 
     @property
     def grid(self):
         return (self.channel_blocks, self.n_splits)
+
+    @property
+    def combine_grid(self):
+        return (_cdiv(self.C, _COMBINE_BLOCK_C),)
+
+    def combine_constexprs(self, acc):
+        return dict(BLOCK_SPLITS=self.combine_block_splits, BLOCK_C=_COMBINE_BLOCK_C, ACC=acc,
+                    num_warps=self.combine_warps)
 
     def args(self):
         return (self.R, self.C, self.S, self.rows_per_split, self.cols_per_split, self.col_splits)
@@ -110,8 +120,10 @@ def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gp
     vec = 16 // element_size
     while n_cols % vec:
         vec //= 2
+    n_splits = row_splits * col_splits
     return Grid(R, C, S, channels_last, block_r, block_k, vec, channel_blocks, rows_per_split, cols_per_split,
-                col_splits, row_splits * col_splits, _GPU_WARPS if gpu_config else 1)
+                col_splits, n_splits, _GPU_WARPS if gpu_config else 1,
+                min(_next_power_of_2(n_splits), 32 if gpu_config else 4), 4 if gpu_config else 1)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -199,10 +211,6 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
 # ----------------------------------------------------------------------------- passes ---------
 
 
-def _combine_block_splits(n_splits: int, gpu_config: bool) -> int:
-    return min(_next_power_of_2(n_splits), 32 if gpu_config else 4)
-
-
 def forward_train(x, g: Grid, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                   eps_inside_sqrt):
     """Statistics (split reduction + combine, running stats updated) then normalize: three launches.
@@ -219,14 +227,12 @@ def forward_train(x, g: Grid, weight, bias, running_mean, running_var, num_batch
     std = None if eps_inside_sqrt else torch.empty(C, dtype=acc, device=device)
     update = running_mean is not None
     cumulative = update and momentum is None
-    gpu_config = g.num_warps > 1
-    kernels._stats_combine_kernel[(_cdiv(C, _COMBINE_BLOCK_C),)](
+    kernels._stats_combine_kernel[g.combine_grid](
         count, part_mean, part_m2, shift, g.n_splits, C, mean, invstd, std,
         running_mean, running_var, num_batches_tracked if cumulative else None,
         0.0 if momentum is None else float(momentum), float(eps),
         EPS_INSIDE_SQRT=eps_inside_sqrt, SAVE_STD=std is not None, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-        BLOCK_SPLITS=_combine_block_splits(g.n_splits, gpu_config), BLOCK_C=_COMBINE_BLOCK_C, ACC=tl_acc,
-        num_warps=4 if gpu_config else 1)
+        **g.combine_constexprs(tl_acc))
 
     y = torch.empty_like(x)
     kernels._normalize_kernel[g.grid](x, y, mean, invstd, weight, bias, float(eps), *g.args(),
@@ -260,11 +266,9 @@ def backward(x, dy, g: Grid, weight, mean, invstd, std, training, eps_inside_sqr
         part_dy, part_dy_xmu = (torch.empty((g.n_splits, C), dtype=acc, device=device) for _ in range(2))
         kernels._backward_reduce_kernel[g.grid](x, dy, mean, part_dy, part_dy_xmu, *g.args(), **g.constexprs(tl_acc))
         sum_dy, sum_dy_xmu = (torch.empty(C, dtype=acc, device=device) for _ in range(2))
-        gpu_config = g.num_warps > 1
-        kernels._backward_combine_kernel[(_cdiv(C, _COMBINE_BLOCK_C),)](
+        kernels._backward_combine_kernel[g.combine_grid](
             part_dy, part_dy_xmu, g.n_splits, C, invstd, sum_dy, sum_dy_xmu, grad_weight, grad_bias,
-            GRAD_WEIGHT=need_weight, GRAD_BIAS=need_bias, BLOCK_SPLITS=_combine_block_splits(g.n_splits, gpu_config),
-            BLOCK_C=_COMBINE_BLOCK_C, ACC=tl_acc, num_warps=4 if gpu_config else 1)
+            GRAD_WEIGHT=need_weight, GRAD_BIAS=need_bias, **g.combine_constexprs(tl_acc))
     dx = None
     if need_input:
         dx = torch.empty_like(x)

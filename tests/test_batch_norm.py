@@ -232,6 +232,24 @@ def test_every_value_is_counted_once_by_the_splits():
             assert n_cols % g.vec == 0
 
 
+RESULT_NAMES = ["output", "running_mean", "running_var", "grad input", "grad weight", "grad bias"]
+
+
+def train_step_both(x, dy):
+    """One training step (momentum 0.1, ε 1e-5) of gpuopt's and of torch's batch norm on the same
+    input, weight, bias and upstream gradient: two tuples in RESULT_NAMES order."""
+    C, device = x.shape[1], x.device
+    weight, bias = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+    results = []
+    for fn in (gpuopt.functional.batch_norm, F.batch_norm):
+        xi, w, b = leaf(x), leaf(weight), leaf(bias)
+        rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+        y = fn(xi, rm, rv, w, b, True, 0.1, 1e-5)
+        y.backward(dy)
+        results.append((y, rm, rv, xi.grad, w.grad, b.grad))
+    return results
+
+
 @pytest.mark.parametrize("shape,layout,dtype", [((4, 300, 3, 3), "channels_last", torch.float32),
                                                 ((4, 300, 3, 3), "channels_last", torch.bfloat16),
                                                 ((2, 3, 40, 40), "contiguous", torch.float32),
@@ -241,20 +259,11 @@ def test_gpu_tile_sizes_match_torch(device, monkeypatch, shape, layout, dtype):
     """The tile sizes, channel blocks (128 or 256 wide) and splits a GPU launch uses, run here (on
     the CPU through the interpreter with GPUOPT_GPU_CONFIG=1): forward, running stats, gradients."""
     monkeypatch.setenv("GPUOPT_GPU_CONFIG", "1")
-    C = shape[1]
     x = make_input(shape, layout, device, dtype)
     dy = torch.randn_like(x)
-    weight, bias = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
-    results = []
-    for fn in (gpuopt.functional.batch_norm, F.batch_norm):
-        xi, w, b = leaf(x), leaf(weight), leaf(bias)
-        rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
-        y = fn(xi, rm, rv, w, b, True, 0.1, 1e-5)
-        y.backward(dy)
-        results.append((y, rm, rv, xi.grad, w.grad, b.grad))
+    results = train_step_both(x, dy)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
-    for name, a, e in zip(["output", "running_mean", "running_var", "grad input", "grad weight", "grad bias"],
-                          *results):
+    for name, a, e in zip(RESULT_NAMES, *results):
         assert_close(a, e.to(a.dtype), dtype=a.dtype if name.startswith("grad ") or name == "output" else torch.float32,
                      name=name, **(tol if name in ("output", "grad input") or dtype == torch.float32 else
                                    dict(rtol=2e-2, atol=5e-2)))
@@ -499,21 +508,12 @@ GPU_SHAPES = [(256, 64, 56, 56), (256, 2048, 7, 7), (8192, 4096)]
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=_ids)
 def test_realistic_shapes_match_torch_on_gpu(device, shape, layout, dtype):
-    C = shape[1]
     x = make_input(shape, layout, device, dtype)
     dy = torch.randn_like(x)
-    weight, bias = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
-    results = []
-    for fn in (gpuopt.functional.batch_norm, F.batch_norm):
-        xi, w, b = leaf(x), leaf(weight), leaf(bias)
-        rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
-        y = fn(xi, rm, rv, w, b, True, 0.1, 1e-5)
-        y.backward(dy)
-        results.append((y, rm, rv, xi.grad, w.grad, b.grad))
+    results = train_step_both(x, dy)
     # Torch's own reductions differ from ours in order; sums over up to 800k values in fp32.
     rtol, atol = (1e-3, 1e-3) if dtype == torch.float32 else TOLERANCES[dtype]
-    for name, a, e in zip(["output", "running_mean", "running_var", "grad input", "grad weight", "grad bias"],
-                          *results):
+    for name, a, e in zip(RESULT_NAMES, *results):
         scale = e.abs().max().item() if name.startswith("grad w") or name.startswith("grad b") else 1.0
         assert_close(a.float(), e.float(), dtype=torch.float32, rtol=rtol, atol=atol * scale, name=name)
     assert results[0][0].stride() == results[1][0].stride()
