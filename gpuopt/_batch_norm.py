@@ -150,6 +150,7 @@ def view_of(x: torch.Tensor):
     copied to contiguous first."""
     N, C = x.shape[0], x.shape[1]
     S = math.prod(x.shape[2:])
+    x = aligned(x)
     if S == 1 or (not x.is_contiguous() and _channels_last_dense(x)):
         if not _channels_last_dense(x):
             x = x.contiguous()
@@ -157,18 +158,36 @@ def view_of(x: torch.Tensor):
     return x.contiguous(), N, C, S, False
 
 
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy when its address is not a multiple of its element size (the kernels
+    address whole elements; e.g. ``torch.frombuffer(..., offset=2)``)."""
+    return t.clone() if t.data_ptr() % t.element_size() else t
+
+
+def per_channel(t):
+    """A weight, bias or running statistic as the kernels read it: C contiguous, aligned elements
+    (a strided view such as ``torch.zeros(6)[::2]`` or an ``expand()``ed weight is copied)."""
+    if t is None or (t.is_contiguous() and not t.data_ptr() % t.element_size()):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def same_layout(t: torch.Tensor, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """``t`` (a gradient) in the memory layout of ``like``, copied only when it differs."""
     dense = _channels_last_dense(t) if channels_last else t.is_contiguous()
-    return t if dense else torch.empty_like(like).copy_(t)
+    return t if dense and not t.data_ptr() % t.element_size() else torch.empty_like(like).copy_(t)
 
 
 # ----------------------------------------------------------------------------- checks ---------
 
 
 def check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum,
-                          num_batches_tracked):
+                          num_batches_tracked, eps):
     """Every check that PyTorch makes (and a few it leaves to a crash), before any kernel runs."""
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm: input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() < 2:
@@ -192,6 +211,9 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
                             f"got {t.dtype}")
         if t.device != input.device:
             raise ValueError(f"batch_norm: {name} is on {t.device} but the input is on {input.device}")
+        if name.startswith("running") and t.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"batch_norm is not differentiable with respect to argument '{name}'. This input "
+                               "cannot have requires_grad True.")
     if (running_mean is None) != (running_var is None):
         raise ValueError("batch_norm: give both running_mean and running_var, or neither")
     if training:
@@ -303,8 +325,11 @@ class BatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # create_graph=True: a gradient of this gradient was asked for
+            raise RuntimeError("gpuopt's batch_norm has a first-order backward only (its closed form runs as "
+                               "kernels); for double backward (create_graph=True, gradient penalties) use "
+                               "torch.nn.functional.batch_norm")
         x, weight, mean, invstd, std = ctx.saved_tensors
         g = ctx.grid
         if not ctx.training:  # μ and s are the running statistics: constants
@@ -326,7 +351,8 @@ class BatchNormFunction(torch.autograd.Function):
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
                *, eps_inside_sqrt=True, num_batches_tracked=None):
     """See :func:`gpuopt.functional.batch_norm`."""
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, num_batches_tracked)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, num_batches_tracked,
+                          eps)
     if input.numel() == 0:
         # As PyTorch: no statistics, running stats untouched, and an output that keeps the
         # gradient chain to weight and bias.
@@ -336,5 +362,14 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         if bias is not None:
             out = out + bias[0]
         return out
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                                   bool(training), momentum, float(eps), bool(eps_inside_sqrt))
+    # Per-channel tensors in another layout are read from contiguous copies; running stats
+    # updated in such a copy are written back to the caller's tensors.
+    stats = (running_mean, running_var)
+    running_mean, running_var = per_channel(running_mean), per_channel(running_var)
+    out = BatchNormFunction.apply(input, per_channel(weight), per_channel(bias), running_mean, running_var,
+                                  num_batches_tracked, bool(training), momentum, float(eps), bool(eps_inside_sqrt))
+    if training:
+        for theirs, ours in zip(stats, (running_mean, running_var)):
+            if ours is not theirs:
+                theirs.copy_(ours)
+    return out

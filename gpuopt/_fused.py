@@ -4,14 +4,15 @@ validation, and the ``torch.optim.Optimizer`` base class."""
 from __future__ import annotations
 
 import math
+import operator
 import random
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
-from ._multi_tensor import PlanCache
-from ._runtime import check_kernel_device
+from ._multi_tensor import PlanCache, plan_launches
+from ._validate import check_params_and_grads, check_roles, like_param, matching_layout, same_layout
 
 _FUNCTIONAL_PLANS = PlanCache()  # for the functional API, whose callers keep no plans
 
@@ -58,50 +59,6 @@ def log_of(beta: float) -> float:
     return math.log(beta) if beta > 0 else float("-inf")
 
 
-_FLOAT_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
-
-
-def check_tensors(name: str, params, grads) -> None:
-    """Clear errors, before any kernel runs, for input the kernels must not see.
-
-    This runs every step over every parameter, so the common case is one cheap test per pair
-    and the specific message is worked out only when it fails."""
-    for p, g in zip(params, grads):
-        if (g.layout is not torch.strided or p.dtype not in _FLOAT_DTYPES or g.dtype not in _FLOAT_DTYPES
-                or g.shape != p.shape or g.device != p.device):
-            _explain_bad_pair(name, p, g)
-    for p in {p.device: p for p in params}.values():  # one parameter per device
-        check_kernel_device(p, f"{name}'s parameter")
-
-
-def _explain_bad_pair(name, p, g):
-    if g.is_sparse:
-        raise RuntimeError(f"{name} does not support sparse gradients; use torch.optim.SparseAdam "
-                           "or densify the gradient (grad.to_dense())")
-    if p.is_complex() or g.is_complex():
-        raise RuntimeError(f"{name} does not support complex parameters or gradients; optimize "
-                           "torch.view_as_real(param) instead")
-    if not p.is_floating_point():
-        raise RuntimeError(f"{name} updates floating-point parameters; got a {p.dtype} parameter")
-    if not g.is_floating_point():
-        raise RuntimeError(f"{name}: gradient has dtype {g.dtype}, expected a floating-point gradient")
-    if g.shape != p.shape:
-        raise RuntimeError(f"{name}: gradient shape {tuple(g.shape)} does not match parameter "
-                           f"shape {tuple(p.shape)}")
-    if g.device != p.device:
-        raise RuntimeError(f"{name}: gradient on {g.device} but parameter on {p.device}; "
-                           "parameters, gradients and states must share a device")
-    raise RuntimeError(f"{name}: unsupported gradient layout {g.layout}")
-
-
-def matching_layout(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """The gradient in the parameter's memory layout (the kernel pairs elements by storage
-    position). Autograd nearly always produces this already; otherwise one copy is made."""
-    if grad.stride() == param.stride() or param.numel() <= 1:
-        return grad
-    return torch.empty_like(param, dtype=grad.dtype).copy_(grad)
-
-
 def bucket_precision(plan, master_role: int, has_masters: bool, stochastic_rounding: bool):
     """(HAS_MASTER, STOCHASTIC_ROUNDING) for one launch group: a master copy only for bf16/fp16
     params (fp32 params in the same call carry themselves as a stand-in), stochastic rounding only
@@ -112,60 +69,155 @@ def bucket_precision(plan, master_role: int, has_masters: bool, stochastic_round
     return has_master, bool(stochastic_rounding) and not has_master and param_dtype == torch.bfloat16
 
 
-def launch_grouped(roles: dict, role_names: tuple, launch, *, plans: PlanCache | None = None,
-                   key=None, trusted: bool = False) -> None:
-    """Group tensor ``i`` of every role by (device, dtype of each role) and call ``launch(plan)``
-    once per group. A role missing from ``roles`` is filled with the param tensors as a
-    placeholder that the kernel's flags keep it from touching. ``trusted``: the states were made
-    by a gpuopt optimizer (on the parameter's device, step as float32), so only the caller's
-    tensors need checking — this runs every step, and skipping a per-tensor loop per role matters
-    on models with hundreds of parameters."""
-    plans = _FUNCTIONAL_PLANS if plans is None else plans
+def prepare_launches(name: str, roles: dict, role_names: tuple, plans: PlanCache, key,
+                     stochastic_rounding: bool) -> list:
+    """Validate one launch's tensors (``gpuopt._validate.check_roles``) and split it into launch
+    groups: ``[(plan, has_master, stochastic_rounding)]``. The slow path, shared by the functional
+    API (every call) and the optimizer classes (only when something changed)."""
+    check_roles(name, roles, role_names)
+    has_masters = roles.get("master") is not None
+    master_role = role_names.index("master")
+    return [(plan, *bucket_precision(plan, master_role, has_masters, stochastic_rounding))
+            for plan in plan_launches(roles, role_names, plans, key)]
+
+
+def run_functional(name: str, kernel, roles: dict, launcher, *, grad_scale, found_inf, seed,
+                   stochastic_rounding, plans: PlanCache | None = None, key=None) -> None:
+    """The functional API's path: the caller's lists are new every call, so they are checked every
+    call (params and grads, then every role), grads copied to their params' layout if needed,
+    then one launch per (device, dtypes) group."""
     params = roles["param"]
-    if not trusted:
-        _check_roles(roles, params)
-    present = [name for name in role_names if roles.get(name) is not None]
-    keys = list(zip([p.device for p in params], *[[t.dtype for t in roles[name]] for name in present]))
-    if keys.count(keys[0]) == len(keys):  # the common case: one group
-        buckets = {keys[0]: None}
-    else:
-        buckets = defaultdict(list)
-        for i, k in enumerate(keys):
-            buckets[k].append(i)
-    for bucket_key, index in buckets.items():
-        ordered = []
-        for name in role_names:
-            tensors = roles.get(name)
-            if tensors is None:
-                tensors = params
-            ordered.append(tensors if index is None else [tensors[i] for i in index])
-        launch(plans.get((key, bucket_key), ordered))
+    if not params:
+        return
+    check_params_and_grads(name, params, roles["grad"])
+    roles = dict(roles, grad=[matching_layout(g, p) for g, p in zip(roles["grad"], params)])
+    launches = prepare_launches(name, roles, kernel.ROLES, _FUNCTIONAL_PLANS if plans is None else plans,
+                                (name, key), stochastic_rounding)
+    device = params[0].device
+    step_args = StepArgs(device, _on(grad_scale, device), _on(found_inf, device), seed)
+    for plan, has_master, sr in launches:
+        launcher(plan, step_args, has_master=has_master, stochastic_rounding=sr)
 
 
-def _check_roles(roles, params):
-    for name, tensors in roles.items():
-        if tensors is not None and len(tensors) != len(params):
-            raise ValueError(f"got {len(tensors)} {name} tensors for {len(params)} parameters")
-        if tensors is not None and name != "step":
-            for p, t in zip(params, tensors):
-                if t.device != p.device:
-                    raise RuntimeError(f"{name} tensor on {t.device} but its parameter on {p.device}")
-    for step in roles.get("step") or ():
-        if step.dtype != torch.float32 or step.numel() != 1:
-            raise RuntimeError("state steps must be one-element float32 tensors")
-    for p, step in zip(params, roles.get("step") or ()):
-        if step.device != p.device:
-            raise RuntimeError(f"state step on {step.device} but parameter on {p.device}: gpuopt keeps "
-                               "`step` on the parameter's device (as torch's fused/capturable optimizers do)")
+class _Generation:
+    """A counter every optimizer state dict bumps when it changes: the fast path's cue to re-validate."""
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = 0
+
+
+def _bumps(method):
+    def wrapper(self, *args, **kwargs):
+        self._generation.value += 1
+        return method(self, *args, **kwargs)
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+class _ParamState(dict):
+    """One parameter's state (``opt.state[p]``): a plain dict that bumps its optimizer's
+    generation on every change, so a state a user replaces (``opt.state[p]["exp_avg"] = ...``) is
+    validated before the kernel touches it."""
+
+    __slots__ = ("_generation",)
+
+    def __init__(self, generation, *args):
+        super().__init__(*args)
+        self._generation = generation
+
+    def __reduce__(self):  # pickles (and deep-copies) as the plain dict it is
+        return dict, (dict(self),)
+
+    __setitem__ = _bumps(dict.__setitem__)
+    __delitem__ = _bumps(dict.__delitem__)
+    __ior__ = _bumps(dict.__ior__)
+    pop = _bumps(dict.pop)
+    popitem = _bumps(dict.popitem)
+    clear = _bumps(dict.clear)
+    update = _bumps(dict.update)
+    setdefault = _bumps(dict.setdefault)
+
+
+class _OptimizerState(defaultdict):
+    """``opt.state``: parameter → ``_ParamState``, bumping the generation on every change."""
+
+    def __init__(self, generation, items=()):
+        super().__init__(None)
+        self._generation = generation
+        for key, value in dict(items).items():
+            dict.__setitem__(self, key, _ParamState(generation, value))
+
+    def __missing__(self, key):
+        value = _ParamState(self._generation)
+        dict.__setitem__(self, key, value)
+        return value
+
+    def __setitem__(self, key, value):
+        self._generation.value += 1
+        dict.__setitem__(self, key, value if isinstance(value, _ParamState) else _ParamState(self._generation, value))
+
+    def __reduce__(self):
+        return _plain_state, (dict(self),)
+
+    __delitem__ = _bumps(dict.__delitem__)
+    pop = _bumps(dict.pop)
+    popitem = _bumps(dict.popitem)
+    clear = _bumps(dict.clear)
+    update = _bumps(dict.update)
+
+
+def _plain_state(items):
+    state = defaultdict(dict)
+    state.update((k, dict(v)) for k, v in items.items())
+    return state
+
+
+_GRAD = operator.attrgetter("grad")
+_ADDRESS = torch.Tensor.data_ptr
+
+
+def _fingerprint(params, grads):
+    """Which tensors a group's launch would touch: the parameters (by identity and address) and
+    their gradients (by address; -1 for no gradient). Cheap: C-level maps over the lists."""
+    try:
+        return tuple(map(id, params)), tuple(map(_ADDRESS, params)), tuple(map(_ADDRESS, grads))
+    except (TypeError, RuntimeError):  # a missing gradient, or a tensor without storage (sparse)
+        return tuple(map(id, params)), tuple(map(_address, params)), tuple(map(_address, grads))
+
+
+def _address(t):
+    if t is None:
+        return -1
+    if t.layout is not torch.strided:
+        return object()  # equal to nothing: such a step is always validated (and refused)
+    return t.data_ptr()
+
+
+@dataclass
+class _PreparedGroup:
+    """One param group's validated launches, reused by every step while nothing changed."""
+
+    fingerprint: tuple | None  # None: cannot be reused (a gradient had to be copied to its param's layout)
+    generation: int
+    structure: tuple
+    launches: list  # [(plan, has_master, stochastic_rounding)]
 
 
 class FusedOptimizer(torch.optim.Optimizer):
     """Base of gpuopt's optimizers: ``torch.optim.Optimizer`` with one kernel launch per group of
     parameters sharing (param group, device, param/grad/state dtypes).
 
-    Subclasses define ``_init_state(state, p, group)`` (lazily, at a parameter's first step) and
-    ``_launch(group, params, grads, amp)``, which calls the matching ``gpuopt.functional`` op with
-    the group's hyperparameters and ``**amp`` (AMP tensors, seed, plan cache).
+    A subclass names its kernel module (``_kernel``: ``ROLES``), the state roles a group's options
+    need (``_state_roles(group)``; ``step`` and ``master`` are handled here) and how to launch
+    with a group's hyperparameters (``_launcher(group)``, shared with ``gpuopt.functional``).
+
+    The host path of a step (what the CPU spends around the launch): everything the kernel
+    assumes is validated (``gpuopt._validate``) when a group is new or anything changed — a
+    parameter or gradient at a new address, a gradient appearing or vanishing, a state replaced
+    or added (``opt.state`` tracks its own changes), a loaded state_dict, an option that changes
+    the roles. Otherwise a step is one fingerprint compare per group and the launch.
 
     Extra options, on every subclass:
         state_dtype: dtype of the optimizer states; ``None`` (default) uses each parameter's dtype
@@ -177,19 +229,40 @@ class FusedOptimizer(torch.optim.Optimizer):
     """
 
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf; no host sync
+    _kernel = None  # the kernel module: ROLES and the launcher
+    _initial_values: dict = {}  # state role → fill value (from the group) other than 0
 
     def __init__(self, params, defaults):
+        self._generation = _Generation()
         super().__init__(params, defaults)
-        self._plans = PlanCache()
+        self._reset_host_caches()
         self._seed = random.SystemRandom().randrange(2**30)
+
+    def _reset_host_caches(self):
+        if not isinstance(self.state, _OptimizerState) or self.state._generation is not self._generation:
+            self.state = _OptimizerState(self._generation, self.state)
+        self._generation.value += 1
+        self._plans = PlanCache()
+        self._prepared: dict[int, _PreparedGroup] = {}
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        self._plans = PlanCache()
+        self._generation = getattr(self, "_generation", None) or _Generation()
+        self._reset_host_caches()
         self._seed = getattr(self, "_seed", 0)
+
+    def add_param_group(self, param_group):
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if len({id(p) for p in params}) != len(params):
+            # torch.optim warns and steps such a parameter twice; gpuopt updates all of a launch's
+            # tensors at once, so a repeated tensor would race with itself.
+            raise ValueError(f"{type(self).__name__}: a parameter group lists the same parameter twice; "
+                             "list each parameter once")
+        super().add_param_group(param_group)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -199,44 +272,77 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _zeros(self, p, group, fill=0.0):
         return torch.full_like(p, fill, dtype=self._state_dtype(p, group), memory_format=torch.preserve_format)
 
-    def _init_common_state(self, state, p, group):
-        if self._has_step:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        if self._uses_master(p, group):
-            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
+    def _uses_step(self, group) -> bool:
+        """The group's state has a ``step`` (SGD's only with momentum; see gpuopt.SGD)."""
+        return True
 
-    _has_step = True  # PyTorch's state for this algorithm has a `step` (SGD's has none)
+    def _state_roles(self, group) -> tuple:
+        """The state keys (= kernel roles) that the group's options need, besides step and master."""
+        raise NotImplementedError
 
     @staticmethod
     def _uses_master(p, group) -> bool:
         return bool(group["master_weights"]) and p.dtype in (torch.bfloat16, torch.float16)
 
+    def _complete_state(self, state, p, group):
+        """Make whatever state the group's options need and ``p`` lacks: all of it at a parameter's
+        first step, one role when an option is switched on mid-run (amsgrad, centered, ...)."""
+        if self._uses_step(group) and "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        if self._uses_master(p, group) and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
+        for role in self._state_roles(group):
+            if state.get(role) is None:
+                fill = group[self._initial_values[role]] if role in self._initial_values else 0.0
+                state[role] = self._zeros(p, group, fill)
+
+    def _follow_layout(self, state, p):
+        """A parameter whose memory layout changed (``model.to(memory_format=torch.channels_last)``
+        replaces ``p.data``) takes its states along: each is copied into the new layout, values
+        kept, as torch.optim's elementwise updates would pair them."""
+        for key, value in state.items():
+            if (key != "step" and isinstance(value, torch.Tensor) and value.shape == p.shape
+                    and not same_layout(value, p)):
+                state[key] = like_param(value, p, value.dtype)
+
     def load_state_dict(self, state_dict):
         """As ``torch.optim.Optimizer.load_state_dict``, then with gpuopt's placement: ``step`` as
-        a float32 tensor on the parameter's device, states in the group's ``state_dtype``, the
-        master copy in fp32, each cast from the checkpoint's own values (never through the
-        parameter's lower precision) and copied, never aliased with the checkpoint's tensors."""
-        originals = {pid: dict(s) for pid, s in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
+        a float32 tensor on the parameter's device (a Python number too, as older checkpoints hold
+        it), states in the group's ``state_dtype`` and the parameter's memory layout, the master
+        copy in fp32, each cast from the checkpoint's own values (never through the parameter's
+        lower precision) and copied, never aliased with the checkpoint's tensors. A state whose
+        size does not match its parameter is refused before anything changes."""
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        originals = {pid: dict(s) for pid, s in state_dict["state"].items()}
+        for index, (pid, p) in enumerate(zip(ids, params)):
+            for key, value in originals.get(pid, {}).items():
+                if key == "step":
+                    if isinstance(value, torch.Tensor) and value.numel() != 1:
+                        raise ValueError(f"loaded state 'step' of parameter {index} has {value.numel()} elements")
+                elif isinstance(value, torch.Tensor) and value.shape != p.shape:
+                    raise ValueError(f"loaded state '{key}' of parameter {index} has shape {tuple(value.shape)}, "
+                                     f"but the parameter has shape {tuple(p.shape)}")
+        super().load_state_dict(state_dict)
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for pid, p in zip(ids, params):
             if pid not in originals:
                 continue
             state, group = self.state[p], group_of[id(p)]
             for key, value in originals[pid].items():
-                if not isinstance(value, torch.Tensor):
-                    continue
                 if key == "step":
-                    state[key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True).reshape(())
-                elif key == "master_param":
-                    state[key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
-                elif value.is_floating_point():
-                    state[key] = value.detach().to(device=p.device, dtype=self._state_dtype(p, group), copy=True)
-            if self._uses_master(p, group) and "master_param" not in state:
-                state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
-        self._plans.clear()
+                    step = value.detach().reshape(()) if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+                    state[key] = step.to(device=p.device, dtype=torch.float32, copy=True)
+                elif isinstance(value, torch.Tensor) and value.is_floating_point():
+                    dtype = torch.float32 if key == "master_param" else self._state_dtype(p, group)
+                    state[key] = like_param(value.to(p.device), p, dtype)
+            self._after_load(state, p, group)
+        self._reset_host_caches()
+
+    def _after_load(self, state, p, group):
+        """A subclass's fix-ups of a loaded state (gpuopt.SGD: a torch buffer has no step)."""
+        if self._uses_master(p, group) and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
 
     # -- step -------------------------------------------------------------------------------
 
@@ -258,39 +364,82 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None) if grad_scale is None else grad_scale
         found_inf = getattr(self, "found_inf", None) if found_inf is None else found_inf
+        if type(self.state) is not _OptimizerState:  # `opt.state = ...` replaced it
+            self._reset_host_caches()
+        step_args = {}
         for index, group in enumerate(self.param_groups):
-            params, grads = [], []
-            for p in group["params"]:
-                if p.grad is not None:
-                    params.append(p)
-                    grads.append(p.grad)
-            if not params:
+            params = group["params"]
+            grads = list(map(_GRAD, params))
+            fingerprint = _fingerprint(params, grads)
+            structure = self._structure(group)
+            prepared = self._prepared.get(index)
+            if (prepared is None or prepared.fingerprint != fingerprint or prepared.structure != structure
+                    or prepared.generation != self._generation.value):
+                prepared = self._prepare(index, group, params, grads, fingerprint, structure)
+            if not prepared.launches:
                 continue
-            for p in params:
-                state = self.state[p]
-                if len(state) == 0:
-                    self._init_common_state(state, p, group)
-                    self._init_state(state, p, group)
-            amp = dict(grad_scale=_on(grad_scale, params[0]), found_inf=_on(found_inf, params[0]),
-                       seed=self._seed, _plans=self._plans, _key=index)
-            self._launch(group, params, grads, amp)
+            launcher = self._launcher(group)
+            for plan, has_master, sr in prepared.launches:
+                device = plan.device
+                args = step_args.get(device)
+                if args is None:
+                    args = step_args[device] = StepArgs(device, _on(grad_scale, device), _on(found_inf, device),
+                                                        self._seed)
+                launcher(plan, args, has_master=has_master, stochastic_rounding=sr)
         return loss
 
-    def _masters(self, params, group):
-        if not any(self._uses_master(p, group) for p in params):
-            return None
-        # Parameters without a master copy (fp32 ones) get their own value as a stand-in; they
-        # land in a different launch group (dtype differs), where the master flag is off.
-        return [self.state[p].get("master_param", p) for p in params]
+    def _structure(self, group) -> tuple:
+        """The group's options that decide which tensors a launch touches (a change re-validates)."""
+        return (self._state_roles(group), self._uses_step(group), group["master_weights"], group["state_dtype"],
+                group["stochastic_rounding"])
+
+    def _prepare(self, index, group, params, grads, fingerprint, structure) -> _PreparedGroup:
+        """The slow path: validate the group's tensors, make missing states, and plan its launches."""
+        name = type(self).__name__
+        chosen = [i for i, g in enumerate(grads) if g is not None]
+        params = [params[i] for i in chosen]
+        grads = [grads[i] for i in chosen]
+        launches = []
+        if params:
+            check_params_and_grads(name, params, grads)  # before any state is made for them
+            matched = [matching_layout(g, p) for g, p in zip(grads, params)]
+            if any(m is not g for m, g in zip(matched, grads)):
+                fingerprint = None  # the copies are new every step: never reuse this preparation
+            for p in params:
+                state = self.state[p]
+                self._complete_state(state, p, group)
+                self._follow_layout(state, p)
+            launches = prepare_launches(name, self._roles(group, params, matched), self._kernel.ROLES, self._plans,
+                                        index, group["stochastic_rounding"])
+        prepared = _PreparedGroup(fingerprint, self._generation.value, structure, launches)
+        self._prepared[index] = prepared
+        return prepared
+
+    def _roles(self, group, params, grads) -> dict:
+        states = [self.state[p] for p in params]
+        roles = {"param": params, "grad": grads}
+        if self._uses_step(group):
+            roles["step"] = [s["step"] for s in states]
+        for role in self._state_roles(group):
+            roles[role] = [s[role] for s in states]
+        if any(self._uses_master(p, group) for p in params):
+            # Parameters without a master copy (fp32 ones) get their own value as a stand-in; they
+            # land in a different launch group (dtype differs), where the master flag is off.
+            roles["master"] = [s.get("master_param", p) for p, s in zip(params, states)]
+        return roles
+
+    def _launcher(self, group):
+        """``launch(plan, step_args, has_master, stochastic_rounding)`` with the group's hyperparameters."""
+        raise NotImplementedError
 
 
-def _on(t, like):
+def _on(t, device):
     """AMP tensors arrive on the scaler's device; the kernel needs them on the parameters'."""
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
         t = torch.tensor(float(t))
-    return t.to(device=like.device, dtype=torch.float32)
+    return t.to(device=device, dtype=torch.float32)
 
 
 def validate_common(lr, eps=None, weight_decay=0.0):

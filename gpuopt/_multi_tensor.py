@@ -43,12 +43,7 @@ class LaunchPlan:
     """
 
     def __init__(self, roles: list[list[torch.Tensor]], block: int | None = None):
-        first = roles[0]
-        for role in roles:
-            for t in role:
-                if not is_dense(t):
-                    raise ValueError(f"gpuopt updates dense tensors only; got strides {t.stride()} for "
-                                     f"shape {tuple(t.shape)} (call .contiguous() on it first)")
+        first = roles[0]  # validated by gpuopt._validate.check_roles before any plan is made
         self.device = first[0].device
         self.n_tensors = len(first)
         self.numels = tuple(t.numel() for t in first)
@@ -130,13 +125,27 @@ class PlanCache:
         self._plans.clear()
 
 
-def is_dense(t: torch.Tensor) -> bool:
-    """True when ``t``'s elements fill ``numel`` consecutive storage slots in some dim order
-    (contiguous, channels-last, any permutation): such a tensor can be updated as a flat array."""
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
+def plan_launches(roles: dict, role_names: tuple, plans: PlanCache, key) -> list[LaunchPlan]:
+    """Split one validated launch (``roles``: role name → list aligned with the first role's, or
+    ``None`` for a role the kernel's flags leave untouched) into groups sharing (device, dtype of
+    every role), and return a LaunchPlan for each, pointed at the tensors' current storage. An
+    absent role is filled with the first role's tensors as a placeholder."""
+    first = roles[role_names[0]]
+    present = [name for name in role_names if roles.get(name) is not None]
+    keys = list(zip([t.device for t in first], *[[t.dtype for t in roles[name]] for name in present]))
+    if keys.count(keys[0]) == len(keys):  # the common case: one group
+        buckets = {keys[0]: None}
+    else:
+        buckets = {}
+        for i, k in enumerate(keys):
+            buckets.setdefault(k, []).append(i)
+    launches = []
+    for bucket_key, index in buckets.items():
+        ordered = []
+        for name in role_names:
+            tensors = roles.get(name)
+            if tensors is None:
+                tensors = first
+            ordered.append(tensors if index is None else [tensors[i] for i in index])
+        launches.append(plans.get((key, bucket_key), ordered))
+    return launches

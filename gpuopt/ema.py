@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
-from ._multi_tensor import PlanCache
+from ._multi_tensor import PlanCache, plan_launches
 from ._runtime import check_kernel_device
+from ._validate import check_roles, like_param, same_layout
 from .kernels import ema as ema_kernel
+
+_ADDRESS = torch.Tensor.data_ptr
 
 
 class EMA:
@@ -56,6 +57,7 @@ class EMA:
         self.num_updates = 0
         self.averages = [p.detach().clone(memory_format=torch.preserve_format) for p in self.params]
         self._plans = PlanCache()
+        self._prepared = None  # (fingerprint, launch plans) while the tensors stay where they were
 
     def gamma(self, t: int) -> float:
         """γ_t for update number ``t`` (counting from 1)."""
@@ -64,22 +66,31 @@ class EMA:
     @torch.compiler.disable  # as the optimizers' step: eager inside torch.compile
     @torch.no_grad()
     def update(self) -> None:
-        """One running-average step over all parameters: one kernel launch per (device, dtype)."""
-        self.num_updates += 1
-        gamma = self.gamma(self.num_updates)
-        groups = defaultdict(lambda: ([], []))
-        for average, p in zip(self.averages, self.params):
-            if p.numel() == 0:
-                continue
-            if average.shape != p.shape:
-                raise RuntimeError(f"EMA: parameter shape {tuple(p.shape)} no longer matches its "
-                                   f"average {tuple(average.shape)}")
-            averages, values = groups[(p.device, p.dtype)]
-            averages.append(average)  # same layout as p: cloned with preserve_format
-            values.append(p.detach())
-        for key, roles in groups.items():
-            plan = self._plans.get(key, list(roles))
+        """One running-average step over all parameters: one kernel launch per (device, dtype).
+
+        The tensors are validated (shape, layout, device, alignment, no overlap) when any of them
+        is new or moved; otherwise the step is an address compare and the launches."""
+        t = self.num_updates + 1
+        gamma = self.gamma(t)
+        fingerprint = (tuple(map(_ADDRESS, self.params)), tuple(map(_ADDRESS, self.averages)))
+        if self._prepared is None or self._prepared[0] != fingerprint:
+            self._prepared = (fingerprint, self._prepare())
+        for plan in self._prepared[1]:
             ema_kernel.ema_(plan, gamma)
+        self.num_updates = t  # only once the launches are made: a failed update changes nothing
+
+    def _prepare(self):
+        """Validate and plan: averages follow a parameter whose memory layout changed (values kept);
+        0-element parameters are skipped."""
+        for i, (average, p) in enumerate(zip(self.averages, self.params)):
+            if average.shape == p.shape and not same_layout(average, p):
+                self.averages[i] = like_param(average, p, average.dtype)
+        chosen = [i for i, p in enumerate(self.params) if p.numel()]
+        if not chosen:
+            return []
+        roles = {"average": [self.averages[i] for i in chosen], "value": [self.params[i].detach() for i in chosen]}
+        check_roles("EMA", roles, ema_kernel.ROLES)
+        return plan_launches(roles, ema_kernel.ROLES, self._plans, "ema")
 
     @torch.no_grad()
     def copy_to(self, params=None) -> None:
@@ -95,13 +106,20 @@ class EMA:
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
-        averages = state_dict["averages"]
+        """Load averages (copied into this EMA's tensors, in their layout), decay and count; the
+        whole state_dict is checked before anything changes."""
+        averages, decay, num_updates = state_dict["averages"], state_dict["decay"], state_dict["num_updates"]
         if len(averages) != len(self.averages):
             raise ValueError(f"state_dict holds {len(averages)} averages, this EMA tracks {len(self.averages)}")
+        for i, (mine, theirs) in enumerate(zip(self.averages, averages)):
+            if not isinstance(theirs, torch.Tensor) or mine.shape != theirs.shape:
+                raise ValueError(f"average {i} of shape {tuple(getattr(theirs, 'shape', ()))} does not fit "
+                                 f"{tuple(mine.shape)}")
+        if decay is not None and not 0.0 <= decay < 1.0:
+            raise ValueError(f"Invalid decay value: {decay} (must be in [0, 1), or None for the exact mean)")
+        if int(num_updates) != num_updates or num_updates < 0:
+            raise ValueError(f"Invalid num_updates: {num_updates} (a count, >= 0)")
         for mine, theirs in zip(self.averages, averages):
-            if mine.shape != theirs.shape:
-                raise ValueError(f"average of shape {tuple(theirs.shape)} does not fit {tuple(mine.shape)}")
             mine.copy_(theirs)
-        self.decay = state_dict["decay"]
-        self.num_updates = int(state_dict["num_updates"])
-
+        self.decay = decay
+        self.num_updates = int(num_updates)

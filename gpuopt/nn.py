@@ -71,6 +71,11 @@ def _replacement(module: torch.nn.Module, eps_inside_sqrt: bool) -> torch.nn.Mod
             new.training = module.training
             if hasattr(module, "qconfig"):
                 new.qconfig = module.qconfig
+            # Hooks registered on the old module (forward, backward, state_dict, ...) keep firing,
+            # and their handles keep removing them: the same hook dictionaries, shared.
+            for name, value in vars(module).items():
+                if "hook" in name:  # _forward_hooks, _forward_pre_hooks, _state_dict_hooks, ...
+                    setattr(new, name, value)
             return new
     return module
 

@@ -16,6 +16,11 @@ import torch
 
 from . import functional as F
 from ._fused import FusedOptimizer, validate_common, validate_precision
+from .kernels import adadelta as adadelta_kernel
+from .kernels import adagrad as adagrad_kernel
+from .kernels import adam as adam_kernel
+from .kernels import rmsprop as rmsprop_kernel
+from .kernels import sgd as sgd_kernel
 
 
 def _validate_betas(betas):
@@ -66,26 +71,17 @@ class Adam(FusedOptimizer):
                                               differentiable, foreach, fused, maximize))
         super().__init__(params, defaults)
 
-    def _init_state(self, state, p, group):
-        state["exp_avg"] = self._zeros(p, group)
-        state["exp_avg_sq"] = self._zeros(p, group)
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = self._zeros(p, group)
+    _kernel = adam_kernel
 
-    def _launch(self, group, params, grads, amp):
-        states = [self.state[p] for p in params]
-        if group["amsgrad"]:
-            for p, s in zip(params, states):  # amsgrad switched on mid-run
-                s.setdefault("max_exp_avg_sq", self._zeros(p, group))
+    def _state_roles(self, group):
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+    def _launcher(self, group):
         beta1, beta2 = group["betas"]
-        F.adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-               [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
-               [s["step"] for s in states], amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
-               lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-               maximize=group["maximize"], eps_inside_sqrt=group["eps_inside_sqrt"],
-               decoupled_weight_decay=group["decoupled_weight_decay"],
-               master_params=self._masters(params, group),
-               stochastic_rounding=group["stochastic_rounding"], **amp)
+        return F.adam_launcher(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                               weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+                               maximize=group["maximize"], eps_inside_sqrt=group["eps_inside_sqrt"],
+                               decoupled_weight_decay=group["decoupled_weight_decay"])
 
 
 class AdamW(Adam):
@@ -111,14 +107,16 @@ class SGD(FusedOptimizer):
         W ← W - lr (d_p + μ buf  if nesterov  else  buf)
 
     The seed's V-form ``V = γV + η∇J, W -= V`` is ``momentum=γ, lr=η, dampening=0`` (``V = lr·buf``);
-    its M-form with step η′ is ``lr = η′(1-γ)``. State key: ``momentum_buffer`` (when momentum ≠ 0).
+    its M-form with step η′ is ``lr = η′(1-γ)``. State keys (when momentum ≠ 0): ``momentum_buffer``
+    as torch's, and ``step``, a float32 device scalar torch's SGD does not keep: 0 marks a buffer
+    no step has written yet (new, or its first step skipped by AMP's ``found_inf`` on the device),
+    so the kernel knows when to take PyTorch's first-step ``buf = d_p``. A torch checkpoint's buffer
+    loads as one in use; torch ignores the extra key.
 
     Example::
 
         opt = gpuopt.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     """
-
-    _has_step = False  # torch.optim.SGD keeps no step
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, state_dtype=None,
@@ -134,30 +132,30 @@ class SGD(FusedOptimizer):
                                               differentiable, foreach, fused, maximize))
         super().__init__(params, defaults)
 
-    def _init_state(self, state, p, group):
-        pass  # the momentum buffer is made at the parameter's first step with momentum
+    _kernel = sgd_kernel
 
-    def _launch(self, group, params, grads, amp):
-        momentum = group["momentum"]
-        # A new buffer takes d_p itself (PyTorch's first step); a kept one the momentum update.
-        # The two kinds launch apart. (With AMP, a skipped first step leaves a zero buffer, which
-        # the next step treats as kept: identical when dampening is 0, as it nearly always is.)
-        first = [momentum != 0 and "momentum_buffer" not in self.state[p] for p in params]
-        for p, new in zip(params, first):
-            if new:
-                self.state[p]["momentum_buffer"] = self._zeros(p, group)
-        for first_step in (True, False):
-            chosen = [i for i, f in enumerate(first) if f == first_step]
-            if not chosen:
-                continue
-            ps = [params[i] for i in chosen]
-            amp_here = dict(amp, _key=(amp["_key"], first_step))
-            F.sgd(ps, [grads[i] for i in chosen],
-                  [self.state[p]["momentum_buffer"] for p in ps] if momentum != 0 else None,
-                  lr=group["lr"], momentum=momentum, dampening=group["dampening"],
-                  weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"],
-                  first_step=first_step, master_params=self._masters(ps, group),
-                  stochastic_rounding=group["stochastic_rounding"], **amp_here)
+    def _uses_step(self, group):
+        return group["momentum"] != 0
+
+    def _state_roles(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _complete_state(self, state, p, group):
+        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
+            # A new buffer: its step 0 makes the kernel set buf = d_p, PyTorch's first step, until
+            # a step really runs (an AMP-skipped one leaves it at 0).
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        super()._complete_state(state, p, group)
+
+    def _after_load(self, state, p, group):
+        if state.get("momentum_buffer") is not None and "step" not in state:  # torch.optim.SGD's: in use
+            state["step"] = torch.ones((), dtype=torch.float32, device=p.device)
+        super()._after_load(state, p, group)
+
+    def _launcher(self, group):
+        return F.sgd_launcher(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                              weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                              maximize=group["maximize"], has_step=group["momentum"] != 0)
 
 
 class RMSprop(FusedOptimizer):
@@ -185,28 +183,17 @@ class RMSprop(FusedOptimizer):
                                               differentiable, foreach, fused, maximize))
         super().__init__(params, defaults)
 
-    def _init_state(self, state, p, group):
-        state["square_avg"] = self._zeros(p, group)
-        if group["momentum"] > 0:
-            state["momentum_buffer"] = self._zeros(p, group)
-        if group["centered"]:
-            state["grad_avg"] = self._zeros(p, group)
+    _kernel = rmsprop_kernel
 
-    def _launch(self, group, params, grads, amp):
-        states = [self.state[p] for p in params]
-        for p, s in zip(params, states):  # options switched on mid-run
-            if group["momentum"] > 0:
-                s.setdefault("momentum_buffer", self._zeros(p, group))
-            if group["centered"]:
-                s.setdefault("grad_avg", self._zeros(p, group))
-        F.rmsprop(params, grads, [s["square_avg"] for s in states],
-                  [s["grad_avg"] for s in states] if group["centered"] else None,
-                  [s["momentum_buffer"] for s in states] if group["momentum"] > 0 else None,
-                  [s["step"] for s in states], lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
-                  weight_decay=group["weight_decay"], momentum=group["momentum"], centered=group["centered"],
-                  maximize=group["maximize"], eps_inside_sqrt=group["eps_inside_sqrt"],
-                  master_params=self._masters(params, group), stochastic_rounding=group["stochastic_rounding"],
-                  **amp)
+    def _state_roles(self, group):
+        return (("square_avg",) + (("grad_avg",) if group["centered"] else ())
+                + (("momentum_buffer",) if group["momentum"] > 0 else ()))
+
+    def _launcher(self, group):
+        return F.rmsprop_launcher(lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
+                                  weight_decay=group["weight_decay"], momentum=group["momentum"],
+                                  centered=group["centered"], maximize=group["maximize"],
+                                  eps_inside_sqrt=group["eps_inside_sqrt"])
 
 
 class Adagrad(FusedOptimizer):
@@ -233,19 +220,17 @@ class Adagrad(FusedOptimizer):
         # PyTorch makes Adagrad's state at construction; so does gpuopt (state_dict then matches).
         for group in self.param_groups:
             for p in group["params"]:
-                state = self.state[p]
-                self._init_common_state(state, p, group)
-                self._init_state(state, p, group)
+                self._complete_state(self.state[p], p, group)
 
-    def _init_state(self, state, p, group):
-        state["sum"] = self._zeros(p, group, fill=group["initial_accumulator_value"])
+    _kernel = adagrad_kernel
+    _initial_values = {"sum": "initial_accumulator_value"}
 
-    def _launch(self, group, params, grads, amp):
-        states = [self.state[p] for p in params]
-        F.adagrad(params, grads, [s["sum"] for s in states], [s["step"] for s in states], lr=group["lr"],
-                  lr_decay=group["lr_decay"], weight_decay=group["weight_decay"], eps=group["eps"],
-                  maximize=group["maximize"], master_params=self._masters(params, group),
-                  stochastic_rounding=group["stochastic_rounding"], **amp)
+    def _state_roles(self, group):
+        return ("sum",)
+
+    def _launcher(self, group):
+        return F.adagrad_launcher(lr=group["lr"], lr_decay=group["lr_decay"], eps=group["eps"],
+                                  weight_decay=group["weight_decay"], maximize=group["maximize"])
 
 
 class Adadelta(FusedOptimizer):
@@ -269,14 +254,11 @@ class Adadelta(FusedOptimizer):
                                               differentiable, foreach, fused, maximize))
         super().__init__(params, defaults)
 
-    def _init_state(self, state, p, group):
-        state["square_avg"] = self._zeros(p, group)
-        state["acc_delta"] = self._zeros(p, group)
+    _kernel = adadelta_kernel
 
-    def _launch(self, group, params, grads, amp):
-        states = [self.state[p] for p in params]
-        F.adadelta(params, grads, [s["square_avg"] for s in states], [s["acc_delta"] for s in states],
-                   [s["step"] for s in states], lr=group["lr"], rho=group["rho"], eps=group["eps"],
-                   weight_decay=group["weight_decay"], maximize=group["maximize"],
-                   master_params=self._masters(params, group), stochastic_rounding=group["stochastic_rounding"],
-                   **amp)
+    def _state_roles(self, group):
+        return ("square_avg", "acc_delta")
+
+    def _launcher(self, group):
+        return F.adadelta_launcher(lr=group["lr"], rho=group["rho"], eps=group["eps"],
+                                   weight_decay=group["weight_decay"], maximize=group["maximize"])

@@ -116,6 +116,13 @@ def load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE: tl.conste
 
 
 @triton.jit
+def add_weight_decay(g, w, weight_decay):
+    """``g + λ w`` (L2 weight decay), and exactly ``g`` when λ = 0: torch skips the term then, so
+    an infinite weight must not turn the gradient into ``0 · inf = NaN``."""
+    return tl.where(weight_decay != 0.0, g + weight_decay * w, g)
+
+
+@triton.jit
 def load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER: tl.constexpr):
     """The weight in fp32: the fp32 master copy when there is one, else the parameter itself."""
     if HAS_MASTER:

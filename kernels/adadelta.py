@@ -12,7 +12,7 @@ Bytes per element (fp32): read W, g, E[g²], E[Δ²]; write W, E[g²], E[Δ²] =
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (advance_steps, load_f32, load_grad, load_param, scalar, schedule_entry,
+from ._multi_tensor import (add_weight_decay, advance_steps, load_f32, load_grad, load_param, scalar, schedule_entry,
                             step_is_skipped, store_as, store_param, tensor_ptr)
 
 ROLES = ("param", "grad", "step", "square_avg", "acc_delta", "master")
@@ -24,7 +24,7 @@ def _adadelta_block(param_ptr, grad_ptr, square_avg_ptr, acc_delta_ptr, master_p
                     one_minus_rho, eps, weight_decay, grad_scale_ptr, seed, MAXIMIZE: tl.constexpr,
                     HAS_GRAD_SCALE: tl.constexpr, HAS_MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr):
     w = load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER)
-    g = load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE) + weight_decay * w
+    g = add_weight_decay(load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE), w, weight_decay)
     square_avg = rho * load_f32(square_avg_ptr + offsets, mask) + one_minus_rho * g * g
     acc_delta = load_f32(acc_delta_ptr + offsets, mask)
     delta = tl.sqrt(acc_delta + eps) / tl.sqrt(square_avg + eps) * g

@@ -11,7 +11,7 @@ Bytes per element (fp32): read W, g, sum; write W, sum = 20.
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (advance_steps, load_f32, load_grad, load_param, scalar, schedule_entry,
+from ._multi_tensor import (add_weight_decay, advance_steps, load_f32, load_grad, load_param, scalar, schedule_entry,
                             step_is_skipped, store_as, store_param, tensor_ptr)
 
 ROLES = ("param", "grad", "step", "sum", "master")
@@ -23,7 +23,7 @@ def _adagrad_block(param_ptr, grad_ptr, sum_ptr, master_ptr, offsets, mask, clr,
                    grad_scale_ptr, seed, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                    HAS_MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr):
     w = load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER)
-    g = load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE) + weight_decay * w
+    g = add_weight_decay(load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE), w, weight_decay)
     total = load_f32(sum_ptr + offsets, mask) + g * g
     store_as(sum_ptr + offsets, total, mask)
     w = w - clr * g / (tl.sqrt(total) + eps)

@@ -13,7 +13,7 @@ uses ``max(v̂)`` so far in place of v̂. Bytes per element (fp32): read W, g, m
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (advance_steps, load_f32, load_grad, load_param, one_minus_pow, scalar,
+from ._multi_tensor import (add_weight_decay, advance_steps, load_f32, load_grad, load_param, one_minus_pow, scalar,
                             schedule_entry, step_is_skipped, store_as, store_param, tensor_ptr)
 
 ROLES = ("param", "grad", "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
@@ -32,7 +32,7 @@ def _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq
     if DECOUPLED:
         w = w * (1.0 - lr * weight_decay)
     else:
-        g = g + weight_decay * w
+        g = add_weight_decay(g, w, weight_decay)
     m = beta1 * load_f32(exp_avg_ptr + offsets, mask) + one_minus_beta1 * g
     v = beta2 * load_f32(exp_avg_sq_ptr + offsets, mask) + one_minus_beta2 * g * g
     store_as(exp_avg_ptr + offsets, m, mask)

@@ -13,7 +13,7 @@ Bytes per element (fp32, plain): read W, g, G; write W, G = 20.
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (advance_steps, load_f32, load_grad, load_param, scalar, schedule_entry,
+from ._multi_tensor import (add_weight_decay, advance_steps, load_f32, load_grad, load_param, scalar, schedule_entry,
                             step_is_skipped, store_as, store_param, tensor_ptr)
 
 ROLES = ("param", "grad", "step", "square_avg", "grad_avg", "momentum_buffer", "master")
@@ -27,7 +27,7 @@ def _rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, grad_avg_ptr, buf_ptr, m
                    EPS_INSIDE_SQRT: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                    HAS_MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr):
     w = load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER)
-    g = load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE) + weight_decay * w
+    g = add_weight_decay(load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE), w, weight_decay)
     G = alpha * load_f32(square_avg_ptr + offsets, mask) + one_minus_alpha * g * g
     store_as(square_avg_ptr + offsets, G, mask)
     variance = G

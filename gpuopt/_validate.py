@@ -1,0 +1,175 @@
+"""The one validation layer: every tensor a multi-tensor kernel touches, checked against what the
+kernel assumes, before any launch.
+
+A launch pairs element ``k`` of parameter ``i`` with element ``k`` of every other role's tensor
+``i`` *by storage position* (``gpuopt/kernels/_multi_tensor.py``). So, for every ``i``:
+
+* the parameter is a dense floating-point tensor (its elements fill ``numel`` consecutive slots in
+  some dimension order: contiguous, channels-last, any permutation), on a device Triton runs on,
+  and its address is a multiple of its element size (``torch.frombuffer(..., offset=2)`` is not);
+* every other role's tensor ``i`` (gradient, states, master copy) has the parameter's shape *and
+  strides*, lies on the parameter's device, is floating point and aligned likewise; ``step`` is a
+  one-element float32 tensor on that device;
+* no two tensors the kernel writes overlap in memory (a parameter listed twice, two views of one
+  buffer, a ``step`` shared by two parameters), because all of them are updated concurrently.
+
+Who fixes what before this runs: a gradient in another layout is copied to the parameter's
+(``matching_layout``); the optimizers migrate their own states to a parameter whose layout changed
+(``like_param``). Whatever is left is an error with a message naming the tensor and the fix.
+This runs whenever anything changed (see ``gpuopt._fused``): never on the steady-state fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._runtime import check_kernel_device
+
+FLOAT_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
+READ_ONLY_ROLES = frozenset(("grad", "value"))  # the kernels never write these
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True when ``t``'s elements fill ``numel`` consecutive storage slots in some dim order
+    (contiguous, channels-last, any permutation): such a tensor can be updated as a flat array."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same storage position for every element (strides of size-1 dims and of
+    tensors with at most one element do not matter)."""
+    if a.shape != b.shape:
+        return False
+    if a.numel() <= 1:
+        return True
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+
+
+def matching_layout(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The gradient in the parameter's memory layout (the kernel pairs elements by storage
+    position). Autograd nearly always produces this already; otherwise one copy is made."""
+    if grad.stride() == param.stride() or same_layout(grad, param):
+        return grad
+    return torch.empty_like(param, dtype=grad.dtype, memory_format=torch.preserve_format).copy_(grad)
+
+
+def like_param(value: torch.Tensor, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of ``value`` (same shape as ``param``) in ``param``'s memory layout, device and
+    ``dtype``: how a state follows its parameter into channels-last, or out of a checkpoint."""
+    out = torch.empty_like(param, dtype=dtype, memory_format=torch.preserve_format)
+    return out.copy_(value.detach())
+
+
+def check_params_and_grads(name: str, params, grads) -> None:
+    """The caller's tensors: floating-point params with a gradient of the same shape on the same
+    device, dense params, on a device the kernels run on. One cheap test per pair; the message is
+    worked out only when it fails."""
+    for p, g in zip(params, grads):
+        if (not isinstance(g, torch.Tensor) or g.layout is not torch.strided or p.dtype not in FLOAT_DTYPES
+                or g.dtype not in FLOAT_DTYPES or g.shape != p.shape or g.device != p.device):
+            _explain_bad_pair(name, p, g)
+    for p in {p.device: p for p in params}.values():  # one parameter per device
+        check_kernel_device(p, f"{name}'s parameter")
+
+
+def _explain_bad_pair(name, p, g):
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{name}: gradients must be tensors, got {type(g).__name__}")
+    if g.is_sparse or g.layout is not torch.strided:
+        raise RuntimeError(f"{name} does not support sparse gradients; use torch.optim.SparseAdam "
+                           "or densify the gradient (grad.to_dense())")
+    if p.is_complex() or g.is_complex():
+        raise RuntimeError(f"{name} does not support complex parameters or gradients; optimize "
+                           "torch.view_as_real(param) instead")
+    if not p.is_floating_point():
+        raise RuntimeError(f"{name} updates floating-point parameters; got a {p.dtype} parameter")
+    if not g.is_floating_point():
+        raise RuntimeError(f"{name}: gradient has dtype {g.dtype}, expected a floating-point gradient")
+    if g.shape != p.shape:
+        raise RuntimeError(f"{name}: gradient shape {tuple(g.shape)} does not match parameter "
+                           f"shape {tuple(p.shape)}")
+    raise RuntimeError(f"{name}: gradient on {g.device} but parameter on {p.device}; "
+                       "parameters, gradients and states must share a device")
+
+
+def check_roles(name: str, roles: dict, role_names) -> None:
+    """Everything the kernel assumes about one launch's tensors (module docstring). ``roles`` maps
+    a role name to a list aligned with the first role's (the reference: ``param``, or EMA's
+    ``average``), or to ``None`` (absent: the kernel's flags keep it from being touched). Raises
+    before anything is modified."""
+    reference = role_names[0]
+    params = roles[reference]
+    what = "parameter" if reference == "param" else reference
+    for role in role_names:
+        tensors = roles.get(role)
+        if tensors is not None and len(tensors) != len(params):
+            raise ValueError(f"{name}: got {len(tensors)} {role} tensors for {len(params)} {what}s")
+    for p in {p.device: p for p in params}.values():  # one per device
+        check_kernel_device(p, f"{name}'s {what}")
+    written = []
+    for i, p in enumerate(params):
+        _check_storage(name, what, i, p)
+        if p.numel():
+            written.append((p.data_ptr(), p.numel() * p.element_size(), f"{what} {i}"))
+        for role in role_names[1:]:
+            tensors = roles.get(role)
+            if tensors is None or tensors[i] is p:  # absent, or the param as a stand-in
+                continue
+            t = tensors[i]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: {role} {i} must be a tensor, got {type(t).__name__}")
+            if role == "step":
+                if t.dtype != torch.float32 or t.numel() != 1 or t.device != p.device:
+                    raise RuntimeError(
+                        f"{name}: state step {i} must be a one-element float32 tensor on the parameter's device "
+                        f"({p.device}), as torch's fused/capturable optimizers keep it; got {t.dtype} "
+                        f"{tuple(t.shape)} on {t.device}")
+            else:
+                _check_against(name, role, i, t, p, what)
+            _check_storage(name, role, i, t)
+            if role not in READ_ONLY_ROLES and t.numel():
+                written.append((t.data_ptr(), t.numel() * t.element_size(), f"{role} {i}"))
+    _check_no_overlap(name, written)
+
+
+def _check_against(name, role, i, t, p, what):
+    if t.shape != p.shape:
+        raise RuntimeError(f"{name}: {role} {i} has shape {tuple(t.shape)} but its {what} has shape "
+                           f"{tuple(p.shape)} (states must match their parameter's size, as in torch.optim)")
+    if t.device != p.device:
+        raise RuntimeError(f"{name}: {role} {i} is on {t.device} but its {what} on {p.device}; "
+                           "parameters, gradients and states must share a device")
+    if t.dtype not in FLOAT_DTYPES:
+        raise RuntimeError(f"{name}: {role} {i} has dtype {t.dtype}; it must be floating point")
+    if not same_layout(t, p):
+        raise RuntimeError(
+            f"{name}: {role} {i} has strides {t.stride()} but its {what} has strides {p.stride()}: the "
+            "kernel pairs elements by memory position, so every state must share its parameter's memory "
+            "layout (make it with torch.zeros_like(param), or copy it into one)")
+
+
+def _check_storage(name, role, i, t):
+    """Dense, and aligned to the element size (the kernel addresses it in whole elements)."""
+    if t.numel() > 1 and not is_dense(t):
+        raise ValueError(f"{name}: {role} {i} is not dense (shape {tuple(t.shape)}, strides {t.stride()}); "
+                         "gpuopt updates tensors whose elements fill their storage span (call .contiguous() "
+                         "on it first)")
+    if t.data_ptr() % t.element_size():
+        raise ValueError(f"{name}: {role} {i} starts at address {t.data_ptr():#x}, not a multiple of its "
+                         f"element size ({t.element_size()} bytes), e.g. torch.frombuffer with an odd offset; "
+                         "gpuopt refuses misaligned storage (copy it into a fresh tensor)")
+
+
+def _check_no_overlap(name, written):
+    """No two written tensors share a byte: they are all updated at once."""
+    written.sort()
+    for (start, size, what), (next_start, _, next_what) in zip(written, written[1:]):
+        if next_start < start + size:
+            raise RuntimeError(f"{name}: {what} and {next_what} overlap in memory; every tensor the step "
+                               "writes must be distinct (is a parameter listed twice, or a step or state "
+                               "shared between parameters?)")
