@@ -1,6 +1,9 @@
 """gpuopt's benchmarks against PyTorch and against the memory floor.
 
-    python -m bench [--suite optim|bn|all] [--quick] [--no-compile] [--out-dir bench/results]
+    python -m bench [--suite optim|bn|all|host] [--quick] [--no-compile] [--out-dir bench/results]
+
+``--suite host`` (runs anywhere, no GPU needed): the CPU time of an eager step around the
+launches, which are stubbed out, gpuopt and torch fused side by side (bench/host_suite.py).
 
 On a CUDA GPU: every row is the median of many timed runs (``triton.testing.do_bench``, warm-up
 first, L2 flushed between runs), its effective GB/s from an analytic byte count (DESIGN.md), the
@@ -25,18 +28,22 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-from . import bn_suite, optim_suite  # noqa: E402
+from . import bn_suite, host_suite, optim_suite  # noqa: E402
 from .common import Timer, copy_bandwidth_gbps, device_slug, environment, finish, plot, print_table, write_csv  # noqa: E402,E501
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["optim", "bn", "all"], default="all")
+    parser.add_argument("--suite", choices=["optim", "bn", "all", "host"], default="all")
     parser.add_argument("--quick", action="store_true", help="a subset of cases and dtypes, shorter timing")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile alternatives (each compiles for minutes in total)")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
+    if args.suite == "host":
+        rows = host_suite.run(args.quick, log=lambda message: print(message, file=sys.stderr, flush=True))
+        host_suite.print_host_table(rows)
+        return rows
 
     gpu = torch.cuda.is_available()
     info = environment(gpu)

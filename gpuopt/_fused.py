@@ -77,8 +77,8 @@ def prepare_launches(name: str, roles: dict, role_names: tuple, plans: PlanCache
     check_roles(name, roles, role_names)
     has_masters = roles.get("master") is not None
     master_role = role_names.index("master")
-    return [(plan, *bucket_precision(plan, master_role, has_masters, stochastic_rounding))
-            for plan in plan_launches(roles, role_names, plans, key)]
+    return [(plan, *bucket_precision(plan, master_role, has_masters, stochastic_rounding), index)
+            for plan, index in plan_launches(roles, role_names, plans, key)]
 
 
 def run_functional(name: str, kernel, roles: dict, launcher, *, grad_scale, found_inf, seed,
@@ -95,7 +95,7 @@ def run_functional(name: str, kernel, roles: dict, launcher, *, grad_scale, foun
                                 (name, key), stochastic_rounding)
     device = params[0].device
     step_args = StepArgs(device, _on(grad_scale, device), _on(found_inf, device), seed)
-    for plan, has_master, sr in launches:
+    for plan, has_master, sr, _ in launches:
         launcher(plan, step_args, has_master=has_master, stochastic_rounding=sr)
 
 
@@ -180,11 +180,12 @@ _ADDRESS = torch.Tensor.data_ptr
 
 def _fingerprint(params, grads):
     """Which tensors a group's launch would touch: the parameters (by identity and address) and
-    their gradients (by address; -1 for no gradient). Cheap: C-level maps over the lists."""
+    their gradients (by address; -1 for no gradient), and whether every gradient is an ordinary
+    strided tensor. Cheap: C-level maps over the lists."""
     try:
-        return tuple(map(id, params)), tuple(map(_ADDRESS, params)), tuple(map(_ADDRESS, grads))
+        return tuple(map(id, params)), tuple(map(_ADDRESS, params)), tuple(map(_ADDRESS, grads)), True
     except (TypeError, RuntimeError):  # a missing gradient, or a tensor without storage (sparse)
-        return tuple(map(id, params)), tuple(map(_address, params)), tuple(map(_address, grads))
+        return tuple(map(id, params)), tuple(map(_address, params)), tuple(map(_address, grads)), False
 
 
 def _address(t):
@@ -195,6 +196,18 @@ def _address(t):
     return t.data_ptr()
 
 
+_NUMEL, _STRIDE, _DEVICE_INDEX = torch.Tensor.numel, torch.Tensor.stride, torch.Tensor.get_device
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _grad_layout(grads):
+    """What the kernel assumed of the gradients: element counts and strides (with the validated
+    parameter's strides, these keep every read inside the gradient's storage span; torch checks
+    a gradient's shape when it is assigned), dtypes and devices."""
+    return (tuple(map(_NUMEL, grads)), tuple(map(_STRIDE, grads)), tuple(map(_DTYPE, grads)),
+            tuple(map(_DEVICE_INDEX, grads)))
+
+
 @dataclass
 class _PreparedGroup:
     """One param group's validated launches, reused by every step while nothing changed."""
@@ -202,7 +215,34 @@ class _PreparedGroup:
     fingerprint: tuple | None  # None: cannot be reused (a gradient had to be copied to its param's layout)
     generation: int
     structure: tuple
-    launches: list  # [(plan, has_master, stochastic_rounding)]
+    launches: list  # [(plan, has_master, stochastic_rounding, positions in the group)]
+    grad_layout: tuple | None = None  # when every parameter had a gradient: see _grad_layout
+    tensors: dict | None = None  # the validated roles: keeps alive what the tables point to (grad copies)
+
+    def move_grads(self, fingerprint, grads) -> bool:
+        """The gradients alone moved (``zero_grad(set_to_none=True)`` and a new backward): if
+        they are what the kernel assumed — sizes, strides, dtypes, devices as validated, aligned —
+        rewrite the gradient row of each plan's table and return True; else False (validate all)."""
+        if (self.grad_layout is None or self.fingerprint is None or not fingerprint[3]
+                or fingerprint[:2] != self.fingerprint[:2] or _grad_layout(grads) != self.grad_layout):
+            return False
+        addresses = fingerprint[2]
+        moves = []
+        for plan, _, _, index in self.launches:
+            whole = len(index) == len(addresses)
+            mine = addresses if whole else [addresses[i] for i in index]
+            residues = {a % 16 for a in mine}
+            size = plan.bases()[GRAD_ROLE].element_size()
+            if any(r % size for r in residues):  # misaligned: the slow path explains it
+                return False
+            moves.append((plan, grads if whole else [grads[i] for i in index], mine, residues == {0}))
+        for plan, tensors, mine, aligned in moves:
+            plan.move_role(GRAD_ROLE, tensors, mine, aligned)
+        self.fingerprint = fingerprint
+        return True
+
+
+GRAD_ROLE = 1  # every optimizer kernel's ROLES begin ("param", "grad", ...)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -375,11 +415,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             prepared = self._prepared.get(index)
             if (prepared is None or prepared.fingerprint != fingerprint or prepared.structure != structure
                     or prepared.generation != self._generation.value):
-                prepared = self._prepare(index, group, params, grads, fingerprint, structure)
+                if (prepared is None or prepared.structure != structure or prepared.generation != self._generation.value
+                        or not prepared.move_grads(fingerprint, grads)):
+                    prepared = self._prepare(index, group, params, grads, fingerprint, structure)
             if not prepared.launches:
                 continue
             launcher = self._launcher(group)
-            for plan, has_master, sr in prepared.launches:
+            for plan, has_master, sr, _ in prepared.launches:
                 device = plan.device
                 args = step_args.get(device)
                 if args is None:
@@ -409,9 +451,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state = self.state[p]
                 self._complete_state(state, p, group)
                 self._follow_layout(state, p)
-            launches = prepare_launches(name, self._roles(group, params, matched), self._kernel.ROLES, self._plans,
-                                        index, group["stochastic_rounding"])
-        prepared = _PreparedGroup(fingerprint, self._generation.value, structure, launches)
+            roles = self._roles(group, params, matched)
+            launches = prepare_launches(name, roles, self._kernel.ROLES, self._plans, index,
+                                        group["stochastic_rounding"])
+        every_grad = fingerprint is not None and fingerprint[3] and len(grads) == len(chosen) == len(fingerprint[0])
+        prepared = _PreparedGroup(fingerprint, self._generation.value, structure, launches,
+                                  _grad_layout(grads) if every_grad and launches else None,
+                                  roles if params else None)
         self._prepared[index] = prepared
         return prepared
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 
 from ._runtime import ASSUMED_SM_COUNT, ASSUMED_THREADS_PER_SM, use_gpu_config
@@ -93,9 +94,26 @@ class LaunchPlan:
         if self.device.type == "cuda":
             table = table.pin_memory().to(self.device, non_blocking=True)
         self.offsets = table
-        self.aligned = all(a % 16 == 0 for a in addresses)
+        self._role_aligned = [all(t.data_ptr() % 16 == 0 for t in role) for role in roles]
+        self.aligned = all(self._role_aligned)
         self._bases = [role[0] for role in roles]
         self._addresses = addresses
+
+    def move_role(self, role: int, tensors: list[torch.Tensor], addresses, aligned: bool) -> None:
+        """Point one role at new tensors (their ``addresses``) of the same sizes, layouts and
+        dtype, checked by the caller: the gradients after ``zero_grad(set_to_none=True)`` and a
+        backward. One row of the table is rewritten, stream-ordered after the launches that read
+        the old one; ``aligned``: every address is a multiple of 16 bytes."""
+        base = tensors[0]
+        row = (np.array(addresses, dtype=np.int64) - addresses[0]) // base.element_size()
+        row = torch.from_numpy(row)
+        if self.device.type == "cuda":
+            row = row.pin_memory()
+        self.offsets[role].copy_(row, non_blocking=True)
+        self._bases[role] = base
+        self._role_aligned[role] = aligned
+        self.aligned = all(self._role_aligned)
+        self._addresses = None  # the whole-table address cache no longer describes the table
 
     def schedule_args(self):
         """Kernel arguments shared by every multi-tensor kernel, in the order they declare them."""
@@ -125,16 +143,17 @@ class PlanCache:
         self._plans.clear()
 
 
-def plan_launches(roles: dict, role_names: tuple, plans: PlanCache, key) -> list[LaunchPlan]:
+def plan_launches(roles: dict, role_names: tuple, plans: PlanCache, key) -> list[tuple[LaunchPlan, list]]:
     """Split one validated launch (``roles``: role name → list aligned with the first role's, or
     ``None`` for a role the kernel's flags leave untouched) into groups sharing (device, dtype of
-    every role), and return a LaunchPlan for each, pointed at the tensors' current storage. An
-    absent role is filled with the first role's tensors as a placeholder."""
+    every role), and return ``(plan, indices)`` for each: a LaunchPlan pointed at the tensors'
+    current storage, and which of the lists' positions it covers, in order. An absent role is
+    filled with the first role's tensors as a placeholder."""
     first = roles[role_names[0]]
     present = [name for name in role_names if roles.get(name) is not None]
     keys = list(zip([t.device for t in first], *[[t.dtype for t in roles[name]] for name in present]))
     if keys.count(keys[0]) == len(keys):  # the common case: one group
-        buckets = {keys[0]: None}
+        buckets = {keys[0]: list(range(len(first)))}
     else:
         buckets = {}
         for i, k in enumerate(keys):
@@ -146,6 +165,6 @@ def plan_launches(roles: dict, role_names: tuple, plans: PlanCache, key) -> list
             tensors = roles.get(name)
             if tensors is None:
                 tensors = first
-            ordered.append(tensors if index is None else [tensors[i] for i in index])
-        launches.append(plans.get((key, bucket_key), ordered))
+            ordered.append(tensors if len(index) == len(first) else [tensors[i] for i in index])
+        launches.append((plans.get((key, bucket_key), ordered), index))
     return launches

@@ -90,7 +90,7 @@ class EMA:
             return []
         roles = {"average": [self.averages[i] for i in chosen], "value": [self.params[i].detach() for i in chosen]}
         check_roles("EMA", roles, ema_kernel.ROLES)
-        return plan_launches(roles, ema_kernel.ROLES, self._plans, "ema")
+        return [plan for plan, _ in plan_launches(roles, ema_kernel.ROLES, self._plans, "ema")]
 
     @torch.no_grad()
     def copy_to(self, params=None) -> None:

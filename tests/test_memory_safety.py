@@ -409,21 +409,52 @@ def test_replaced_state_is_validated_on_the_next_step(device):
 
 
 def test_steady_state_step_launches_without_revalidating(device, monkeypatch):
-    """Nothing changed → no validation, one launch; a moved grad → validated again."""
+    """Nothing changed → no validation, one launch; gradients alone moved → their table row is
+    rewritten without a full validation; a gradient in another layout or dtype, a new parameter
+    address, a gradient that vanished → validated again. Results match a fresh optimizer's."""
     import gpuopt._fused as fused
 
-    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in [(7,), (3, 5)]]
-    opt = gpuopt.Adam(params)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
+    shapes = [(7,), (3, 5), (2, 3, 4, 5)]
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, ref = gpuopt.Adam(params, lr=0.1), torch.optim.Adam(twins, lr=0.1)
     checks = []
     original = fused.check_roles
     monkeypatch.setattr(fused, "check_roles", lambda *a: (checks.append(1), original(*a))[1])
-    with count_launches(adam_kernel, "_adam_kernel") as counter:
+
+    def step(make_grad=torch.randn_like):
+        for p, t in zip(params, twins):
+            g = make_grad(p)
+            p.grad, t.grad = g, g.detach().clone()
         opt.step()
-        opt.step()
-    assert counter["launches"] == 2 and not checks
-    params[0].grad = torch.randn_like(params[0])  # new storage
-    opt.step()
+        ref.step()
+        for p, t in zip(params, twins):
+            assert_close(p, t, rtol=1e-5, atol=1e-6)
+
+    step()
     assert len(checks) == 1
+    kept = [p.grad for p in params]
+    with count_launches(adam_kernel, "_adam_kernel") as counter:
+        for _ in range(2):
+            for p, g in zip(params, kept):
+                g.copy_(torch.randn_like(g))
+            for p, t in zip(params, twins):
+                t.grad = p.grad.detach().clone()
+            opt.step()
+            ref.step()
+    assert counter["launches"] == 2 and len(checks) == 1  # kept: no validation
+    step()  # new gradient storage: the grad row moves, no full validation
+    step()
+    assert len(checks) == 1
+    step(lambda p: torch.randn(p.shape[::-1], device=device).T if p.dim() == 2 else torch.randn_like(p))
+    assert len(checks) == 2  # a transposed gradient: validated (and copied to the param's layout)
+    step()
+    params[0].grad = None
+    twins[0].grad = None
+    opt.step()
+    ref.step()
+    assert len(checks) == 4
+    params[1].data = params[1].data.clone()  # a parameter at a new address
+    twins[1].data = twins[1].data.clone()
+    step()
+    assert len(checks) == 5

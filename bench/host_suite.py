@@ -1,0 +1,155 @@
+"""Host cost of an eager step: what the CPU spends around the kernel launches, measured anywhere.
+
+    python -m bench --suite host
+
+Every Triton launch of gpuopt, and torch's fused optimizer kernels (``torch._fused_adamw_``,
+``torch._fused_sgd_``), are replaced by no-ops; the rest of each ``opt.step()`` runs as a user
+calls it on CPU tensors (validation, grouping, fingerprints, state lookups, torch's
+``_foreach_add_`` of the step counters...). Median µs per step over many steps, gpuopt and torch
+``fused=True`` side by side, for:
+
+* ResNet-50's 161 parameter shapes and GPT-2-medium's 292 (each tensor capped at 2^16 elements:
+  with launches stubbed the host cost depends on the number of tensors, not their size);
+* gradients kept in place (``zero_grad(set_to_none=False)``) or at new addresses every step
+  (``set_to_none=True`` may give them: here two gradient sets alternate);
+* AdamW and SGD with momentum;
+* ``gpuopt.nn.BatchNorm2d`` forward + backward per layer against an empty ``autograd.Function``
+  with the same inputs (the floor any autograd op pays).
+
+The Triton launch itself (argument binding, ~10 µs on a GPU machine) is not in these numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import statistics
+import time
+
+import torch
+
+from .shapes import gpt2_medium_shapes, resnet50_shapes
+
+CAP = 1 << 16
+
+
+class _NoLaunch:
+    """Stands in for a ``@triton.jit`` function: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Every gpuopt kernel and torch's fused optimizer kernels replaced by no-ops."""
+    from gpuopt.kernels import adadelta, adagrad, adam, batch_norm, ema, rmsprop, sgd
+
+    saved = []
+    for module in (adam, sgd, rmsprop, adagrad, adadelta, ema, batch_norm):
+        for name in [n for n in vars(module) if n.startswith("_") and n.endswith("_kernel")]:
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, _NoLaunch())
+    for name in ("_fused_adamw_", "_fused_adam_", "_fused_sgd_"):
+        saved.append((torch, name, getattr(torch, name)))
+        setattr(torch, name, lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def median_us(fn, steps: int, before=None) -> float:
+    """Median wall-clock µs of ``fn()``; ``before()`` runs untimed ahead of each call."""
+    for _ in range(5):  # warm-up: first-step states, plans
+        if before is not None:
+            before()
+        fn()
+    times = []
+    for _ in range(steps):
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def _shape_lists():
+    def capped(shape):
+        if math.prod(shape) <= CAP:
+            return shape
+        return (CAP,) if len(shape) == 1 else (CAP // 64, 64)
+    return [("ResNet-50 (161 tensors)", resnet50_shapes()),
+            ("GPT-2-medium (292 tensors)", [capped(s) for s in gpt2_medium_shapes()])]
+
+
+def optimizer_step_us(library: str, algorithm: str, shapes, moved: bool, steps: int) -> float:
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    grad_sets = [[torch.randn_like(p) for p in params] for _ in range(2 if moved else 1)]
+    kwargs = dict(lr=1e-3) if algorithm == "AdamW" else dict(lr=0.1, momentum=0.9)
+    if library == "gpuopt":
+        import gpuopt
+        opt = getattr(gpuopt, algorithm)(params, **kwargs)
+    else:
+        opt = getattr(torch.optim, algorithm)(params, fused=True, **kwargs)
+    count = [0]
+
+    def set_grads():  # the harness's part, untimed: backward would have made these
+        grads = grad_sets[count[0] % len(grad_sets)]
+        count[0] += 1
+        for p, g in zip(params, grads):
+            p.grad = g
+
+    return median_us(opt.step, steps, before=set_grads)
+
+
+class _Empty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var):
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty_like(grad), torch.empty(grad.shape[1]), torch.empty(grad.shape[1]), None, None
+
+
+def batch_norm_us(impl: str, steps: int) -> float:
+    import gpuopt
+
+    x = torch.randn(2, 64, 4, 4, requires_grad=True)
+    bn = gpuopt.nn.BatchNorm2d(64)
+    if impl == "gpuopt":
+        fn = lambda: bn(x).sum().backward()  # noqa: E731
+    else:
+        fn = lambda: _Empty.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var).sum().backward()  # noqa: E731
+    return median_us(fn, steps)
+
+
+def run(quick: bool = False, log=print) -> list[dict]:
+    steps = 50 if quick else 300
+    rows = []
+    with stubbed_launches():
+        for case, shapes in _shape_lists():
+            for algorithm in ("AdamW", "SGD"):
+                for moved in (False, True):
+                    us = {lib: optimizer_step_us(lib, algorithm, shapes, moved, steps) for lib in ("gpuopt", "torch")}
+                    rows.append(dict(case=case, op=algorithm + (" momentum" if algorithm == "SGD" else ""),
+                                     grads="moved" if moved else "kept", gpuopt_us=us["gpuopt"],
+                                     torch_us=us["torch"], reference="torch fused=True"))
+                    log(f"  {rows[-1]}")
+        bn = {impl: batch_norm_us(impl, steps) for impl in ("gpuopt", "empty")}
+        rows.append(dict(case="BatchNorm2d (2, 64, 4, 4)", op="forward+backward", grads="-", gpuopt_us=bn["gpuopt"],
+                         torch_us=bn["empty"], reference="empty autograd.Function"))
+    return rows
+
+
+def print_host_table(rows: list[dict]) -> None:
+    print(f"\nHost µs per step, launches stubbed ({platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()})")
+    print(f"{'case':28} {'op':18} {'grads':6} {'gpuopt':>9} {'reference':>10} {'ratio':>6}  reference")
+    for r in rows:
+        print(f"{r['case']:28} {r['op']:18} {r['grads']:6} {r['gpuopt_us']:9.1f} {r['torch_us']:10.1f} "
+              f"{r['gpuopt_us'] / r['torch_us']:6.2f}  {r['reference']}")
