@@ -38,3 +38,18 @@ def test_bench_runs_both_suites_and_writes_csv_and_png(tmp_path, monkeypatch):
     assert int(adam["bytes"]) == 28 * 4096  # read p, g, m, v; write p, m, v (fp32)
     bn = next(r for r in table if r["op"] == "train fwd+bwd" and r["dtype"] == "bfloat16")
     assert int(bn["bytes"]) == 8 * 2 * 4 * 3 * 5 * 7  # 8 passes of 2-byte elements
+
+
+def test_host_suite_runs_with_launches_stubbed_and_restores_them(monkeypatch):
+    """python -m bench --suite host: every row timed for gpuopt and its reference, and the
+    kernels (gpuopt's and torch's fused ones) are back in place afterwards."""
+    from bench import host_suite
+    from gpuopt.kernels import adam
+
+    monkeypatch.setattr(host_suite, "_shape_lists", lambda: [("tiny", [(7,), (3, 5), (64,)])])
+    kernel, fused = adam._adam_kernel, torch._fused_adamw_
+    rows = host_suite.run(quick=True, log=lambda message: None)
+    assert adam._adam_kernel is kernel and torch._fused_adamw_ is fused
+    assert {(r["op"], r["grads"]) for r in rows} >= {("AdamW", "kept"), ("AdamW", "moved"),
+                                                    ("SGD momentum", "kept"), ("SGD momentum", "moved")}
+    assert all(r["gpuopt_us"] > 0 and r["torch_us"] > 0 for r in rows)

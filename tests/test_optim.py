@@ -223,12 +223,17 @@ def test_plan_tables_rebuilt_only_when_storage_moves(device):
     opt.step()
     (plan,) = opt._plans._plans.values()
     table = plan.offsets
+    before = table.clone()
     opt.step()
-    assert plan.offsets is table  # same grads: no new table
+    assert plan.offsets is table and torch.equal(table, before)  # same grads: table untouched
     for p in params:
         p.grad = torch.randn_like(p)  # zero_grad(set_to_none=True) + backward: new storage
     opt.step()
-    assert plan.offsets is not table
+    # only the gradient row is rewritten, in place
+    assert plan.offsets is table and torch.equal(table[0], before[0]) and torch.equal(table[2:], before[2:])
+    assert plan.bases()[1] is params[0].grad
+    base = params[0].grad.data_ptr()
+    assert table[1].tolist() == [(p.grad.data_ptr() - base) // 4 for p in params]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
