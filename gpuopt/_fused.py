@@ -116,6 +116,15 @@ def _bumps(method):
     return wrapper
 
 
+def _tracked(cls):
+    """Make every dict mutator of ``cls`` that it does not define itself bump the generation."""
+    for name in ("__setitem__", "__delitem__", "__ior__", "pop", "popitem", "clear", "update", "setdefault"):
+        if name not in vars(cls):
+            setattr(cls, name, _bumps(getattr(dict, name)))
+    return cls
+
+
+@_tracked
 class _ParamState(dict):
     """One parameter's state (``opt.state[p]``): a plain dict that bumps its optimizer's
     generation on every change, so a state a user replaces (``opt.state[p]["exp_avg"] = ...``) is
@@ -130,18 +139,11 @@ class _ParamState(dict):
     def __reduce__(self):  # pickles (and deep-copies) as the plain dict it is
         return dict, (dict(self),)
 
-    __setitem__ = _bumps(dict.__setitem__)
-    __delitem__ = _bumps(dict.__delitem__)
-    __ior__ = _bumps(dict.__ior__)
-    pop = _bumps(dict.pop)
-    popitem = _bumps(dict.popitem)
-    clear = _bumps(dict.clear)
-    update = _bumps(dict.update)
-    setdefault = _bumps(dict.setdefault)
 
-
+@_tracked
 class _OptimizerState(defaultdict):
-    """``opt.state``: parameter → ``_ParamState``, bumping the generation on every change."""
+    """``opt.state``: parameter → ``_ParamState`` (a plain dict put in is converted), bumping the
+    generation on every change."""
 
     def __init__(self, generation, items=()):
         super().__init__(None)
@@ -158,14 +160,17 @@ class _OptimizerState(defaultdict):
         self._generation.value += 1
         dict.__setitem__(self, key, value if isinstance(value, _ParamState) else _ParamState(self._generation, value))
 
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = {} if default is None else default
+        return dict.__getitem__(self, key)
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
     def __reduce__(self):
         return _plain_state, (dict(self),)
-
-    __delitem__ = _bumps(dict.__delitem__)
-    pop = _bumps(dict.pop)
-    popitem = _bumps(dict.popitem)
-    clear = _bumps(dict.clear)
-    update = _bumps(dict.update)
 
 
 def _plain_state(items):
@@ -344,6 +349,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             if (key != "step" and isinstance(value, torch.Tensor) and value.shape == p.shape
                     and not same_layout(value, p)):
                 state[key] = like_param(value, p, value.dtype)
+
+    def state_dict(self):
+        """As ``torch.optim.Optimizer.state_dict``, with each parameter's state as a plain dict
+        (``torch.load(weights_only=True)`` reads it back); the tensors are the live ones, as torch's."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {key: dict(value) for key, value in state_dict["state"].items()}
+        return state_dict
 
     def load_state_dict(self, state_dict):
         """As ``torch.optim.Optimizer.load_state_dict``, then with gpuopt's placement: ``step`` as

@@ -458,3 +458,28 @@ def test_steady_state_step_launches_without_revalidating(device, monkeypatch):
     twins[1].data = twins[1].data.clone()
     step()
     assert len(checks) == 5
+
+
+def test_tracked_state_pickles_as_plain_dicts_and_deepcopies(device, tmp_path):
+    """opt.state tracks its changes, yet state_dict() saves and loads with weights_only=True, and a
+    deep copy steps on its own tensors (its plans are rebuilt, never the original's addresses)."""
+    import copy
+
+    p = torch.nn.Parameter(torch.randn(9, device=device))
+    opt = gpuopt.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert type(loaded["state"][0]) is dict and set(loaded["state"][0]) == {"momentum_buffer", "step"}
+    twin = copy.deepcopy(opt)
+    q = twin.param_groups[0]["params"][0]
+    assert q is not p and q.data_ptr() != p.data_ptr()
+    q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    assert torch.equal(p, q)
+    assert torch.equal(twin.state[q]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+    fresh = gpuopt.SGD([torch.nn.Parameter(torch.randn(9, device=device))], lr=0.1, momentum=0.9)
+    fresh.load_state_dict(loaded)
+    assert fresh.state[fresh.param_groups[0]["params"][0]]["step"].item() == 1
