@@ -30,6 +30,9 @@ from .kernels import sgd as sgd_kernel
 
 
 def adam_launcher(*, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, eps_inside_sqrt, decoupled_weight_decay):
+    # Tensor betas (torch accepts them) are read on the host: free for a CPU tensor, a sync for a
+    # device one. The kernel takes β, 1 - β and log β as float64-derived runtime scalars.
+    beta1, beta2 = float(beta1), float(beta2)
     return functools.partial(adam_kernel.adam_, lr=lr, beta1=beta1, one_minus_beta1=1.0 - beta1,
                              log_beta1=log_of(beta1), beta2=beta2, one_minus_beta2=1.0 - beta2,
                              log_beta2=log_of(beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,

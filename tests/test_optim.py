@@ -475,3 +475,38 @@ def test_more_than_2_31_elements(device):
     gpuopt.SGD([p], lr=0.5).step()
     assert p[-1000:].float().eq(-0.5).all() and p[:1000].float().eq(-0.5).all()
     assert p[2**31 - 5: 2**31 + 5].float().eq(-0.5).all()
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_tensor_betas_match_torch(device, name):
+    """optim_db's "Tensor lr, Tensor betas, with capturable": the launch crashed inside Triton."""
+    ours = make_params(device)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kwargs = dict(lr=torch.tensor(0.01), betas=(torch.tensor(0.8), torch.tensor(0.95)))
+    grads = grads_like(ours, 5)
+    run(getattr(gpuopt, name)(ours, **kwargs), ours, grads)
+    run(getattr(torch.optim, name)(theirs, **kwargs), theirs, grads)
+    for a, b in zip(ours, theirs):
+        assert_close(a, b, rtol=1e-4, atol=1e-5, name=name)
+
+
+@pytest.mark.parametrize("step_value", [3, 3.0])
+def test_state_dict_with_a_python_number_step_loads(device, step_value):
+    """Older torch checkpoints hold `step` as a Python number: load, then step, as torch does."""
+    ours = make_params(device)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    torch_opt = torch.optim.Adam(theirs, lr=0.01)
+    run(torch_opt, theirs, grads_like(theirs, 3))
+    checkpoint = copy.deepcopy(torch_opt.state_dict())
+    for state in checkpoint["state"].values():
+        state["step"] = step_value
+    for a, b in zip(ours, theirs):
+        a.data.copy_(b.data)
+    our_opt = gpuopt.Adam(ours, lr=0.01)
+    our_opt.load_state_dict(checkpoint)
+    assert our_opt.state[ours[0]]["step"].dtype == torch.float32 and our_opt.state[ours[0]]["step"].item() == 3
+    grads = grads_like(ours, 2)
+    run(our_opt, ours, grads)
+    run(torch_opt, theirs, grads)
+    for a, b in zip(ours, theirs):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
