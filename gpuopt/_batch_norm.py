@@ -190,13 +190,13 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm: input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dim() < 2:
+    if input.dim() < 2 and not (input.dim() == 1 and input.numel() == 0):  # torch returns (0,) for (0,)
         raise ValueError(f"batch_norm: expected an input of shape (N, C, ...) with at least 2 dimensions, "
                          f"got {input.dim()}-D input of shape {tuple(input.shape)}")
     if input.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"batch_norm: input must be float32, bfloat16, float16 or float64, got {input.dtype}")
     check_kernel_device(input, "batch_norm's input")
-    C = input.shape[1]
+    C = input.shape[1] if input.dim() > 1 else 0
     allowed = {input.dtype, torch.float32}
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         if t is None:

@@ -517,3 +517,16 @@ def test_realistic_shapes_match_torch_on_gpu(device, shape, layout, dtype):
         scale = e.abs().max().item() if name.startswith("grad w") or name.startswith("grad b") else 1.0
         assert_close(a.float(), e.float(), dtype=torch.float32, rtol=rtol, atol=atol * scale, name=name)
     assert results[0][0].stride() == results[1][0].stride()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_one_dimensional_empty_input_as_torch(device, training):
+    """An OpInfo sample of F.batch_norm: input (0,) with (0,) running stats gives an empty result."""
+    x = torch.empty(0, device=device)
+    rm, rv = torch.empty(0, device=device), torch.empty(0, device=device)
+    y = gpuopt.functional.batch_norm(x, rm, rv, training=training)
+    expected = torch.nn.functional.batch_norm(x, rm.clone(), rv.clone(), training=training)
+    assert y.shape == expected.shape == (0,) and y.dtype == expected.dtype
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        gpuopt.functional.batch_norm(torch.randn(5, device=device), torch.zeros(5, device=device),
+                                     torch.ones(5, device=device))
