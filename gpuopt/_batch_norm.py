@@ -158,16 +158,21 @@ def view_of(x: torch.Tensor):
     return x.contiguous(), N, C, S, False
 
 
+def misaligned(t: torch.Tensor) -> bool:
+    """The address is not a multiple of the element size (e.g. ``torch.frombuffer(..., offset=2)``):
+    the kernels address whole elements, so such a tensor is read from a copy."""
+    return t.data_ptr() % t.element_size() != 0
+
+
 def aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or a copy when its address is not a multiple of its element size (the kernels
-    address whole elements; e.g. ``torch.frombuffer(..., offset=2)``)."""
-    return t.clone() if t.data_ptr() % t.element_size() else t
+    """``t``, or a copy of it when it is misaligned."""
+    return t.clone() if misaligned(t) else t
 
 
 def per_channel(t):
     """A weight, bias or running statistic as the kernels read it: C contiguous, aligned elements
     (a strided view such as ``torch.zeros(6)[::2]`` or an ``expand()``ed weight is copied)."""
-    if t is None or (t.is_contiguous() and not t.data_ptr() % t.element_size()):
+    if t is None or (t.is_contiguous() and not misaligned(t)):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
@@ -175,7 +180,7 @@ def per_channel(t):
 def same_layout(t: torch.Tensor, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """``t`` (a gradient) in the memory layout of ``like``, copied only when it differs."""
     dense = _channels_last_dense(t) if channels_last else t.is_contiguous()
-    return t if dense and not t.data_ptr() % t.element_size() else torch.empty_like(like).copy_(t)
+    return t if dense and not misaligned(t) else torch.empty_like(like).copy_(t)
 
 
 # ----------------------------------------------------------------------------- checks ---------

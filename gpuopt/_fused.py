@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ._multi_tensor import PlanCache, plan_launches
-from ._validate import check_params_and_grads, check_roles, like_param, matching_layout, same_layout
+from ._validate import check_params_and_grads, check_roles, follow_layout, like_param, matching_layout
 
 _FUNCTIONAL_PLANS = PlanCache()  # for the functional API, whose callers keep no plans
 
@@ -72,7 +72,7 @@ def bucket_precision(plan, master_role: int, has_masters: bool, stochastic_round
 def prepare_launches(name: str, roles: dict, role_names: tuple, plans: PlanCache, key,
                      stochastic_rounding: bool) -> list:
     """Validate one launch's tensors (``gpuopt._validate.check_roles``) and split it into launch
-    groups: ``[(plan, has_master, stochastic_rounding)]``. The slow path, shared by the functional
+    groups: ``[(plan, has_master, stochastic_rounding, positions in the lists)]``. The slow path, shared by the functional
     API (every call) and the optimizer classes (only when something changed)."""
     check_roles(name, roles, role_names)
     has_masters = roles.get("master") is not None
@@ -82,7 +82,7 @@ def prepare_launches(name: str, roles: dict, role_names: tuple, plans: PlanCache
 
 
 def run_functional(name: str, kernel, roles: dict, launcher, *, grad_scale, found_inf, seed,
-                   stochastic_rounding, plans: PlanCache | None = None, key=None) -> None:
+                   stochastic_rounding) -> None:
     """The functional API's path: the caller's lists are new every call, so they are checked every
     call (params and grads, then every role), grads copied to their params' layout if needed,
     then one launch per (device, dtypes) group."""
@@ -91,8 +91,7 @@ def run_functional(name: str, kernel, roles: dict, launcher, *, grad_scale, foun
         return
     check_params_and_grads(name, params, roles["grad"])
     roles = dict(roles, grad=[matching_layout(g, p) for g, p in zip(roles["grad"], params)])
-    launches = prepare_launches(name, roles, kernel.ROLES, _FUNCTIONAL_PLANS if plans is None else plans,
-                                (name, key), stochastic_rounding)
+    launches = prepare_launches(name, roles, kernel.ROLES, _FUNCTIONAL_PLANS, name, stochastic_rounding)
     device = params[0].device
     step_args = StepArgs(device, _on(grad_scale, device), _on(found_inf, device), seed)
     for plan, has_master, sr, _ in launches:
@@ -342,13 +341,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state[role] = self._zeros(p, group, fill)
 
     def _follow_layout(self, state, p):
-        """A parameter whose memory layout changed (``model.to(memory_format=torch.channels_last)``
-        replaces ``p.data``) takes its states along: each is copied into the new layout, values
-        kept, as torch.optim's elementwise updates would pair them."""
-        for key, value in state.items():
-            if (key != "step" and isinstance(value, torch.Tensor) and value.shape == p.shape
-                    and not same_layout(value, p)):
-                state[key] = like_param(value, p, value.dtype)
+        """A parameter whose memory layout changed takes its states along (``follow_layout``)."""
+        for key, value in list(state.items()):
+            if key != "step" and isinstance(value, torch.Tensor):
+                moved = follow_layout(value, p)
+                if moved is not value:
+                    state[key] = moved
 
     def state_dict(self):
         """As ``torch.optim.Optimizer.state_dict``, with each parameter's state as a plain dict
@@ -425,11 +423,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             fingerprint = _fingerprint(params, grads)
             structure = self._structure(group)
             prepared = self._prepared.get(index)
-            if (prepared is None or prepared.fingerprint != fingerprint or prepared.structure != structure
-                    or prepared.generation != self._generation.value):
-                if (prepared is None or prepared.structure != structure or prepared.generation != self._generation.value
-                        or not prepared.move_grads(fingerprint, grads)):
-                    prepared = self._prepare(index, group, params, grads, fingerprint, structure)
+            stale = (prepared is None or prepared.structure != structure
+                     or prepared.generation != self._generation.value)
+            if stale or (prepared.fingerprint != fingerprint and not prepared.move_grads(fingerprint, grads)):
+                prepared = self._prepare(index, group, params, grads, fingerprint, structure)
             if not prepared.launches:
                 continue
             launcher = self._launcher(group)
@@ -466,7 +463,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             roles = self._roles(group, params, matched)
             launches = prepare_launches(name, roles, self._kernel.ROLES, self._plans, index,
                                         group["stochastic_rounding"])
-        every_grad = fingerprint is not None and fingerprint[3] and len(grads) == len(chosen) == len(fingerprint[0])
+        every_grad = fingerprint is not None and fingerprint[3] and len(chosen) == len(fingerprint[0])
         prepared = _PreparedGroup(fingerprint, self._generation.value, structure, launches,
                                   _grad_layout(grads) if every_grad and launches else None,
                                   roles if params else None)

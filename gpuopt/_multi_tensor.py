@@ -94,7 +94,8 @@ class LaunchPlan:
         if self.device.type == "cuda":
             table = table.pin_memory().to(self.device, non_blocking=True)
         self.offsets = table
-        self._role_aligned = [all(t.data_ptr() % 16 == 0 for t in role) for role in roles]
+        n = self.n_tensors
+        self._role_aligned = [all(a % 16 == 0 for a in addresses[k * n:(k + 1) * n]) for k in range(len(roles))]
         self.aligned = all(self._role_aligned)
         self._bases = [role[0] for role in roles]
         self._addresses = addresses

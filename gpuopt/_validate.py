@@ -65,6 +65,16 @@ def like_param(value: torch.Tensor, param: torch.Tensor, dtype: torch.dtype) -> 
     return out.copy_(value.detach())
 
 
+def follow_layout(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A state (or EMA average) whose parameter changed memory layout
+    (``model.to(memory_format=torch.channels_last)`` replaces ``p.data``), copied into the new
+    layout with its values kept, as torch's elementwise updates would pair them; otherwise
+    ``value`` itself. A size mismatch is left for ``check_roles`` to refuse."""
+    if value.shape == param.shape and not same_layout(value, param):
+        return like_param(value, param, value.dtype)
+    return value
+
+
 def check_params_and_grads(name: str, params, grads) -> None:
     """The caller's tensors: floating-point params with a gradient of the same shape on the same
     device, dense params, on a device the kernels run on. One cheap test per pair; the message is

@@ -6,7 +6,7 @@ import torch
 
 from ._multi_tensor import PlanCache, plan_launches
 from ._runtime import check_kernel_device
-from ._validate import check_roles, like_param, same_layout
+from ._validate import check_roles, follow_layout
 from .kernels import ema as ema_kernel
 
 _ADDRESS = torch.Tensor.data_ptr
@@ -82,9 +82,7 @@ class EMA:
     def _prepare(self):
         """Validate and plan: averages follow a parameter whose memory layout changed (values kept);
         0-element parameters are skipped."""
-        for i, (average, p) in enumerate(zip(self.averages, self.params)):
-            if average.shape == p.shape and not same_layout(average, p):
-                self.averages[i] = like_param(average, p, average.dtype)
+        self.averages = [follow_layout(average, p) for average, p in zip(self.averages, self.params)]
         chosen = [i for i, p in enumerate(self.params) if p.numel()]
         if not chosen:
             return []
