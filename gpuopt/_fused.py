@@ -300,6 +300,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group):
         params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # torch refuses sets itself
+            param_group["params"] = params = list(params)  # as torch does; a generator is read once, here
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         if len({id(p) for p in params}) != len(params):
             # torch.optim warns and steps such a parameter twice; gpuopt updates all of a launch's

@@ -510,3 +510,13 @@ def test_state_dict_with_a_python_number_step_loads(device, step_value):
     run(torch_opt, theirs, grads)
     for a, b in zip(ours, theirs):
         assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_add_param_group_takes_a_generator(device):
+    """model.parameters() is a generator: the duplicate check must not use it up before torch does."""
+    model = torch.nn.Linear(3, 2).to(device)
+    opt = gpuopt.SGD([torch.nn.Parameter(torch.zeros(1, device=device))], lr=0.1)
+    opt.add_param_group({"params": model.parameters(), "lr": 0.01})
+    assert opt.param_groups[1]["params"] == list(model.parameters()) and opt.param_groups[1]["lr"] == 0.01
+    with pytest.raises(TypeError):
+        opt.add_param_group({"params": {torch.nn.Parameter(torch.zeros(1, device=device))}})  # torch's error
