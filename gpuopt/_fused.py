@@ -9,7 +9,9 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.optim.optimizer as _torch_optimizer
 
 from ._multi_tensor import PlanCache, plan_launches
 from ._validate import check_params_and_grads, check_roles, follow_layout, like_param, matching_layout
@@ -34,14 +36,6 @@ class StepArgs:
     @property
     def has_found_inf(self) -> bool:
         return self.found_inf is not None
-
-    @property
-    def grad_scale_ptr(self):
-        return self.grad_scale
-
-    @property
-    def found_inf_ptr(self):
-        return self.found_inf
 
     def lr_on_device(self, lr) -> bool:
         return isinstance(lr, torch.Tensor) and lr.device == self.device
@@ -222,6 +216,19 @@ class _PreparedGroup:
     launches: list  # [(plan, has_master, stochastic_rounding, positions in the group)]
     grad_layout: tuple | None = None  # when every parameter had a gradient: see _grad_layout
     tensors: dict | None = None  # the validated roles: keeps alive what the tables point to (grad copies)
+    options: tuple | None = None  # the group's options the launcher was made from (None: remake every step)
+    launcher: object = None  # launch(plan, step_args, lr=, has_master=, stochastic_rounding=)
+
+    def same_options(self, options) -> bool:
+        """The group's options are the very objects the launcher was made from (held here, so
+        identity is exact: an object still referenced cannot share its id with a new one)."""
+        kept = self.options
+        return kept is not None and len(kept) == len(options) and all(map(operator.is_, kept, options))
+
+    def set_options(self, options, launcher) -> None:
+        # A tensor option (betas as tensors) can change in place: its launcher is remade every step.
+        self.options = None if any(map(_holds_tensor, options)) else options
+        self.launcher = launcher
 
     def move_grads(self, fingerprint, grads) -> bool:
         """The gradients alone moved (``zero_grad(set_to_none=True)`` and a new backward): if
@@ -230,23 +237,28 @@ class _PreparedGroup:
         if (self.grad_layout is None or self.fingerprint is None or not fingerprint[3]
                 or fingerprint[:2] != self.fingerprint[:2] or _grad_layout(grads) != self.grad_layout):
             return False
-        addresses = fingerprint[2]
+        addresses = np.array(fingerprint[2], dtype=np.int64)
         moves = []
         for plan, _, _, index in self.launches:
             whole = len(index) == len(addresses)
-            mine = addresses if whole else [addresses[i] for i in index]
-            residues = {a % 16 for a in mine}
-            size = plan.bases()[GRAD_ROLE].element_size()
-            if any(r % size for r in residues):  # misaligned: the slow path explains it
+            mine = addresses if whole else addresses[index]
+            if (mine % plan.bases()[GRAD_ROLE].element_size()).any():  # misaligned: the slow path explains it
                 return False
-            moves.append((plan, grads if whole else [grads[i] for i in index], mine, residues == {0}))
-        for plan, tensors, mine, aligned in moves:
-            plan.move_role(GRAD_ROLE, tensors, mine, aligned)
+            moves.append((plan, grads[index[0]], mine, not (mine % 16).any()))
+        for plan, first, mine, aligned in moves:
+            plan.move_role(GRAD_ROLE, first, mine, aligned)
         self.fingerprint = fingerprint
         return True
 
 
+def _holds_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor) or (isinstance(value, (tuple, list)) and any(map(_holds_tensor, value)))
+
+
 GRAD_ROLE = 1  # every optimizer kernel's ROLES begin ("param", "grad", ...)
+_GLOBAL_PRE_HOOKS = _torch_optimizer._global_optimizer_pre_hooks  # torch's registries (dicts), read directly
+_GLOBAL_POST_HOOKS = _torch_optimizer._global_optimizer_post_hooks
+_profiler_enabled = torch._C._autograd._profiler_enabled
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -288,6 +300,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._generation.value += 1
         self._plans = PlanCache()
         self._prepared: dict[int, _PreparedGroup] = {}
+        # The options a group's launcher is made from; lr is read at every launch instead.
+        self._option_names = tuple(name for name in self.defaults if name != "lr")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -398,18 +412,29 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- step -------------------------------------------------------------------------------
 
-    # Inside torch.compile a step runs eagerly (a graph break): it is one launch already, and
-    # Dynamo cannot trace the launch plans (they read storage addresses).
-    @torch.compiler.disable
-    @torch.no_grad()
-    def step(self, closure=None, *, grad_scale=None, found_inf=None):
-        """One optimizer step; one kernel launch per (param group, device, dtypes).
+    def step(self, *args, **kwargs):
+        """``step(closure=None, *, grad_scale=None, found_inf=None)``: one optimizer step, one
+        kernel launch per (param group, device, dtypes).
 
         ``grad_scale`` / ``found_inf`` (device tensors) are AMP's: gradients are divided by
         ``grad_scale`` inside the kernel and the whole step is skipped on the device when
         ``found_inf`` is nonzero. ``torch.amp.GradScaler`` sets them as attributes, as it does for
         PyTorch's fused optimizers; both ways work.
+
+        Step hooks (``register_step_pre_hook``, ``register_optimizer_step_post_hook``) and the
+        profiler's ``Optimizer.step#...`` range work as in torch: torch's own wrapper runs around
+        the step whenever one is registered or the profiler is on, and only then. Inside
+        ``torch.compile`` the step runs eagerly (a graph break): it is one launch already, and
+        Dynamo cannot trace the launch plans (they read storage addresses).
         """
+        if (torch.compiler.is_compiling() or _profiler_enabled() or _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS
+                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks):
+            return self._hooked_step(*args, **kwargs)
+        return self._step(*args, **kwargs)
+
+    step.hooked = True  # tells torch.optim.Optimizer not to wrap it (it would on every call, hooks or not)
+
+    def _step(self, closure=None, *, grad_scale=None, found_inf=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -420,33 +445,47 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._reset_host_caches()
         step_args = {}
         for index, group in enumerate(self.param_groups):
-            params = group["params"]
-            grads = list(map(_GRAD, params))
-            fingerprint = _fingerprint(params, grads)
-            structure = self._structure(group)
-            prepared = self._prepared.get(index)
-            stale = (prepared is None or prepared.structure != structure
-                     or prepared.generation != self._generation.value)
-            if stale or (prepared.fingerprint != fingerprint and not prepared.move_grads(fingerprint, grads)):
-                prepared = self._prepare(index, group, params, grads, fingerprint, structure)
-            if not prepared.launches:
-                continue
-            launcher = self._launcher(group)
+            prepared = self._prepared_group(index, group)
+            lr = group["lr"]
             for plan, has_master, sr, _ in prepared.launches:
                 device = plan.device
                 args = step_args.get(device)
                 if args is None:
                     args = step_args[device] = StepArgs(device, _on(grad_scale, device), _on(found_inf, device),
                                                         self._seed)
-                launcher(plan, args, has_master=has_master, stochastic_rounding=sr)
+                prepared.launcher(plan, args, lr=lr, has_master=has_master, stochastic_rounding=sr)
         return loss
+
+    # torch's wrapper of a step (profiler range, hooks), used when one is on; Dynamo breaks the graph here.
+    _hooked_step = torch.compiler.disable(torch.optim.Optimizer.profile_hook_step(_step))
+
+    def _prepared_group(self, index, group) -> _PreparedGroup:
+        """The group's validated launches. The fast path: the same options (by identity; ``lr``
+        is read at every launch), the same parameters and gradients at the same addresses, no
+        state changed — one fingerprint compare. Gradients that alone moved rewrite one table row.
+        Anything else is validated again (``_prepare``)."""
+        params = group["params"]
+        grads = list(map(_GRAD, params))
+        fingerprint = _fingerprint(params, grads)
+        options = tuple(map(group.get, self._option_names))
+        prepared = self._prepared.get(index)
+        if prepared is not None and not prepared.same_options(options):
+            if prepared.structure == self._structure(group):  # new hyperparameters, the same tensors
+                prepared.set_options(options, self._launcher(group))
+            else:
+                prepared = None
+        if (prepared is None or prepared.generation != self._generation.value
+                or (prepared.fingerprint != fingerprint and not prepared.move_grads(fingerprint, grads))):
+            prepared = self._prepare(index, group, params, grads, fingerprint, options)
+        return prepared
 
     def _structure(self, group) -> tuple:
         """The group's options that decide which tensors a launch touches (a change re-validates)."""
         return (self._state_roles(group), self._uses_step(group), group["master_weights"], group["state_dtype"],
                 group["stochastic_rounding"])
 
-    def _prepare(self, index, group, params, grads, fingerprint, structure) -> _PreparedGroup:
+    @torch.no_grad()
+    def _prepare(self, index, group, params, grads, fingerprint, options) -> _PreparedGroup:
         """The slow path: validate the group's tensors, make missing states, and plan its launches."""
         name = type(self).__name__
         chosen = [i for i, g in enumerate(grads) if g is not None]
@@ -466,9 +505,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             launches = prepare_launches(name, roles, self._kernel.ROLES, self._plans, index,
                                         group["stochastic_rounding"])
         every_grad = fingerprint is not None and fingerprint[3] and len(chosen) == len(fingerprint[0])
-        prepared = _PreparedGroup(fingerprint, self._generation.value, structure, launches,
+        prepared = _PreparedGroup(fingerprint, self._generation.value, self._structure(group), launches,
                                   _grad_layout(grads) if every_grad and launches else None,
                                   roles if params else None)
+        prepared.set_options(options, self._launcher(group))
         self._prepared[index] = prepared
         return prepared
 

@@ -100,18 +100,17 @@ class LaunchPlan:
         self._bases = [role[0] for role in roles]
         self._addresses = addresses
 
-    def move_role(self, role: int, tensors: list[torch.Tensor], addresses, aligned: bool) -> None:
-        """Point one role at new tensors (their ``addresses``) of the same sizes, layouts and
-        dtype, checked by the caller: the gradients after ``zero_grad(set_to_none=True)`` and a
-        backward. One row of the table is rewritten, stream-ordered after the launches that read
-        the old one; ``aligned``: every address is a multiple of 16 bytes."""
-        base = tensors[0]
-        row = (np.array(addresses, dtype=np.int64) - addresses[0]) // base.element_size()
-        row = torch.from_numpy(row)
+    def move_role(self, role: int, first: torch.Tensor, addresses: np.ndarray, aligned: bool) -> None:
+        """Point one role at new tensors of the same sizes, layouts and dtype (checked by the
+        caller) at ``addresses`` (int64, in the plan's tensor order; ``first`` is the tensor at
+        ``addresses[0]``): the gradients after ``zero_grad(set_to_none=True)`` and a backward.
+        One row of the table is rewritten, stream-ordered after the launches that read the old
+        one; ``aligned``: every address is a multiple of 16 bytes."""
+        row = torch.from_numpy((addresses - addresses[0]) // first.element_size())
         if self.device.type == "cuda":
             row = row.pin_memory()
         self.offsets[role].copy_(row, non_blocking=True)
-        self._bases[role] = base
+        self._bases[role] = first
         self._role_aligned[role] = aligned
         self.aligned = all(self._role_aligned)
         self._addresses = None  # the whole-table address cache no longer describes the table

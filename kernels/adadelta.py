@@ -12,6 +12,7 @@ Bytes per element (fp32): read W, g, E[g²], E[Δ²]; write W, E[g²], E[Δ²] =
 import triton
 import triton.language as tl
 
+from .. import _launch
 from ._multi_tensor import (add_weight_decay, advance_steps, load_f32, load_grad, load_param, scalar, schedule_entry,
                             step_is_skipped, store_as, store_param, tensor_ptr)
 
@@ -66,9 +67,11 @@ def _adadelta_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, 
 
 def adadelta_(plan, step_args, *, lr, rho, eps, weight_decay, maximize, has_master, stochastic_rounding):
     """Launch one Adadelta step over ``plan`` (roles ``ROLES``)."""
-    _adadelta_kernel[plan.grid](
-        *plan.schedule_args(), *plan.bases(), plan.counter, step_args.lr(lr), rho, 1.0 - rho, eps, weight_decay,
-        step_args.grad_scale_ptr, step_args.found_inf_ptr, step_args.seed,
-        LR_ON_DEVICE=step_args.lr_on_device(lr), MAXIMIZE=maximize, HAS_GRAD_SCALE=step_args.has_grad_scale,
-        HAS_FOUND_INF=step_args.has_found_inf, HAS_MASTER=has_master, STOCHASTIC_ROUNDING=stochastic_rounding,
-        ALIGNED=plan.aligned, BLOCK=plan.block, num_warps=plan.num_warps)
+    _launch.launch(_adadelta_kernel, plan.grid,
+                   (*plan.schedule_args(), *plan.bases(), plan.counter, step_args.lr(lr), rho, 1.0 - rho, eps,
+                    weight_decay, step_args.grad_scale, step_args.found_inf, step_args.seed),
+                   dict(LR_ON_DEVICE=step_args.lr_on_device(lr), MAXIMIZE=maximize,
+                        HAS_GRAD_SCALE=step_args.has_grad_scale, HAS_FOUND_INF=step_args.has_found_inf,
+                        HAS_MASTER=has_master, STOCHASTIC_ROUNDING=stochastic_rounding, ALIGNED=plan.aligned,
+                        BLOCK=plan.block),
+                   plan.num_warps)

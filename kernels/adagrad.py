@@ -11,6 +11,7 @@ Bytes per element (fp32): read W, g, sum; write W, sum = 20.
 import triton
 import triton.language as tl
 
+from .. import _launch
 from ._multi_tensor import (add_weight_decay, advance_steps, load_f32, load_grad, load_param, scalar, schedule_entry,
                             step_is_skipped, store_as, store_param, tensor_ptr)
 
@@ -62,9 +63,11 @@ def _adagrad_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n
 
 def adagrad_(plan, step_args, *, lr, lr_decay, eps, weight_decay, maximize, has_master, stochastic_rounding):
     """Launch one Adagrad step over ``plan`` (roles ``ROLES``)."""
-    _adagrad_kernel[plan.grid](
-        *plan.schedule_args(), *plan.bases(), plan.counter, step_args.lr(lr), lr_decay, eps, weight_decay,
-        step_args.grad_scale_ptr, step_args.found_inf_ptr, step_args.seed,
-        LR_ON_DEVICE=step_args.lr_on_device(lr), MAXIMIZE=maximize, HAS_GRAD_SCALE=step_args.has_grad_scale,
-        HAS_FOUND_INF=step_args.has_found_inf, HAS_MASTER=has_master, STOCHASTIC_ROUNDING=stochastic_rounding,
-        ALIGNED=plan.aligned, BLOCK=plan.block, num_warps=plan.num_warps)
+    _launch.launch(_adagrad_kernel, plan.grid,
+                   (*plan.schedule_args(), *plan.bases(), plan.counter, step_args.lr(lr), lr_decay, eps, weight_decay,
+                    step_args.grad_scale, step_args.found_inf, step_args.seed),
+                   dict(LR_ON_DEVICE=step_args.lr_on_device(lr), MAXIMIZE=maximize,
+                        HAS_GRAD_SCALE=step_args.has_grad_scale, HAS_FOUND_INF=step_args.has_found_inf,
+                        HAS_MASTER=has_master, STOCHASTIC_ROUNDING=stochastic_rounding, ALIGNED=plan.aligned,
+                        BLOCK=plan.block),
+                   plan.num_warps)

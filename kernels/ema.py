@@ -10,6 +10,7 @@ Bytes per element: read C and c, write C.
 import triton
 import triton.language as tl
 
+from .. import _launch
 from ._multi_tensor import load_f32, schedule_entry, store_as, tensor_ptr
 
 ROLES = ("average", "value")
@@ -41,5 +42,5 @@ def _ema_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_blo
 def ema_(plan, gamma: float):
     """Launch: every average in ``plan`` ← γ·average + (1-γ)·value. ``plan`` is a LaunchPlan
     whose roles are ``ROLES``; its tensors are updated in place."""
-    _ema_kernel[plan.grid](*plan.schedule_args(), *plan.bases(), float(gamma), float(1.0 - gamma),
-                           ALIGNED=plan.aligned, BLOCK=plan.block, num_warps=plan.num_warps)
+    _launch.launch(_ema_kernel, plan.grid, (*plan.schedule_args(), *plan.bases(), float(gamma), float(1.0 - gamma)),
+                   dict(ALIGNED=plan.aligned, BLOCK=plan.block), plan.num_warps)

@@ -13,6 +13,7 @@ Bytes per element (fp32, plain): read W, g, G; write W, G = 20.
 import triton
 import triton.language as tl
 
+from .. import _launch
 from ._multi_tensor import (add_weight_decay, advance_steps, load_f32, load_grad, load_param, scalar, schedule_entry,
                             step_is_skipped, store_as, store_param, tensor_ptr)
 
@@ -86,10 +87,11 @@ def _rmsprop_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n
 def rmsprop_(plan, step_args, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
              eps_inside_sqrt, has_master, stochastic_rounding):
     """Launch one RMSprop step over ``plan`` (roles ``ROLES``)."""
-    _rmsprop_kernel[plan.grid](
-        *plan.schedule_args(), *plan.bases(), plan.counter, step_args.lr(lr), alpha, 1.0 - alpha, eps,
-        weight_decay, momentum, step_args.grad_scale_ptr, step_args.found_inf_ptr, step_args.seed,
-        LR_ON_DEVICE=step_args.lr_on_device(lr), CENTERED=centered, HAS_MOMENTUM=momentum > 0,
-        MAXIMIZE=maximize, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_GRAD_SCALE=step_args.has_grad_scale,
-        HAS_FOUND_INF=step_args.has_found_inf, HAS_MASTER=has_master, STOCHASTIC_ROUNDING=stochastic_rounding,
-        ALIGNED=plan.aligned, BLOCK=plan.block, num_warps=plan.num_warps)
+    _launch.launch(_rmsprop_kernel, plan.grid,
+                   (*plan.schedule_args(), *plan.bases(), plan.counter, step_args.lr(lr), alpha, 1.0 - alpha, eps,
+                    weight_decay, momentum, step_args.grad_scale, step_args.found_inf, step_args.seed),
+                   dict(LR_ON_DEVICE=step_args.lr_on_device(lr), CENTERED=centered, HAS_MOMENTUM=momentum > 0,
+                        MAXIMIZE=maximize, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_GRAD_SCALE=step_args.has_grad_scale,
+                        HAS_FOUND_INF=step_args.has_found_inf, HAS_MASTER=has_master,
+                        STOCHASTIC_ROUNDING=stochastic_rounding, ALIGNED=plan.aligned, BLOCK=plan.block),
+                   plan.num_warps)

@@ -14,6 +14,7 @@ advanced by the kernel, not by a skipped AMP step) is still 0.
 import triton
 import triton.language as tl
 
+from .. import _launch
 from ._multi_tensor import (add_weight_decay, advance_steps, load_f32, load_grad, load_param, scalar,
                             schedule_entry, step_is_skipped, store_as, store_param, tensor_ptr)
 
@@ -82,10 +83,11 @@ def sgd_(plan, step_args, *, lr, momentum, dampening, weight_decay, nesterov, ma
     """Launch one SGD step over ``plan`` (roles ``ROLES``). With ``has_step`` each tensor's
     ``step`` says whether its momentum buffer is new (0: ``buf = d_p``) and is advanced by the
     kernel; without, ``first_step`` says it for every tensor."""
-    _sgd_kernel[plan.grid](
-        *plan.schedule_args(), *plan.bases(), plan.counter, step_args.lr(lr), momentum, 1.0 - dampening,
-        weight_decay, int(first_step), step_args.grad_scale_ptr, step_args.found_inf_ptr, step_args.seed,
-        LR_ON_DEVICE=step_args.lr_on_device(lr), HAS_MOMENTUM=momentum != 0, HAS_STEP=has_step, NESTEROV=nesterov,
-        MAXIMIZE=maximize, HAS_GRAD_SCALE=step_args.has_grad_scale, HAS_FOUND_INF=step_args.has_found_inf,
-        HAS_MASTER=has_master, STOCHASTIC_ROUNDING=stochastic_rounding, ALIGNED=plan.aligned,
-        BLOCK=plan.block, num_warps=plan.num_warps)
+    _launch.launch(_sgd_kernel, plan.grid,
+                   (*plan.schedule_args(), *plan.bases(), plan.counter, step_args.lr(lr), momentum, 1.0 - dampening,
+                    weight_decay, int(first_step), step_args.grad_scale, step_args.found_inf, step_args.seed),
+                   dict(LR_ON_DEVICE=step_args.lr_on_device(lr), HAS_MOMENTUM=momentum != 0, HAS_STEP=has_step,
+                        NESTEROV=nesterov, MAXIMIZE=maximize, HAS_GRAD_SCALE=step_args.has_grad_scale,
+                        HAS_FOUND_INF=step_args.has_found_inf, HAS_MASTER=has_master,
+                        STOCHASTIC_ROUNDING=stochastic_rounding, ALIGNED=plan.aligned, BLOCK=plan.block),
+                   plan.num_warps)

@@ -1,0 +1,71 @@
+"""Kernel launches without Triton's per-call argument binding.
+
+``kernel[grid](*args, **constexprs)`` goes through ``JITFunction.run``, which binds and
+specialises every argument on every call (~10 µs for the optimizers' ~26 arguments) before the
+C launcher runs. A step launches the same kernel with the same kinds of arguments every time, so
+``launch`` keeps the compiled kernel and its launcher per *specialisation key* and calls it with
+the argument list directly. The key holds everything Triton may compile differently for, and
+more (a superset is safe, a subset is not):
+
+* every constexpr, ``num_warps`` and the grid;
+* each tensor argument's dtype and whether its address is a multiple of 16 bytes (Triton
+  specialises pointers on that alignment);
+* each int's and bool's exact value (Triton specialises ints on ``== 1`` and divisibility by 16,
+  and on the width they need), ``None``s (constexpr in Triton), and each other argument's type
+  (floats are never specialised on their value);
+* the current CUDA device (Triton compiles and loads per device).
+
+A miss takes Triton's own path (``JITFunction.run``: it compiles or finds the kernel and
+launches it) and keeps what it returns. Through the interpreter (CPU) every launch takes Triton's
+path: there is no compiled kernel to keep.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._runtime import interpreter_enabled
+
+_TENSOR = torch.Tensor
+
+
+def _argument_key(value):
+    """What Triton may specialise an argument on (see the module docstring)."""
+    kind = type(value)
+    if kind is int or kind is bool:
+        return value
+    if isinstance(value, _TENSOR):
+        return value.dtype, value.data_ptr() % 16 == 0
+    return kind  # float (or None's NoneType, or anything Triton types by its class)
+
+
+_kept: dict = {}  # kernel → (names of its constexprs in signature order, {key: launcher})
+_MAX_KEPT = 64  # launchers per kernel; more means some int argument changes every call
+_compiled_launches = not interpreter_enabled()  # the bench's host suite turns this on with stubs
+
+
+def _current_device() -> int:
+    return torch.cuda.current_device()
+
+
+def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int) -> None:
+    """``kernel[grid](*args, **constexprs, num_warps=num_warps)``: ``args`` are the kernel's
+    runtime arguments in signature order, ``constexprs`` the rest by name."""
+    if not _compiled_launches:
+        kernel[grid](*args, **constexprs, num_warps=num_warps)
+        return
+    kept = _kept.get(kernel)
+    if kept is None:
+        kept = _kept[kernel] = (tuple(kernel.arg_names[len(args):]), {})
+    names, launchers = kept
+    values = tuple(map(constexprs.__getitem__, names))
+    key = (_current_device(), grid, num_warps, values, tuple(map(_argument_key, args)))
+    runner = launchers.get(key)
+    if runner is not None:
+        runner(*args, *values)
+        return
+    compiled = kernel.run(*args, grid=grid, warmup=False, **constexprs, num_warps=num_warps)  # compiles, launches
+    if compiled is not None and hasattr(compiled, "function") and not hasattr(compiled, "result"):
+        if len(launchers) >= _MAX_KEPT:
+            launchers.clear()
+        launchers[key] = compiled[grid]  # CompiledKernel's own launcher: stream, hooks, then the C launch
