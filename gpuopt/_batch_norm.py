@@ -8,7 +8,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+import triton.language as tl
 
+from . import _launch
 from ._runtime import ASSUMED_SM_COUNT, check_kernel_device, use_gpu_config
 from .kernels import batch_norm as kernels
 
@@ -64,25 +66,36 @@ class Grid:
     num_warps: int
     combine_block_splits: int  # the combine kernels fold this many splits at a time
     combine_warps: int
+    float64: bool  # accumulate in float64 (float64 input), else float32
 
-    @property
+    # What every launch over this view passes, made once per view (the grid is cached): the host
+    # cost of a layer is then the tensors it allocates and the launches themselves.
+
+    @functools.cached_property
     def grid(self):
         return (self.channel_blocks, self.n_splits)
 
-    @property
+    @functools.cached_property
     def combine_grid(self):
         return (_cdiv(self.C, _COMBINE_BLOCK_C),)
 
-    def combine_constexprs(self, acc):
-        return dict(BLOCK_SPLITS=self.combine_block_splits, BLOCK_C=_COMBINE_BLOCK_C, ACC=acc,
-                    num_warps=self.combine_warps)
+    @functools.cached_property
+    def acc_dtype(self):
+        return torch.float64 if self.float64 else torch.float32
 
+    @functools.cached_property
+    def combine_constexprs(self):
+        return dict(BLOCK_SPLITS=self.combine_block_splits, BLOCK_C=_COMBINE_BLOCK_C,
+                    ACC=tl.float64 if self.float64 else tl.float32)
+
+    @functools.cached_property
     def args(self):
         return (self.R, self.C, self.S, self.rows_per_split, self.cols_per_split, self.col_splits)
 
-    def constexprs(self, acc):
+    @functools.cached_property
+    def constexprs(self):
         return dict(CHANNELS_LAST=self.channels_last, BLOCK_R=self.block_r, BLOCK_K=self.block_k, VEC=self.vec,
-                    ACC=acc, num_warps=self.num_warps)
+                    ACC=tl.float64 if self.float64 else tl.float32)
 
 
 @functools.lru_cache(maxsize=256)
@@ -123,17 +136,11 @@ def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gp
     n_splits = row_splits * col_splits
     return Grid(R, C, S, channels_last, block_r, block_k, vec, channel_blocks, rows_per_split, cols_per_split,
                 col_splits, n_splits, _GPU_WARPS if gpu_config else 1,
-                min(_next_power_of_2(n_splits), 32 if gpu_config else 4), 4 if gpu_config else 1)
+                min(_next_power_of_2(n_splits), 32 if gpu_config else 4), 4 if gpu_config else 1, element_size == 8)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype: torch.dtype):
-    import triton.language as tl
-
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 # ----------------------------------------------------------------------------- layout ---------
@@ -242,67 +249,69 @@ def forward_train(x, g: Grid, weight, bias, running_mean, running_var, num_batch
                   eps_inside_sqrt):
     """Statistics (split reduction + combine, running stats updated) then normalize: three launches.
     Returns (y, mean, invstd, std or None) with the statistics in the accumulation dtype."""
-    acc = _acc_dtype(x.dtype)
-    tl_acc = _tl_acc(x.dtype)
-    C, device = g.C, x.device
+    acc, C, device = g.acc_dtype, g.C, x.device
     count, part_mean, part_m2 = (torch.empty((g.n_splits, C), dtype=acc, device=device) for _ in range(3))
     shift = torch.empty(C, dtype=acc, device=device)
-    kernels._stats_kernel[g.grid](x, count, part_mean, part_m2, shift, *g.args(), **g.constexprs(tl_acc))
+    _launch.launch(kernels._stats_kernel, g.grid, (x, count, part_mean, part_m2, shift, *g.args), g.constexprs,
+                   g.num_warps)
 
     mean = torch.empty(C, dtype=acc, device=device)
     invstd = torch.empty(C, dtype=acc, device=device)
     std = None if eps_inside_sqrt else torch.empty(C, dtype=acc, device=device)
     update = running_mean is not None
     cumulative = update and momentum is None
-    kernels._stats_combine_kernel[g.combine_grid](
-        count, part_mean, part_m2, shift, g.n_splits, C, mean, invstd, std,
-        running_mean, running_var, num_batches_tracked if cumulative else None,
-        0.0 if momentum is None else float(momentum), float(eps),
-        EPS_INSIDE_SQRT=eps_inside_sqrt, SAVE_STD=std is not None, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-        **g.combine_constexprs(tl_acc))
+    _launch.launch(kernels._stats_combine_kernel, g.combine_grid,
+                   (count, part_mean, part_m2, shift, g.n_splits, C, mean, invstd, std,
+                    running_mean, running_var, num_batches_tracked if cumulative else None,
+                    0.0 if momentum is None else float(momentum), float(eps)),
+                   dict(EPS_INSIDE_SQRT=eps_inside_sqrt, SAVE_STD=std is not None, UPDATE_RUNNING=update,
+                        CUMULATIVE=cumulative, **g.combine_constexprs),
+                   g.combine_warps)
 
     y = torch.empty_like(x)
-    kernels._normalize_kernel[g.grid](x, y, mean, invstd, weight, bias, float(eps), *g.args(),
-                                      FROM_RUNNING_VAR=False, EPS_INSIDE_SQRT=eps_inside_sqrt,
-                                      HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                                      **g.constexprs(tl_acc))
+    _launch.launch(kernels._normalize_kernel, g.grid, (x, y, mean, invstd, weight, bias, float(eps), *g.args),
+                   dict(FROM_RUNNING_VAR=False, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_WEIGHT=weight is not None,
+                        HAS_BIAS=bias is not None, **g.constexprs),
+                   g.num_warps)
     return y, mean, invstd, std
 
 
 def forward_eval(x, g: Grid, weight, bias, running_mean, running_var, eps, eps_inside_sqrt):
     """One elementwise launch from the running statistics."""
     y = torch.empty_like(x)
-    kernels._normalize_kernel[g.grid](x, y, running_mean, running_var, weight, bias, float(eps), *g.args(),
-                                      FROM_RUNNING_VAR=True, EPS_INSIDE_SQRT=eps_inside_sqrt,
-                                      HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                                      **g.constexprs(_tl_acc(x.dtype)))
+    _launch.launch(kernels._normalize_kernel, g.grid,
+                   (x, y, running_mean, running_var, weight, bias, float(eps), *g.args),
+                   dict(FROM_RUNNING_VAR=True, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_WEIGHT=weight is not None,
+                        HAS_BIAS=bias is not None, **g.constexprs),
+                   g.num_warps)
     return y
 
 
 def backward(x, dy, g: Grid, weight, mean, invstd, std, training, eps_inside_sqrt, need_input, need_weight,
              need_bias, bias_dtype=None):
     """Reduction (Σ dẐ, Σ dẐ(Z-μ)) + combine, then the closed-form input gradient."""
-    acc = _acc_dtype(x.dtype)
-    tl_acc = _tl_acc(x.dtype)
-    C, device = g.C, x.device
+    acc, C, device = g.acc_dtype, g.C, x.device
     need_sums = need_weight or need_bias or (need_input and training)
     sum_dy = sum_dy_xmu = None
     grad_weight = torch.empty_like(weight) if need_weight else None
     grad_bias = torch.empty(C, dtype=bias_dtype, device=device) if need_bias else None
     if need_sums:
         part_dy, part_dy_xmu = (torch.empty((g.n_splits, C), dtype=acc, device=device) for _ in range(2))
-        kernels._backward_reduce_kernel[g.grid](x, dy, mean, part_dy, part_dy_xmu, *g.args(), **g.constexprs(tl_acc))
+        _launch.launch(kernels._backward_reduce_kernel, g.grid, (x, dy, mean, part_dy, part_dy_xmu, *g.args),
+                       g.constexprs, g.num_warps)
         sum_dy, sum_dy_xmu = (torch.empty(C, dtype=acc, device=device) for _ in range(2))
-        kernels._backward_combine_kernel[g.combine_grid](
-            part_dy, part_dy_xmu, g.n_splits, C, invstd, sum_dy, sum_dy_xmu, grad_weight, grad_bias,
-            GRAD_WEIGHT=need_weight, GRAD_BIAS=need_bias, **g.combine_constexprs(tl_acc))
+        _launch.launch(kernels._backward_combine_kernel, g.combine_grid,
+                       (part_dy, part_dy_xmu, g.n_splits, C, invstd, sum_dy, sum_dy_xmu, grad_weight, grad_bias),
+                       dict(GRAD_WEIGHT=need_weight, GRAD_BIAS=need_bias, **g.combine_constexprs),
+                       g.combine_warps)
     dx = None
     if need_input:
         dx = torch.empty_like(x)
-        kernels._backward_input_kernel[g.grid](x, dy, dx, mean, invstd, std, weight, sum_dy, sum_dy_xmu,
-                                               float(g.R * g.S), *g.args(), TRAINING=training,
-                                               EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_WEIGHT=weight is not None,
-                                               **g.constexprs(tl_acc))
+        _launch.launch(kernels._backward_input_kernel, g.grid,
+                       (x, dy, dx, mean, invstd, std, weight, sum_dy, sum_dy_xmu, float(g.R * g.S), *g.args),
+                       dict(TRAINING=training, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_WEIGHT=weight is not None,
+                            **g.constexprs),
+                       g.num_warps)
     return dx, grad_weight, grad_bias
 
 
@@ -350,12 +359,18 @@ class BatchNormFunction(torch.autograd.Function):
         return dx, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-# Inside torch.compile this runs eagerly (a graph break), launching gpuopt's own kernels: Dynamo
-# would otherwise trace into the launch code (and, under the interpreter, into NumPy).
-@torch.compiler.disable
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
                *, eps_inside_sqrt=True, num_batches_tracked=None):
     """See :func:`gpuopt.functional.batch_norm`."""
+    if torch.compiler.is_compiling():
+        return _batch_norm_eagerly(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                   eps_inside_sqrt=eps_inside_sqrt, num_batches_tracked=num_batches_tracked)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       eps_inside_sqrt=eps_inside_sqrt, num_batches_tracked=num_batches_tracked)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, *, eps_inside_sqrt,
+                num_batches_tracked):
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, num_batches_tracked,
                           eps)
     if input.numel() == 0:
@@ -378,3 +393,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             if ours is not theirs:
                 theirs.copy_(ours)
     return out
+
+
+# Inside torch.compile this runs eagerly (a graph break), launching gpuopt's own kernels: Dynamo
+# would otherwise trace into the launch code (and, under the interpreter, into NumPy). Outside,
+# the check costs nothing, where the disabling wrapper cost a few µs per call.
+_batch_norm_eagerly = torch.compiler.disable(_batch_norm)
