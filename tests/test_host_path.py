@@ -1,0 +1,221 @@
+"""The host path of a step: what the fast path skips must never change a result. Step hooks and
+the profiler range behave as torch's, options changed between steps take effect as in torch,
+and launches through kept compiled kernels are keyed by everything Triton specialises on."""
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+import gpuopt
+from gpuopt import _launch
+from gpuopt.kernels import sgd as sgd_kernel
+
+from .conftest import HAS_GPU
+from .helpers import assert_close, count_launches
+
+
+def _pair(device, name, shapes=((5,), (3, 4)), **kwargs):
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    return params, twins, getattr(gpuopt, name)(params, **kwargs), getattr(torch.optim, name)(twins, **kwargs)
+
+
+def _step_both(params, twins, opt, ref):
+    for p, t in zip(params, twins):
+        g = torch.randn_like(p)
+        p.grad, t.grad = g, g.clone()
+    opt.step()
+    ref.step()
+    for p, t in zip(params, twins):
+        assert_close(p, t, rtol=1e-5, atol=1e-6)
+
+
+def test_step_hooks_run_as_in_torch(device):
+    """Per-optimizer and global pre/post hooks run around gpuopt's step, in torch's order, and a
+    pre-hook may replace the arguments (here: a closure); removing them restores the plain path."""
+    params, twins, opt, ref = _pair(device, "SGD", lr=0.1, momentum=0.9)
+    calls = []
+    handles = [opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", o))),
+               opt.register_step_post_hook(lambda o, a, k: calls.append(("post", o))),
+               register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global pre", o))),
+               register_optimizer_step_post_hook(lambda o, a, k: calls.append(("global post", o)))]
+    try:
+        _step_both(params, twins, opt, ref)
+        mine = [what for what, o in calls if o is opt]
+        assert mine == ["global pre", "pre", "post", "global post"]
+        closure_ran = []
+        handles.append(opt.register_step_pre_hook(
+            lambda o, a, k: ((a[0], lambda: closure_ran.append(1) or torch.tensor(2.0)), k)))
+        assert opt.step().item() == 2.0 and closure_ran == [1]  # the hook's closure ran, its loss returned
+        ref.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    calls.clear()
+    _step_both(params, twins, opt, ref)
+    assert calls == []
+
+
+def test_profiler_sees_the_step_range(device):
+    """Under the profiler a step records torch's ``Optimizer.step#<class>.step`` range."""
+    params, twins, opt, ref = _pair(device, "Adam", lr=0.01)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert "Optimizer.step#Adam.step" in {event.name for event in prof.events()}
+
+
+OPTION_CHANGES = [
+    ("SGD", dict(lr=0.1, momentum=0.9), [("momentum", 0.5), ("dampening", 0.3), ("weight_decay", 0.1),
+                                         ("maximize", True), ("momentum", 0.0), ("lr", 0.05)]),
+    ("Adam", dict(lr=0.01), [("betas", (0.8, 0.99)), ("eps", 1e-3), ("weight_decay", 0.1), ("lr", 0.02),
+                             ("maximize", True)]),
+    ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True), [("alpha", 0.9), ("eps", 1e-3), ("momentum", 0.2)]),
+    ("Adagrad", dict(lr=0.1), [("lr_decay", 0.01), ("eps", 1e-3)]),
+    ("Adadelta", dict(lr=1.0), [("rho", 0.5), ("weight_decay", 0.1)]),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,changes", OPTION_CHANGES, ids=[c[0] for c in OPTION_CHANGES])
+def test_options_changed_between_steps_take_effect_as_in_torch(device, name, kwargs, changes):
+    """Every option a user (or a scheduler) changes between steps: the next step uses it. (Options
+    that need a new state, such as amsgrad switched on, are refused by torch; gpuopt makes the
+    state: see the next test.)"""
+    params, twins, opt, ref = _pair(device, name, **kwargs)
+    _step_both(params, twins, opt, ref)
+    for key, value in changes:
+        opt.param_groups[0][key] = value
+        ref.param_groups[0][key] = value
+        _step_both(params, twins, opt, ref)
+        _step_both(params, twins, opt, ref)
+
+
+def test_option_that_needs_a_new_state_makes_it(device):
+    """amsgrad switched on after some steps: the group is validated again and the missing state
+    made; from then on the step is AMSGrad's, max_exp_avg_sq = max(max_exp_avg_sq, v) from 0."""
+    p = torch.nn.Parameter(torch.randn(37, device=device))
+    opt = gpuopt.Adam([p], lr=0.01)
+    for _ in range(2):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    opt.param_groups[0]["amsgrad"] = True
+    p.grad = torch.randn_like(p)
+    opt.step()
+    state = opt.state[p]
+    assert state["max_exp_avg_sq"].shape == p.shape
+    assert torch.equal(state["max_exp_avg_sq"], state["exp_avg_sq"])  # max(0, v) = v
+
+
+def test_tensor_betas_changed_in_place_take_effect(device):
+    """A CPU tensor option changed in place (no new object in the group) is still read afresh."""
+    betas = (torch.tensor(0.9), torch.tensor(0.999))
+    params, twins, opt, ref = _pair(device, "Adam", lr=0.01, betas=betas)
+    ref.param_groups[0]["betas"] = (torch.tensor(0.9), torch.tensor(0.999))
+    _step_both(params, twins, opt, ref)
+    for beta in (opt.param_groups[0]["betas"][0], ref.param_groups[0]["betas"][0]):
+        beta.fill_(0.5)
+    _step_both(params, twins, opt, ref)
+
+
+def test_launcher_is_made_once_while_the_options_are_unchanged(device, monkeypatch):
+    """A group's launcher is reused while its options are the same objects; ``lr`` (which
+    schedulers change every step) is read at each launch and never remakes it."""
+    params, twins, opt, ref = _pair(device, "SGD", lr=0.1, momentum=0.9)
+    made = []
+    original = type(opt)._launcher
+    monkeypatch.setattr(type(opt), "_launcher", lambda self, group: (made.append(1), original(self, group))[1])
+    scheduler, twin_scheduler = (torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (opt, ref))
+    for _ in range(3):
+        _step_both(params, twins, opt, ref)
+        scheduler.step()
+        twin_scheduler.step()
+    assert len(made) == 1
+    opt.param_groups[0]["momentum"] = ref.param_groups[0]["momentum"] = 0.8
+    with count_launches(sgd_kernel, "_sgd_kernel") as counter:
+        _step_both(params, twins, opt, ref)
+    assert len(made) == 2 and counter["launches"] == 1
+
+
+# ------------------------------------------------------------------- kept compiled kernels ---
+
+
+class _FakeCompiled:
+    """Stands in for Triton's CompiledKernel: ``compiled[grid](*all_arguments)``."""
+
+    function = object()
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("kept", grid, args))
+
+
+class _FakeKernel:
+    """Stands in for a JITFunction with runtime arguments (a, b, n, x) and constexprs (FLAG, BLOCK)."""
+
+    arg_names = ["a", "b", "n", "x", "FLAG", "BLOCK"]
+
+    def __init__(self):
+        self.log = []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        self.log.append(("triton", grid, args, kwargs))
+        return _FakeCompiled(self.log)
+
+
+def test_kept_launch_is_keyed_by_everything_triton_specialises_on(monkeypatch):
+    """A launch whose key was seen calls the kept launcher with every argument in signature
+    order (constexprs included, as JITFunction.run does); a new constexpr, int value, tensor dtype
+    or 16-byte alignment goes through Triton again; a new float value does not."""
+    monkeypatch.setattr(_launch, "_compiled_launches", True)
+    monkeypatch.setattr(_launch, "_current_device", lambda: 0)
+    kernel = _FakeKernel()
+    storage = torch.zeros(64)
+    a, b = storage[:8], storage[16:24]
+
+    def go(a=a, b=b, n=8, x=0.5, flag=True):
+        kernel.log.clear()
+        _launch.launch(kernel, (3,), (a, b, n, x), dict(BLOCK=128, FLAG=flag), 4)
+        return kernel.log[0][0]
+
+    assert go() == "triton"
+    assert go() == "kept"
+    assert kernel.log[0] == ("kept", (3,), (a, b, 8, 0.5, True, 128))
+    assert go(x=0.25) == "kept"  # floats are not specialised
+    assert go(flag=False) == "triton"  # a constexpr
+    assert go(n=16) == "triton"  # an int: divisibility by 16
+    assert go(n=1) == "triton"  # an int: equal to 1
+    assert go(b=storage[17:25]) == "triton"  # 4 bytes off a 16-byte boundary
+    assert go(b=storage[32:40]) == "kept"  # another aligned address: the same specialisation
+    assert go(b=storage[16:24].double()) == "triton"  # a dtype
+    assert go(a=None) == "triton"  # None is a constexpr to Triton
+    assert go() == "kept"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="kept compiled kernels exist only on a GPU")
+def test_kept_compiled_kernels_give_tritons_results():
+    """On a GPU: steps through kept compiled kernels are bitwise those of Triton's own launch
+    path, including after the gradients move to addresses of another alignment."""
+    results = []
+    for kept in (False, True):
+        _launch._compiled_launches = kept
+        try:
+            torch.manual_seed(0)
+            params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in ((4099,), (33, 65))]
+            opt = gpuopt.AdamW(params, lr=0.01)
+            storage = torch.randn(10000, device="cuda")
+            for step in range(6):
+                offset = 0 if step % 2 else 1  # aligned, then 4 bytes off
+                for p in params:
+                    p.grad = storage[offset:offset + p.numel()].view_as(p)
+                    offset += p.numel() + 3
+                opt.step()
+            results.append([p.detach().clone() for p in params])
+        finally:
+            _launch._compiled_launches = True
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert _launch._kept  # the second run kept its kernels
