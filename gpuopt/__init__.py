@@ -5,9 +5,10 @@ NumPy in ``gpuopt.reference``.
 """
 
 from . import functional, nn, reference
+from ._graphed import GraphedStep, graphed_step
 from ._version import __version__
 from .ema import EMA
 from .optim import SGD, Adadelta, Adagrad, Adam, AdamW, RMSprop
 
-__all__ = ["EMA", "SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "RMSprop", "functional", "nn", "reference",
-           "__version__"]
+__all__ = ["EMA", "SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "GraphedStep", "RMSprop", "functional",
+           "graphed_step", "nn", "reference", "__version__"]

@@ -479,6 +479,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             prepared = self._prepare(index, group, params, grads, fingerprint, options)
         return prepared
 
+    def _graph_key(self) -> tuple:
+        """What a captured step (``gpuopt.graphed_step``) was made from: ``(values, objects)`` —
+        the state generation and every group's fingerprint (compared by value), and every group's
+        options and ``lr`` (compared by identity)."""
+        values, objects = [self._generation.value], []
+        for group in self.param_groups:
+            params = group["params"]
+            values.append(_fingerprint(params, list(map(_GRAD, params))))
+            objects.extend(map(group.get, self._option_names))
+            objects.append(group["lr"])
+        return tuple(values), tuple(objects)
+
     def _structure(self, group) -> tuple:
         """The group's options that decide which tensors a launch touches (a change re-validates)."""
         return (self._state_roles(group), self._uses_step(group), group["master_weights"], group["state_dtype"],

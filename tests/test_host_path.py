@@ -219,3 +219,64 @@ def test_kept_compiled_kernels_give_tritons_results():
     for a, b in zip(*results):
         assert torch.equal(a, b)
     assert _launch._kept  # the second run kept its kernels
+
+
+# ------------------------------------------------------------------------------ graphed_step ---
+
+
+def test_graphed_step_refuses_what_a_graph_cannot_hold(device):
+    """Not a gpuopt optimizer, parameters off the GPU, a GradScaler's tensors: clear errors, and
+    nothing stepped."""
+    with pytest.raises(TypeError, match="gpuopt optimizer"):
+        gpuopt.graphed_step(torch.optim.SGD([torch.nn.Parameter(torch.randn(3))], lr=0.1))
+    p = torch.nn.Parameter(torch.randn(8, device=device))
+    opt = gpuopt.SGD([p], lr=0.1)
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    if device.type != "cuda":
+        with pytest.raises(RuntimeError, match="CUDA graphs need every parameter on a CUDA GPU"):
+            gpuopt.graphed_step(opt)()
+    else:
+        opt.grad_scale = torch.ones((), device=device)
+        with pytest.raises(RuntimeError, match="GradScaler"):
+            gpuopt.graphed_step(opt)()
+    assert torch.equal(p, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("check", [True, False])
+def test_graphed_step_replays_the_eager_step(check):
+    """Replays give the eager steps' results bitwise (a twin optimizer steps eagerly), a CUDA-tensor
+    learning rate changed in place between replays is read, and one capture serves every replay;
+    with check=True, gradients that moved are noticed (warning, capture again), still exact."""
+    torch.manual_seed(0)
+    shapes = [(4099,), (33, 65), (1,)]
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    lrs = [torch.tensor(0.01, device="cuda") for _ in range(2)]
+    opt, twin = gpuopt.AdamW(params, lr=lrs[0]), gpuopt.AdamW(twins, lr=lrs[1])
+    grads = [torch.zeros_like(p) for p in params]
+    step = gpuopt.graphed_step(opt, check=check)
+    for i in range(6):
+        for p, t, g in zip(params, twins, grads):
+            g.copy_(torch.randn_like(g))
+            p.grad, t.grad = g, g.clone()
+        if i == 3:
+            for lr in lrs:
+                lr.fill_(0.003)
+        step()
+        twin.step()
+        for p, t in zip(params, twins):
+            assert torch.equal(p, t)
+    assert step.captures == 1
+    if check:
+        for p, t in zip(params, twins):
+            p.grad, t.grad = torch.randn_like(p), None
+            t.grad = p.grad.clone()
+        with pytest.warns(UserWarning, match="capturing again"):
+            step()
+        twin.step()
+        for p, t in zip(params, twins):
+            assert torch.equal(p, t)
+        assert step.captures == 2
