@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import operator
 import random
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -319,7 +320,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         if len({id(p) for p in params}) != len(params):
             # torch.optim warns and steps such a parameter twice; gpuopt updates all of a launch's
-            # tensors at once, so a repeated tensor would race with itself.
+            # tensors at once, so a repeated tensor would race with itself: torch's warning, then
+            # the error it announces.
+            warnings.warn("optimizer contains a parameter group with duplicate parameters; in future, this will "
+                          "cause an error; see github.com/pytorch/pytorch/issues/40967 for more information",
+                          stacklevel=3)
             raise ValueError(f"{type(self).__name__}: a parameter group lists the same parameter twice; "
                              "list each parameter once")
         super().add_param_group(param_group)

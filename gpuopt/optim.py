@@ -23,6 +23,21 @@ from .kernels import rmsprop as rmsprop_kernel
 from .kernels import sgd as sgd_kernel
 
 
+def _validate_tensor_options(lr, betas, foreach, capturable):
+    """torch.optim.Adam's checks of tensor ``lr`` / ``betas``, with its messages. gpuopt reads
+    tensor options with any settings, but refuses what torch refuses: code moves both ways."""
+    if isinstance(lr, torch.Tensor) and foreach and not capturable:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, torch.Tensor) for b in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for index, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor):
+            if foreach and not capturable:
+                raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{index}] must be 1-element")
+
+
 def _validate_betas(betas):
     if not 0.0 <= betas[0] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
@@ -64,6 +79,7 @@ class Adam(FusedOptimizer):
                  decoupled_weight_decay=False, eps_inside_sqrt=False, state_dtype=None,
                  master_weights=False, stochastic_rounding=False):
         validate_common(lr, eps, weight_decay)
+        _validate_tensor_options(lr, betas, foreach, capturable)
         _validate_betas(betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         decoupled_weight_decay=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt,
