@@ -15,7 +15,8 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 
 from ._multi_tensor import PlanCache, plan_launches
-from ._validate import check_params_and_grads, check_roles, follow_layout, like_param, matching_layout
+from ._validate import (check_params_and_grads, check_roles, follow_layout, like_param, matching_layout,
+                        real_views)
 
 _FUNCTIONAL_PLANS = PlanCache()  # for the functional API, whose callers keep no plans
 
@@ -69,6 +70,7 @@ def prepare_launches(name: str, roles: dict, role_names: tuple, plans: PlanCache
     """Validate one launch's tensors (``gpuopt._validate.check_roles``) and split it into launch
     groups: ``[(plan, has_master, stochastic_rounding, positions in the lists)]``. The slow path, shared by the functional
     API (every call) and the optimizer classes (only when something changed)."""
+    roles = real_views(roles)
     check_roles(name, roles, role_names)
     has_masters = roles.get("master") is not None
     master_role = role_names.index("master")
@@ -76,14 +78,29 @@ def prepare_launches(name: str, roles: dict, role_names: tuple, plans: PlanCache
             for plan, index in plan_launches(roles, role_names, plans, key)]
 
 
+def dense_grads(kernel, grads, weight_decay):
+    """Sparse gradients (``nn.Embedding(sparse=True)``) as dense ones, for the algorithms torch
+    takes them in (SGD, Adagrad: kernel modules with ``SPARSE_GRADS``): there a zero gradient
+    element leaves the parameter and state exactly as torch's sparse update leaves an absent one
+    (SGD's momentum decays everywhere in both). Other algorithms get them unchanged, for
+    ``check_params_and_grads`` to refuse with torch's message."""
+    rule = getattr(kernel, "SPARSE_GRADS", None)
+    if rule is None or all(g is None or g.layout is torch.strided for g in grads):
+        return grads
+    if rule == "without weight decay" and weight_decay != 0:
+        raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+    return [g if g is None or g.layout is torch.strided else g.to_dense() for g in grads]
+
+
 def run_functional(name: str, kernel, roles: dict, launcher, *, grad_scale, found_inf, seed,
-                   stochastic_rounding) -> None:
+                   stochastic_rounding, weight_decay=0.0) -> None:
     """The functional API's path: the caller's lists are new every call, so they are checked every
     call (params and grads, then every role), grads copied to their params' layout if needed,
     then one launch per (device, dtypes) group."""
     params = roles["param"]
     if not params:
         return
+    roles = dict(roles, grad=dense_grads(kernel, roles["grad"], weight_decay))
     check_params_and_grads(name, params, roles["grad"])
     roles = dict(roles, grad=[matching_layout(g, p) for g, p in zip(roles["grad"], params)])
     launches = prepare_launches(name, roles, kernel.ROLES, _FUNCTIONAL_PLANS, name, stochastic_rounding)
@@ -245,7 +262,9 @@ class _PreparedGroup:
             mine = addresses if whole else addresses[index]
             if (mine % plan.bases()[GRAD_ROLE].element_size()).any():  # misaligned: the slow path explains it
                 return False
-            moves.append((plan, grads[index[0]], mine, not (mine % 16).any()))
+            first = grads[index[0]]
+            moves.append((plan, torch.view_as_real(first) if first.is_complex() else first, mine,
+                          not (mine % 16).any()))
         for plan, first, mine, aligned in moves:
             plan.move_role(GRAD_ROLE, first, mine, aligned)
         self.fingerprint = fingerprint
@@ -332,9 +351,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     # -- state ------------------------------------------------------------------------------
 
     def _state_dtype(self, p, group):
-        return group["state_dtype"] or p.dtype
+        # A complex parameter's states are complex like it (as torch's); state_dtype is for real ones.
+        return p.dtype if p.is_complex() else group["state_dtype"] or p.dtype
 
     def _zeros(self, p, group, fill=0.0):
+        if p.is_complex():  # every real component starts at `fill`, as in torch (e.g. Adagrad's sum)
+            fill = complex(fill, fill)
         return torch.full_like(p, fill, dtype=self._state_dtype(p, group), memory_format=torch.preserve_format)
 
     def _uses_step(self, group) -> bool:
@@ -404,7 +426,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if key == "step":
                     step = value.detach().reshape(()) if isinstance(value, torch.Tensor) else torch.tensor(float(value))
                     state[key] = step.to(device=p.device, dtype=torch.float32, copy=True)
-                elif isinstance(value, torch.Tensor) and value.is_floating_point():
+                elif isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
                     dtype = torch.float32 if key == "master_param" else self._state_dtype(p, group)
                     state[key] = like_param(value.to(p.device), p, dtype)
             self._after_load(state, p, group)
@@ -508,6 +530,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         chosen = [i for i, g in enumerate(grads) if g is not None]
         params = [params[i] for i in chosen]
         grads = [grads[i] for i in chosen]
+        densified = dense_grads(self._kernel, grads, group.get("weight_decay", 0.0))
+        if densified is not grads:
+            grads, fingerprint = densified, None  # dense copies, new every step
         launches = []
         if params:
             check_params_and_grads(name, params, grads)  # before any state is made for them

@@ -26,6 +26,8 @@ import torch
 from ._runtime import check_kernel_device
 
 FLOAT_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
+COMPLEX_DTYPES = frozenset((torch.complex64, torch.complex128))
+PARAM_DTYPES = FLOAT_DTYPES | COMPLEX_DTYPES
 READ_ONLY_ROLES = frozenset(("grad", "value"))  # the kernels never write these
 
 
@@ -75,13 +77,23 @@ def follow_layout(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def real_views(roles: dict) -> dict:
+    """Every complex tensor of a launch as its real view (``torch.view_as_real``: shape
+    ``(..., 2)``): gpuopt's optimizers, like torch's, update a complex number as two reals."""
+    if not any(map(torch.Tensor.is_complex, roles[next(iter(roles))])):
+        return roles
+    return {role: None if tensors is None else [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+            for role, tensors in roles.items()}
+
+
 def check_params_and_grads(name: str, params, grads) -> None:
     """The caller's tensors: floating-point params with a gradient of the same shape on the same
     device, dense params, on a device the kernels run on. One cheap test per pair; the message is
     worked out only when it fails."""
     for p, g in zip(params, grads):
-        if (not isinstance(g, torch.Tensor) or g.layout is not torch.strided or p.dtype not in FLOAT_DTYPES
-                or g.dtype not in FLOAT_DTYPES or g.shape != p.shape or g.device != p.device):
+        if (not isinstance(g, torch.Tensor) or g.layout is not torch.strided or p.dtype not in PARAM_DTYPES
+                or g.dtype not in PARAM_DTYPES or g.is_complex() != p.is_complex() or g.shape != p.shape
+                or g.device != p.device):
             _explain_bad_pair(name, p, g)
     for p in {p.device: p for p in params}.values():  # one parameter per device
         check_kernel_device(p, f"{name}'s parameter")
@@ -93,9 +105,9 @@ def _explain_bad_pair(name, p, g):
     if g.is_sparse or g.layout is not torch.strided:
         raise RuntimeError(f"{name} does not support sparse gradients; use torch.optim.SparseAdam "
                            "or densify the gradient (grad.to_dense())")
-    if p.is_complex() or g.is_complex():
-        raise RuntimeError(f"{name} does not support complex parameters or gradients; optimize "
-                           "torch.view_as_real(param) instead")
+    if p.is_complex() != g.is_complex():
+        raise RuntimeError(f"{name}: a {p.dtype} parameter has a {g.dtype} gradient; a complex parameter "
+                           "needs a complex gradient and a real one a real gradient")
     if not p.is_floating_point():
         raise RuntimeError(f"{name} updates floating-point parameters; got a {p.dtype} parameter")
     if not g.is_floating_point():

@@ -121,7 +121,7 @@ def adagrad(params, grads, state_sums, state_steps, *, lr=1e-2, lr_decay=0.0, we
     roles = dict(param=params, grad=grads, step=state_steps, sum=state_sums, master=master_params)
     launcher = adagrad_launcher(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay, maximize=maximize)
     run_functional("Adagrad", adagrad_kernel, roles, launcher, grad_scale=grad_scale, found_inf=found_inf,
-                   seed=seed, stochastic_rounding=stochastic_rounding)
+                   seed=seed, stochastic_rounding=stochastic_rounding, weight_decay=weight_decay)
 
 
 def adadelta(params, grads, square_avgs, acc_deltas, state_steps, *, lr=1.0, rho=0.9, eps=1e-6,

@@ -15,6 +15,8 @@ from .. import _launch
 from ._multi_tensor import (add_weight_decay, advance_steps, load_f32, load_grad, load_param, scalar, schedule_entry,
                             step_is_skipped, store_as, store_param, tensor_ptr)
 
+# Sparse gradients are taken densified (gpuopt._fused.dense_grads), as torch takes them sparse (not with weight decay, as torch).
+SPARSE_GRADS = "without weight decay"
 ROLES = ("param", "grad", "step", "sum", "master")
 PARAM, GRAD, STEP, SUM, MASTER = (tl.constexpr(i) for i in range(len(ROLES)))  # rows of the offsets table
 

@@ -18,6 +18,8 @@ from .. import _launch
 from ._multi_tensor import (add_weight_decay, advance_steps, load_f32, load_grad, load_param, scalar,
                             schedule_entry, step_is_skipped, store_as, store_param, tensor_ptr)
 
+# Sparse gradients are taken densified (gpuopt._fused.dense_grads), as torch takes them sparse.
+SPARSE_GRADS = "always"
 ROLES = ("param", "grad", "step", "momentum_buffer", "master")
 PARAM, GRAD, STEP, MOMENTUM_BUFFER, MASTER = (tl.constexpr(i) for i in range(len(ROLES)))  # rows of the offsets table
 

@@ -12,6 +12,8 @@ import torch
 # dtype the result is stored in. bf16 keeps 8 bits of mantissa (rel. step 2^-8 = 3.9e-3), fp16 11.
 TOLERANCES = {
     torch.float64: (1e-9, 1e-12),
+    torch.complex128: (1e-9, 1e-12),
+    torch.complex64: (2e-5, 2e-6),
     torch.float32: (2e-5, 2e-6),
     torch.float16: (2e-3, 1e-3),
     torch.bfloat16: (1.6e-2, 1e-2),
@@ -20,6 +22,7 @@ TOLERANCES = {
 
 def to_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
+        x = torch.view_as_real(x.detach()) if x.is_complex() else x  # (re, im) pairs
         return x.detach().to(torch.float64).cpu().numpy()
     return np.asarray(x, dtype=np.float64)
 
