@@ -156,3 +156,139 @@ def _torch_step_with_sparse_grad(name, kwargs, weight):
     ref = getattr(torch.optim, name)(twin.parameters(), **kwargs)
     twin(torch.tensor([1, 4, 1], device=weight.device)).sum().backward()
     ref.step()
+
+
+# ------------------------------------------------- beyond torch's inputs, as test_optim.py checks ---
+
+
+def test_named_parameters_and_param_names_round_trip(device):
+    """``named_parameters()`` as torch accepts it (torch ≥ 2.6): the names are kept in the groups and
+    the state_dict, and a checkpoint moves between torch and gpuopt."""
+    model = torch.nn.Linear(4, 3).to(device)
+    twin = copy.deepcopy(model)
+    opt, ref = gpuopt.AdamW(model.named_parameters(), lr=0.01), torch.optim.AdamW(twin.named_parameters(), lr=0.01)
+    assert opt.param_groups[0]["param_names"] == ref.param_groups[0]["param_names"] == ["weight", "bias"]
+    x = torch.randn(5, 4, device=device)
+    for module, optimizer in ((model, opt), (twin, ref)):
+        module(x).square().sum().backward()
+        optimizer.step()
+    assert_close(model.weight, twin.weight, rtol=2e-5, atol=2e-6)
+    assert opt.state_dict()["param_groups"][0]["param_names"] == ["weight", "bias"]
+    ref.load_state_dict(opt.state_dict())
+    opt.load_state_dict(ref.state_dict())
+
+
+def test_state_dict_and_load_hooks_run_as_in_torch(device):
+    """state_dict pre/post hooks and load_state_dict pre/post hooks (torch's Optimizer API): called,
+    in order, and a pre-load hook may edit what is loaded."""
+    p = torch.nn.Parameter(torch.randn(6, device=device))
+    opt = gpuopt.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("sd pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: (calls.append("sd post"), sd)[1])
+
+    def edit(o, sd):
+        calls.append("load pre")
+        sd = copy.deepcopy(sd)
+        sd["param_groups"][0]["lr"] = 0.5
+        return sd
+
+    opt.register_load_state_dict_pre_hook(edit)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load post"))
+    opt.load_state_dict(opt.state_dict())
+    assert calls == ["sd pre", "sd post", "load pre", "load post"]
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
+def test_loaded_groups_without_newer_keys_get_the_defaults(device):
+    """A checkpoint whose groups lack keys added in later versions (foreach, maximize,
+    differentiable, fused, capturable): loaded as torch loads it, the defaults fill in, steps run."""
+    params = [torch.nn.Parameter(torch.randn(5, device=device)) for _ in range(2)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, ref = gpuopt.Adam(params, lr=0.01), torch.optim.Adam(twins, lr=0.01)
+    for p, t in zip(params, twins):
+        p.grad = torch.randn_like(p)
+        t.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    state = ref.state_dict()
+    for key in ("foreach", "maximize", "differentiable", "fused", "capturable"):
+        del state["param_groups"][0][key]
+    opt.load_state_dict(state)
+    ref.load_state_dict(state)
+    for _ in range(2):
+        opt.step()
+        ref.step()
+    for p, t in zip(params, twins):
+        assert_close(p, t, rtol=2e-5, atol=2e-6)
+    assert opt.param_groups[0]["maximize"] is False
+
+
+@pytest.mark.parametrize("name,kwargs,make_scheduler", [
+    ("Adam", dict(lr=0.01), lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=10)),
+    ("AdamW", dict(lr=0.01), lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=10,
+                                                                            three_phase=True)),
+    ("SGD", dict(lr=0.01, momentum=0.9), lambda o: torch.optim.lr_scheduler.CyclicLR(o, 0.001, 0.05, step_size_up=3)),
+    ("RMSprop", dict(lr=0.01, momentum=0.9), lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05,
+                                                                                          total_steps=10)),
+], ids=["Adam-OneCycle", "AdamW-OneCycle3", "SGD-Cyclic", "RMSprop-OneCycle"])
+def test_schedulers_that_edit_betas_and_momentum(device, name, kwargs, make_scheduler):
+    """OneCycleLR and CyclicLR change ``lr`` and also ``betas`` / ``momentum`` every step: the
+    next step uses them, as torch's."""
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in ((7,), (2, 3))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, ref = getattr(gpuopt, name)(params, **kwargs), getattr(torch.optim, name)(twins, **kwargs)
+    schedulers = [make_scheduler(opt), make_scheduler(ref)]
+    for _ in range(8):
+        for p, t in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            t.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        for p, t in zip(params, twins):
+            assert_close(p, t, rtol=2e-5, atol=2e-6)
+
+
+def test_add_param_group_mid_run(device):
+    """A group added after some steps (fine-tuning unfreezes a layer) steps from fresh states, as
+    torch's; the old group keeps its states."""
+    first, second = (torch.nn.Parameter(torch.randn(6, device=device)) for _ in range(2))
+    twins = [torch.nn.Parameter(t.detach().clone()) for t in (first, second)]
+    opt, ref = gpuopt.Adam([first], lr=0.01), torch.optim.Adam([twins[0]], lr=0.01)
+    for step in range(5):
+        if step == 2:
+            opt.add_param_group({"params": [second], "lr": 0.05})
+            ref.add_param_group({"params": [twins[1]], "lr": 0.05})
+        for p, t in zip((first, second), twins):
+            p.grad = torch.randn_like(p)
+            t.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        for p, t in zip((first, second), twins):
+            assert_close(p, t, rtol=2e-5, atol=2e-6)
+    assert float(opt.state[second]["step"]) == 3.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_transposed_and_channels_last_parameters(device, name):
+    """Parameters in any dense layout (a transposed matrix, a channels-last conv weight, a permuted
+    3-D tensor) with gradients in the same or another layout: torch's results."""
+    shapes_layouts = [torch.randn(6, 4, device=device).t(), torch.randn(3, 2, 4, 5, device=device).to(
+        memory_format=torch.channels_last), torch.randn(2, 3, 4, device=device).permute(2, 0, 1)]
+    params = [torch.nn.Parameter(t) for t in shapes_layouts]
+    twins = [torch.nn.Parameter(p.detach().clone(memory_format=torch.preserve_format)) for p in params]
+    assert not params[0].is_contiguous() and params[0].stride() == twins[0].stride()
+    kwargs = dict(lr=0.01) if name != "Adadelta" else {}
+    opt, ref = getattr(gpuopt, name)(params, **kwargs), getattr(torch.optim, name)(twins, **kwargs)
+    for step in range(3):
+        for p, t in zip(params, twins):
+            g = torch.randn(p.shape, device=device)  # contiguous: another layout than the parameter's
+            p.grad, t.grad = g, g.clone()
+        opt.step()
+        ref.step()
+    for p, t in zip(params, twins):
+        assert_close(p, t, rtol=2e-5, atol=2e-6)
