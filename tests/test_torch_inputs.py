@@ -292,3 +292,46 @@ def test_transposed_and_channels_last_parameters(device, name):
         ref.step()
     for p, t in zip(params, twins):
         assert_close(p, t, rtol=2e-5, atol=2e-6)
+
+
+# ------------------------------------------------------------- batch_norm's OpInfo samples ---
+
+
+def _batch_norm_samples():
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    info = next(op for op in op_db if op.name == "nn.functional.batch_norm" and op.variant_test_name == "")
+    return info, len(list(info.sample_inputs("cpu", torch.float32, requires_grad=True)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("index", range(_batch_norm_samples()[1]))
+def test_batch_norm_opinfo_sample_matches_torch(device, index, dtype):
+    """Every OpInfo sample of ``nn.functional.batch_norm`` (training and eval, with and without
+    weight, bias and running stats, 0-element and one-channel inputs, negative momentum): output,
+    running statistics and every gradient equal torch's."""
+    info = _batch_norm_samples()[0]
+    sample = list(info.sample_inputs(device, dtype, requires_grad=True))[index]
+
+    def cloned(t):
+        return t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+
+    ours = [cloned(sample.input)] + [cloned(a) for a in sample.args]
+    theirs = [cloned(sample.input)] + [cloned(a) for a in sample.args]
+    out = gpuopt.functional.batch_norm(*ours, **sample.kwargs)
+    expected = torch.nn.functional.batch_norm(*theirs, **sample.kwargs)
+    tolerance = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    # fp64: computed in fp64, but running stats take momentum through fp32 (README); see below.
+    assert_close(out, expected, name="output", **tolerance)
+    for mine, reference, what in zip(ours[1:3], theirs[1:3], ("running_mean", "running_var")):
+        if isinstance(reference, torch.Tensor):
+            assert_close(mine, reference, name=what, rtol=2e-6 if dtype == torch.float64 else 2e-5, atol=2e-7)
+    if out.requires_grad and out.numel():
+        grad = torch.randn_like(out)
+        wrt = [(m, t) for m, t in zip(ours, theirs) if isinstance(m, torch.Tensor) and m.requires_grad]
+        mine = torch.autograd.grad(out, [m for m, _ in wrt], grad, allow_unused=True)
+        reference = torch.autograd.grad(expected, [t for _, t in wrt], grad, allow_unused=True)
+        for a, b in zip(mine, reference):
+            if b is not None:
+                assert_close(a, b, name="gradient", **(dict(rtol=1e-8, atol=1e-10) if dtype == torch.float64
+                                                       else dict(rtol=1e-4, atol=1e-5)))
