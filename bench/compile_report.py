@@ -40,8 +40,8 @@ def spy(module, name):
                     elif isinstance(a, int):
                         sig[n] = "i32" if -2**31 <= a < 2**31 else "i64"
                         ints[n] = a
-                    else:
-                        sig[n] = "fp32"
+                    else:  # a float: the kernel's annotation (tl.float64 hyperparameters) or Triton's default
+                        sig[n] = "fp64" if str(kernel.fn.__annotations__.get(n)) == "fp64" else "fp32"
                 for n, v in kwargs.items():
                     if n in ("num_warps", "num_stages"):
                         continue
@@ -54,7 +54,9 @@ def spy(module, name):
 for m, n in [(adam, "_adam_kernel"), (sgd, "_sgd_kernel"), (rmsprop, "_rmsprop_kernel"), (adagrad, "_adagrad_kernel"),
              (adadelta, "_adadelta_kernel"), (ema, "_ema_kernel")]:
     spy(m, n)
-for dtype, extra in [(torch.float32, {}), (torch.bfloat16, dict(master_weights=True)), (torch.bfloat16, dict(stochastic_rounding=True))]:
+    spy(m, n.replace("_kernel", "_f64_kernel"))  # float64 tensors: float64 hyperparameters
+for dtype, extra in [(torch.float32, {}), (torch.bfloat16, dict(master_weights=True)),
+                     (torch.bfloat16, dict(stochastic_rounding=True)), (torch.float64, {})]:
     for cls, kw in [("Adam", dict(amsgrad=True)), ("AdamW", {}), ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
                     ("RMSprop", dict(centered=True, momentum=0.9)), ("Adagrad", {}), ("Adadelta", {})]:
         p = torch.nn.Parameter(torch.randn(300).to(dtype)); p.grad = torch.randn_like(p)
@@ -67,7 +69,8 @@ for dtype, extra in [(torch.float32, {}), (torch.bfloat16, dict(master_weights=T
 os.environ["GPUOPT_GPU_CONFIG"] = "1"
 from gpuopt.kernels import batch_norm as bn
 for n in ("_stats_kernel", "_stats_combine_kernel", "_normalize_kernel", "_backward_reduce_kernel",
-          "_backward_combine_kernel", "_backward_input_kernel"):
+          "_backward_combine_kernel", "_backward_input_kernel", "_stats_combine_f64_kernel", "_normalize_f64_kernel",
+          "_backward_input_f64_kernel"):
     spy(bn, n)
 # Arguments equal to 1 become compile-time constants in a real launch (Triton specialises them):
 # one channel, one sample, one spatial position.
@@ -77,7 +80,7 @@ for shape, layout in (((1, 1, 16, 16), torch.contiguous_format), ((4, 1, 8, 8), 
     C = shape[1]
     w = torch.ones(C, requires_grad=True); b = torch.zeros(C, requires_grad=True)
     gpuopt.functional.batch_norm(x, torch.zeros(C), torch.ones(C), w, b, training=True).backward(torch.ones_like(x))
-for dtype in (torch.float32, torch.bfloat16, torch.float16):
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     for layout in (torch.contiguous_format, torch.channels_last):
         for eps_inside_sqrt in ((True, False) if dtype == torch.float32 else (True,)):
             for training in (True, False):
@@ -161,6 +164,8 @@ def main():
                 attrs[(i,)] = [["tt.divisibility", 16]]
         r["signature"] = signature
         flags = ",".join(k for k, v in constexprs.items() if v is True)
+        if "*fp64" in signature.values():  # float64 data: its 16-byte accesses are v2
+            flags = "FP64," + flags
         try:
             src = triton.compiler.ASTSource(fn=fn, signature=r["signature"], constexprs=constexprs, attrs=attrs)
             k = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options={"num_warps": r["num_warps"]})

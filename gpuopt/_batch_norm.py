@@ -102,7 +102,9 @@ class Grid:
 def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gpu_config: bool,
               sm_count: int) -> Grid:
     if gpu_config:
-        tile = _GPU_TILE
+        # float64 tiles hold half the elements over half the warps: 8 values per thread as in
+        # fp32 (the statistics kernel's per-lane Welford state spilled at 2048 fp64 values).
+        tile = _GPU_TILE // 2 if element_size == 8 else _GPU_TILE
     elif R * C * S <= 1024:
         tile = _INTERPRETER_TILE
     else:
@@ -135,7 +137,7 @@ def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gp
         vec //= 2
     n_splits = row_splits * col_splits
     return Grid(R, C, S, channels_last, block_r, block_k, vec, channel_blocks, rows_per_split, cols_per_split,
-                col_splits, n_splits, _GPU_WARPS if gpu_config else 1,
+                col_splits, n_splits, (_GPU_WARPS * tile // _GPU_TILE) if gpu_config else 1,
                 min(_next_power_of_2(n_splits), 32 if gpu_config else 4), 4 if gpu_config else 1, element_size == 8)
 
 
@@ -260,7 +262,7 @@ def forward_train(x, g: Grid, weight, bias, running_mean, running_var, num_batch
     std = None if eps_inside_sqrt else torch.empty(C, dtype=acc, device=device)
     update = running_mean is not None
     cumulative = update and momentum is None
-    _launch.launch(kernels._stats_combine_kernel, g.combine_grid,
+    _launch.launch(kernels._stats_combine_f64_kernel if g.float64 else kernels._stats_combine_kernel, g.combine_grid,
                    (count, part_mean, part_m2, shift, g.n_splits, C, mean, invstd, std,
                     running_mean, running_var, num_batches_tracked if cumulative else None,
                     0.0 if momentum is None else float(momentum), float(eps)),
@@ -269,7 +271,8 @@ def forward_train(x, g: Grid, weight, bias, running_mean, running_var, num_batch
                    g.combine_warps)
 
     y = torch.empty_like(x)
-    _launch.launch(kernels._normalize_kernel, g.grid, (x, y, mean, invstd, weight, bias, float(eps), *g.args),
+    _launch.launch(kernels._normalize_f64_kernel if g.float64 else kernels._normalize_kernel, g.grid,
+                   (x, y, mean, invstd, weight, bias, float(eps), *g.args),
                    dict(FROM_RUNNING_VAR=False, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_WEIGHT=weight is not None,
                         HAS_BIAS=bias is not None, **g.constexprs),
                    g.num_warps)
@@ -279,7 +282,7 @@ def forward_train(x, g: Grid, weight, bias, running_mean, running_var, num_batch
 def forward_eval(x, g: Grid, weight, bias, running_mean, running_var, eps, eps_inside_sqrt):
     """One elementwise launch from the running statistics."""
     y = torch.empty_like(x)
-    _launch.launch(kernels._normalize_kernel, g.grid,
+    _launch.launch(kernels._normalize_f64_kernel if g.float64 else kernels._normalize_kernel, g.grid,
                    (x, y, running_mean, running_var, weight, bias, float(eps), *g.args),
                    dict(FROM_RUNNING_VAR=True, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_WEIGHT=weight is not None,
                         HAS_BIAS=bias is not None, **g.constexprs),
@@ -307,7 +310,7 @@ def backward(x, dy, g: Grid, weight, mean, invstd, std, training, eps_inside_sqr
     dx = None
     if need_input:
         dx = torch.empty_like(x)
-        _launch.launch(kernels._backward_input_kernel, g.grid,
+        _launch.launch(kernels._backward_input_f64_kernel if g.float64 else kernels._backward_input_kernel, g.grid,
                        (x, dy, dx, mean, invstd, std, weight, sum_dy, sum_dy_xmu, float(g.R * g.S), *g.args),
                        dict(TRAINING=training, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_WEIGHT=weight is not None,
                             **g.constexprs),

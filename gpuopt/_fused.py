@@ -42,12 +42,13 @@ class StepArgs:
     def lr_on_device(self, lr) -> bool:
         return isinstance(lr, torch.Tensor) and lr.device == self.device
 
-    def lr(self, lr):
-        """A tensor ``lr`` on the parameters' device is read by the kernel; a CPU tensor or a
-        float is passed by value (reading a CPU tensor does not synchronise)."""
+    def lr_args(self, lr) -> tuple:
+        """The kernels' ``(lr, lr_ptr)``: a tensor ``lr`` on the parameters' device is read by the
+        kernel (``lr_ptr``); a CPU tensor or a float is passed by value (reading a CPU tensor does
+        not synchronise), as a float64 argument."""
         if self.lr_on_device(lr):
-            return lr
-        return float(lr)
+            return 0.0, lr
+        return float(lr), None
 
 
 def log_of(beta: float) -> float:

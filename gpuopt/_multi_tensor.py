@@ -47,6 +47,7 @@ class LaunchPlan:
         first = roles[0]  # validated by gpuopt._validate.check_roles before any plan is made
         self.device = first[0].device
         self.n_tensors = len(first)
+        self.float64 = first[0].dtype == torch.float64  # launch the kernel's float64 variant
         self.numels = tuple(t.numel() for t in first)
         gpu_config = use_gpu_config(self.device)
         self.block = block or (GPU_BLOCK if gpu_config else interpreter_block(self.numels))

@@ -21,8 +21,23 @@ Programs walk the schedule grid-stride (``i = pid, pid + num_programs, ...``), s
 sized to the machine rather than to the model.
 """
 
+import types
+
 import triton
 import triton.language as tl
+
+
+def float64_variant(kernel, names):
+    """``kernel`` again, with its float arguments ``names`` declared ``tl.float64``: the launch for
+    float64 tensors, whose hyperparameters must arrive exactly (a Python float argument is float32
+    to Triton). The float32/bf16 launches keep float32 arguments, which the compiler reads straight
+    from the constant bank: declared float64 there, each became a live register after its
+    conversion, and the bf16 Adam with master weights spilled."""
+    fn = kernel.fn
+    clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    clone.__annotations__ = {**fn.__annotations__, **{name: tl.float64 for name in names}}
+    clone.__module__, clone.__qualname__, clone.__doc__ = fn.__module__, fn.__qualname__, fn.__doc__
+    return triton.jit(clone)
 
 
 @triton.jit
@@ -46,9 +61,26 @@ def tensor_ptr(base_ptr, offsets_ptr, role: tl.constexpr, t, n_tensors, ALIGNED:
 
 
 @triton.jit
-def load_f32(ptr, mask):
-    """Load in the storage dtype, compute in fp32 (``mask=None`` for a full block)."""
-    return tl.load(ptr, mask=mask).to(tl.float32)
+def load_compute(ptr, mask):
+    """Load in the storage dtype and widen to the compute dtype: float64 stays float64 (a float64
+    step is float64 end to end, as torch's), every other dtype computes in float32
+    (``mask=None`` for a full block)."""
+    x = tl.load(ptr, mask=mask)
+    if x.dtype == tl.float64:
+        return x
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def hyper(value, like_ptr):
+    """A hyperparameter in the compute dtype of the tensors at ``like_ptr`` (see ``load_compute``):
+    float64 for float64 tensors (whose launches use the ``float64_variant`` of the kernel, so the
+    value arrives exactly), float32 otherwise."""
+    if like_ptr.dtype.element_ty == tl.float64:
+        return tl.full([], value, tl.float64)
+    else:
+        return tl.full([], value, tl.float32)
 
 
 @triton.jit
@@ -86,13 +118,14 @@ def stochastic_round_bf16(x, seed, offsets):
 
 
 @triton.jit
-def scalar(value, ON_DEVICE: tl.constexpr):
-    """A hyperparameter passed either as a Python float or, for capturable steps, as a pointer
-    to a device scalar (read on the device: no host synchronisation, safe in CUDA graphs)."""
+def scalar(value, value_ptr, ON_DEVICE: tl.constexpr, like_ptr):
+    """A hyperparameter passed either by value or, for capturable steps, as a pointer to a device
+    scalar (read on the device: no host synchronisation, safe in CUDA graphs); in the compute
+    dtype of the tensors at ``like_ptr``."""
     if ON_DEVICE:
-        return tl.load(value).to(tl.float32)
+        return hyper(tl.load(value_ptr), like_ptr)
     else:
-        return value
+        return hyper(value, like_ptr)
 
 
 @triton.jit
@@ -106,10 +139,10 @@ def step_is_skipped(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
 
 @triton.jit
 def load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
-    """g in fp32, unscaled by AMP's ``grad_scale`` when given, negated for ``maximize``."""
-    g = load_f32(grad_ptr + offsets, mask)
+    """g in the compute dtype, unscaled by AMP's ``grad_scale`` when given, negated for ``maximize``."""
+    g = load_compute(grad_ptr + offsets, mask)
     if HAS_GRAD_SCALE:
-        g = g / tl.load(grad_scale_ptr).to(tl.float32)
+        g = g / tl.load(grad_scale_ptr).to(g.dtype)
     if MAXIMIZE:
         g = -g
     return g
@@ -124,11 +157,11 @@ def add_weight_decay(g, w, weight_decay):
 
 @triton.jit
 def load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER: tl.constexpr):
-    """The weight in fp32: the fp32 master copy when there is one, else the parameter itself."""
+    """The weight in the compute dtype: the fp32 master copy when there is one, else the parameter."""
     if HAS_MASTER:
         return tl.load(master_ptr + offsets, mask=mask)
     else:
-        return load_f32(param_ptr + offsets, mask)
+        return load_compute(param_ptr + offsets, mask)
 
 
 @triton.jit

@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .. import _launch
-from ._multi_tensor import (add_weight_decay, advance_steps, load_f32, load_grad, load_param, scalar, schedule_entry,
-                            step_is_skipped, store_as, store_param, tensor_ptr)
+from ._multi_tensor import (add_weight_decay, advance_steps, float64_variant, hyper, load_compute, load_grad,
+                            load_param, scalar, schedule_entry, step_is_skipped, store_as, store_param, tensor_ptr)
 
 ROLES = ("param", "grad", "step", "square_avg", "acc_delta", "master")
 PARAM, GRAD, STEP, SQUARE_AVG, ACC_DELTA, MASTER = (tl.constexpr(i) for i in range(len(ROLES)))  # rows of the offsets table
@@ -26,8 +26,8 @@ def _adadelta_block(param_ptr, grad_ptr, square_avg_ptr, acc_delta_ptr, master_p
                     HAS_GRAD_SCALE: tl.constexpr, HAS_MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr):
     w = load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER)
     g = add_weight_decay(load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE), w, weight_decay)
-    square_avg = rho * load_f32(square_avg_ptr + offsets, mask) + one_minus_rho * g * g
-    acc_delta = load_f32(acc_delta_ptr + offsets, mask)
+    square_avg = rho * load_compute(square_avg_ptr + offsets, mask) + one_minus_rho * g * g
+    acc_delta = load_compute(acc_delta_ptr + offsets, mask)
     delta = tl.sqrt(acc_delta + eps) / tl.sqrt(square_avg + eps) * g
     store_as(square_avg_ptr + offsets, square_avg, mask)
     store_as(acc_delta_ptr + offsets, rho * acc_delta + one_minus_rho * delta * delta, mask)
@@ -37,12 +37,15 @@ def _adadelta_block(param_ptr, grad_ptr, square_avg_ptr, acc_delta_ptr, master_p
 @triton.jit
 def _adadelta_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_blocks, n_tensors,
                      param_base_ptr, grad_base_ptr, step_base_ptr, square_avg_base_ptr, acc_delta_base_ptr,
-                     master_base_ptr, counter_ptr, lr, rho, one_minus_rho, eps, weight_decay,
+                     master_base_ptr, counter_ptr, lr, lr_ptr, rho,
+                     one_minus_rho, eps, weight_decay,
                      grad_scale_ptr, found_inf_ptr, seed,
                      LR_ON_DEVICE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                      HAS_FOUND_INF: tl.constexpr, HAS_MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
                      ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    lr = scalar(lr, LR_ON_DEVICE)
+    lr = scalar(lr, lr_ptr, LR_ON_DEVICE, param_base_ptr)
+    rho, one_minus_rho = hyper(rho, param_base_ptr), hyper(one_minus_rho, param_base_ptr)
+    eps, weight_decay = hyper(eps, param_base_ptr), hyper(weight_decay, param_base_ptr)
     skipped = step_is_skipped(found_inf_ptr, HAS_FOUND_INF)
     if not skipped:
         for i in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
@@ -65,10 +68,13 @@ def _adadelta_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, 
     advance_steps(counter_ptr, step_base_ptr, offsets_ptr, STEP, n_tensors, skipped, BLOCK)
 
 
+_adadelta_f64_kernel = float64_variant(_adadelta_kernel, ("lr", "rho", "one_minus_rho", "eps", "weight_decay"))
+
+
 def adadelta_(plan, step_args, *, lr, rho, eps, weight_decay, maximize, has_master, stochastic_rounding):
     """Launch one Adadelta step over ``plan`` (roles ``ROLES``)."""
-    _launch.launch(_adadelta_kernel, plan.grid,
-                   (*plan.schedule_args(), *plan.bases(), plan.counter, step_args.lr(lr), rho, 1.0 - rho, eps,
+    _launch.launch(_adadelta_f64_kernel if plan.float64 else _adadelta_kernel, plan.grid,
+                   (*plan.schedule_args(), *plan.bases(), plan.counter, *step_args.lr_args(lr), rho, 1.0 - rho, eps,
                     weight_decay, step_args.grad_scale, step_args.found_inf, step_args.seed),
                    dict(LR_ON_DEVICE=step_args.lr_on_device(lr), MAXIMIZE=maximize,
                         HAS_GRAD_SCALE=step_args.has_grad_scale, HAS_FOUND_INF=step_args.has_found_inf,

@@ -14,8 +14,9 @@ import triton
 import triton.language as tl
 
 from .. import _launch
-from ._multi_tensor import (add_weight_decay, advance_steps, load_f32, load_grad, load_param, one_minus_pow, scalar,
-                            schedule_entry, step_is_skipped, store_as, store_param, tensor_ptr)
+from ._multi_tensor import (add_weight_decay, advance_steps, float64_variant, hyper, load_compute, load_grad,
+                            load_param, one_minus_pow, scalar, schedule_entry, step_is_skipped, store_as, store_param,
+                            tensor_ptr)
 
 ROLES = ("param", "grad", "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
 PARAM, GRAD, STEP, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, MASTER = (tl.constexpr(i) for i in range(len(ROLES)))  # rows of the offsets table
@@ -34,12 +35,12 @@ def _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq
         w = w * (1.0 - lr * weight_decay)
     else:
         g = add_weight_decay(g, w, weight_decay)
-    m = beta1 * load_f32(exp_avg_ptr + offsets, mask) + one_minus_beta1 * g
-    v = beta2 * load_f32(exp_avg_sq_ptr + offsets, mask) + one_minus_beta2 * g * g
+    m = beta1 * load_compute(exp_avg_ptr + offsets, mask) + one_minus_beta1 * g
+    v = beta2 * load_compute(exp_avg_sq_ptr + offsets, mask) + one_minus_beta2 * g * g
     store_as(exp_avg_ptr + offsets, m, mask)
     store_as(exp_avg_sq_ptr + offsets, v, mask)
     if AMSGRAD:
-        v = tl.maximum(load_f32(max_exp_avg_sq_ptr + offsets, mask), v)
+        v = tl.maximum(load_compute(max_exp_avg_sq_ptr + offsets, mask), v)
         store_as(max_exp_avg_sq_ptr + offsets, v, mask)
     if EPS_INSIDE_SQRT:
         denom = tl.sqrt(v / bias_correction2 + eps)
@@ -53,19 +54,24 @@ def _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq
 def _adam_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_blocks, n_tensors,
                  param_base_ptr, grad_base_ptr, step_base_ptr, exp_avg_base_ptr, exp_avg_sq_base_ptr,
                  max_exp_avg_sq_base_ptr, master_base_ptr, counter_ptr,
-                 lr, beta1, one_minus_beta1, log_beta1, beta2, one_minus_beta2, log_beta2, eps,
+                 lr, lr_ptr, beta1, one_minus_beta1, log_beta1,
+                 beta2, one_minus_beta2, log_beta2, eps,
                  weight_decay, grad_scale_ptr, found_inf_ptr, seed,
                  LR_ON_DEVICE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                  DECOUPLED: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr,
                  HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                  HAS_MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    lr = scalar(lr, LR_ON_DEVICE)
+    lr = scalar(lr, lr_ptr, LR_ON_DEVICE, param_base_ptr)
+    beta1, one_minus_beta1 = hyper(beta1, param_base_ptr), hyper(one_minus_beta1, param_base_ptr)
+    beta2, one_minus_beta2 = hyper(beta2, param_base_ptr), hyper(one_minus_beta2, param_base_ptr)
+    log_beta1, log_beta2 = hyper(log_beta1, param_base_ptr), hyper(log_beta2, param_base_ptr)
+    eps, weight_decay = hyper(eps, param_base_ptr), hyper(weight_decay, param_base_ptr)
     skipped = step_is_skipped(found_inf_ptr, HAS_FOUND_INF)
     if not skipped:
         for i in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
             t, offsets, full, numel = schedule_entry(i, block_tensor_ptr, block_start_ptr, numel_ptr, BLOCK)
-            step = tl.load(tensor_ptr(step_base_ptr, offsets_ptr, STEP, t, n_tensors, ALIGNED)) + 1.0
+            step = tl.load(tensor_ptr(step_base_ptr, offsets_ptr, STEP, t, n_tensors, ALIGNED)).to(lr.dtype) + 1.0
             bias_correction1 = one_minus_pow(log_beta1, step)
             bias_correction2 = one_minus_pow(log_beta2, step)
             param_ptr = tensor_ptr(param_base_ptr, offsets_ptr, PARAM, t, n_tensors, ALIGNED)
@@ -90,13 +96,17 @@ def _adam_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_bl
     advance_steps(counter_ptr, step_base_ptr, offsets_ptr, STEP, n_tensors, skipped, BLOCK)
 
 
+_adam_f64_kernel = float64_variant(_adam_kernel, ("lr", "beta1", "one_minus_beta1", "log_beta1", "beta2",
+                                                  "one_minus_beta2", "log_beta2", "eps", "weight_decay"))
+
+
 def adam_(plan, step_args, *, lr, beta1, one_minus_beta1, log_beta1, beta2, one_minus_beta2, log_beta2,
           eps, weight_decay, amsgrad, maximize, decoupled, eps_inside_sqrt, has_master, stochastic_rounding):
     """Launch one Adam/AdamW step over ``plan`` (roles ``ROLES``). ``step_args`` holds the shared
     step arguments (see ``gpuopt._fused.StepArgs``)."""
-    _launch.launch(_adam_kernel, plan.grid,
+    _launch.launch(_adam_f64_kernel if plan.float64 else _adam_kernel, plan.grid,
                    (*plan.schedule_args(), *plan.bases(), plan.counter,
-                    step_args.lr(lr), beta1, one_minus_beta1, log_beta1, beta2, one_minus_beta2, log_beta2, eps,
+                    *step_args.lr_args(lr), beta1, one_minus_beta1, log_beta1, beta2, one_minus_beta2, log_beta2, eps,
                     weight_decay, step_args.grad_scale, step_args.found_inf, step_args.seed),
                    dict(LR_ON_DEVICE=step_args.lr_on_device(lr), AMSGRAD=amsgrad, MAXIMIZE=maximize,
                         DECOUPLED=decoupled, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_GRAD_SCALE=step_args.has_grad_scale,

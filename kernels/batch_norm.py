@@ -37,7 +37,7 @@ backward reduction reads x and dẐ; backward input reads x and dẐ, writes ∂
 import triton
 import triton.language as tl
 
-from ._multi_tensor import store_as
+from ._multi_tensor import float64_variant, store_as
 
 
 # ------------------------------------------------------------------------------ the walk ----
@@ -232,7 +232,9 @@ def _stats_combine_kernel(count_ptr, mean_ptr, m2_ptr, shift_ptr, n_splits, C,
         running_var  ← (1 - m) running_var  + m σ² K/(K-1)      (unbiased)
 
     m is ``momentum``, or 1/t with t = ``num_batches_tracked`` (already counting this batch) for
-    the cumulative average (the seed's γ_t = (t-1)/t), read on the device: no host sync."""
+    the cumulative average (the seed's γ_t = (t-1)/t), read on the device: no host sync.
+    ``momentum`` and ``eps`` are used in ACC (float64 input: the float64 variant gets them exactly)."""
+    momentum, eps = tl.full([], momentum, ACC), tl.full([], eps, ACC)
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_range = channels < C
     mean = tl.zeros([BLOCK_C], ACC)
@@ -273,6 +275,7 @@ def _normalize_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, 
     """Ẑ = G (Z - μ)/s + B, elementwise. Training passes the batch's μ and 1/s; evaluation passes
     the running mean and variance (``FROM_RUNNING_VAR``) and 1/s is formed here, so inference is
     this one launch. (Z - μ) is formed before scaling: with μ = 1e4, Z·(G/s) - μ·(G/s) would cancel."""
+    eps = tl.full([], eps, ACC)
     row_stride, n_cols = _layout(C, S, CHANNELS_LAST, VEC)
     r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                                                                 CHANNELS_LAST, BLOCK_K)
@@ -360,6 +363,7 @@ def _backward_input_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, std_ptr,
 
     s/r is 1 for PyTorch's ε placement and (σ + ε)/σ for the seed's (0 for a constant channel,
     the limit σ → 0). In evaluation mode μ and s are constants and ∂L/∂Z = (G/s) dẐ."""
+    count = tl.full([], count, ACC)
     row_stride, n_cols = _layout(C, S, CHANNELS_LAST, VEC)
     r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                                                                 CHANNELS_LAST, BLOCK_K)
@@ -384,3 +388,9 @@ def _backward_input_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, std_ptr,
             else:
                 dx = scale * dy
             store_as(dx_ptr + offsets, dx, mask)
+
+
+# The launches for float64 input: ε, momentum and the count arrive as float64 (see float64_variant).
+_stats_combine_f64_kernel = float64_variant(_stats_combine_kernel, ("momentum", "eps"))
+_normalize_f64_kernel = float64_variant(_normalize_kernel, ("eps",))
+_backward_input_f64_kernel = float64_variant(_backward_input_kernel, ("count",))

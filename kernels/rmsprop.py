@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from .. import _launch
-from ._multi_tensor import (add_weight_decay, advance_steps, load_f32, load_grad, load_param, scalar, schedule_entry,
-                            step_is_skipped, store_as, store_param, tensor_ptr)
+from ._multi_tensor import (add_weight_decay, advance_steps, float64_variant, hyper, load_compute, load_grad,
+                            load_param, scalar, schedule_entry, step_is_skipped, store_as, store_param, tensor_ptr)
 
 ROLES = ("param", "grad", "step", "square_avg", "grad_avg", "momentum_buffer", "master")
 PARAM, GRAD, STEP, SQUARE_AVG, GRAD_AVG, MOMENTUM_BUFFER, MASTER = (tl.constexpr(i) for i in range(len(ROLES)))  # rows of the offsets table
@@ -29,11 +29,11 @@ def _rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, grad_avg_ptr, buf_ptr, m
                    HAS_MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr):
     w = load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER)
     g = add_weight_decay(load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE), w, weight_decay)
-    G = alpha * load_f32(square_avg_ptr + offsets, mask) + one_minus_alpha * g * g
+    G = alpha * load_compute(square_avg_ptr + offsets, mask) + one_minus_alpha * g * g
     store_as(square_avg_ptr + offsets, G, mask)
     variance = G
     if CENTERED:
-        g_avg = alpha * load_f32(grad_avg_ptr + offsets, mask) + one_minus_alpha * g
+        g_avg = alpha * load_compute(grad_avg_ptr + offsets, mask) + one_minus_alpha * g
         store_as(grad_avg_ptr + offsets, g_avg, mask)
         variance = G - g_avg * g_avg
     if EPS_INSIDE_SQRT:
@@ -41,7 +41,7 @@ def _rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, grad_avg_ptr, buf_ptr, m
     else:
         avg = tl.sqrt(variance) + eps
     if HAS_MOMENTUM:
-        buf = momentum * load_f32(buf_ptr + offsets, mask) + g / avg
+        buf = momentum * load_compute(buf_ptr + offsets, mask) + g / avg
         store_as(buf_ptr + offsets, buf, mask)
         w = w - lr * buf
     else:
@@ -53,12 +53,16 @@ def _rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, grad_avg_ptr, buf_ptr, m
 def _rmsprop_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_blocks, n_tensors,
                     param_base_ptr, grad_base_ptr, step_base_ptr, square_avg_base_ptr, grad_avg_base_ptr,
                     buf_base_ptr, master_base_ptr, counter_ptr,
-                    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_scale_ptr, found_inf_ptr, seed,
+                    lr, lr_ptr, alpha, one_minus_alpha, eps,
+                    weight_decay, momentum, grad_scale_ptr, found_inf_ptr, seed,
                     LR_ON_DEVICE: tl.constexpr, CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                     MAXIMIZE: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                     HAS_FOUND_INF: tl.constexpr, HAS_MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
                     ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    lr = scalar(lr, LR_ON_DEVICE)
+    lr = scalar(lr, lr_ptr, LR_ON_DEVICE, param_base_ptr)
+    alpha, one_minus_alpha = hyper(alpha, param_base_ptr), hyper(one_minus_alpha, param_base_ptr)
+    eps, weight_decay = hyper(eps, param_base_ptr), hyper(weight_decay, param_base_ptr)
+    momentum = hyper(momentum, param_base_ptr)
     skipped = step_is_skipped(found_inf_ptr, HAS_FOUND_INF)
     if not skipped:
         for i in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
@@ -84,11 +88,15 @@ def _rmsprop_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n
     advance_steps(counter_ptr, step_base_ptr, offsets_ptr, STEP, n_tensors, skipped, BLOCK)
 
 
+_rmsprop_f64_kernel = float64_variant(_rmsprop_kernel, ("lr", "alpha", "one_minus_alpha", "eps", "weight_decay",
+                                                        "momentum"))
+
+
 def rmsprop_(plan, step_args, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
              eps_inside_sqrt, has_master, stochastic_rounding):
     """Launch one RMSprop step over ``plan`` (roles ``ROLES``)."""
-    _launch.launch(_rmsprop_kernel, plan.grid,
-                   (*plan.schedule_args(), *plan.bases(), plan.counter, step_args.lr(lr), alpha, 1.0 - alpha, eps,
+    _launch.launch(_rmsprop_f64_kernel if plan.float64 else _rmsprop_kernel, plan.grid,
+                   (*plan.schedule_args(), *plan.bases(), plan.counter, *step_args.lr_args(lr), alpha, 1.0 - alpha, eps,
                     weight_decay, momentum, step_args.grad_scale, step_args.found_inf, step_args.seed),
                    dict(LR_ON_DEVICE=step_args.lr_on_device(lr), CENTERED=centered, HAS_MOMENTUM=momentum > 0,
                         MAXIMIZE=maximize, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_GRAD_SCALE=step_args.has_grad_scale,

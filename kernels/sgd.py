@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .. import _launch
-from ._multi_tensor import (add_weight_decay, advance_steps, load_f32, load_grad, load_param, scalar,
-                            schedule_entry, step_is_skipped, store_as, store_param, tensor_ptr)
+from ._multi_tensor import (add_weight_decay, advance_steps, float64_variant, hyper, load_compute, load_grad,
+                            load_param, scalar, schedule_entry, step_is_skipped, store_as, store_param, tensor_ptr)
 
 # Sparse gradients are taken densified (gpuopt._fused.dense_grads), as torch takes them sparse.
 SPARSE_GRADS = "always"
@@ -36,7 +36,7 @@ def _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, offsets, mask, lr, mome
         if first_step:
             buf = d_p
         else:
-            buf = momentum * load_f32(buf_ptr + offsets, mask) + one_minus_dampening * d_p
+            buf = momentum * load_compute(buf_ptr + offsets, mask) + one_minus_dampening * d_p
         store_as(buf_ptr + offsets, buf, mask)
         if NESTEROV:
             d_p = d_p + momentum * buf
@@ -48,13 +48,16 @@ def _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, offsets, mask, lr, mome
 @triton.jit
 def _sgd_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_blocks, n_tensors,
                 param_base_ptr, grad_base_ptr, step_base_ptr, buf_base_ptr, master_base_ptr, counter_ptr,
-                lr, momentum, one_minus_dampening, weight_decay, first_step,
+                lr, lr_ptr, momentum, one_minus_dampening,
+                weight_decay, first_step,
                 grad_scale_ptr, found_inf_ptr, seed,
                 LR_ON_DEVICE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_STEP: tl.constexpr,
                 NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                 HAS_FOUND_INF: tl.constexpr, HAS_MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    lr = scalar(lr, LR_ON_DEVICE)
+    lr = scalar(lr, lr_ptr, LR_ON_DEVICE, param_base_ptr)
+    momentum, one_minus_dampening = hyper(momentum, param_base_ptr), hyper(one_minus_dampening, param_base_ptr)
+    weight_decay = hyper(weight_decay, param_base_ptr)
     skipped = step_is_skipped(found_inf_ptr, HAS_FOUND_INF)
     if not skipped:
         for i in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
@@ -80,14 +83,18 @@ def _sgd_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_blo
         advance_steps(counter_ptr, step_base_ptr, offsets_ptr, STEP, n_tensors, skipped, BLOCK)
 
 
+_sgd_f64_kernel = float64_variant(_sgd_kernel, ("lr", "momentum", "one_minus_dampening", "weight_decay"))
+
+
 def sgd_(plan, step_args, *, lr, momentum, dampening, weight_decay, nesterov, maximize, has_step, first_step,
          has_master, stochastic_rounding):
     """Launch one SGD step over ``plan`` (roles ``ROLES``). With ``has_step`` each tensor's
     ``step`` says whether its momentum buffer is new (0: ``buf = d_p``) and is advanced by the
     kernel; without, ``first_step`` says it for every tensor."""
-    _launch.launch(_sgd_kernel, plan.grid,
-                   (*plan.schedule_args(), *plan.bases(), plan.counter, step_args.lr(lr), momentum, 1.0 - dampening,
-                    weight_decay, int(first_step), step_args.grad_scale, step_args.found_inf, step_args.seed),
+    _launch.launch(_sgd_f64_kernel if plan.float64 else _sgd_kernel, plan.grid,
+                   (*plan.schedule_args(), *plan.bases(), plan.counter, *step_args.lr_args(lr), momentum,
+                    1.0 - dampening, weight_decay, int(first_step), step_args.grad_scale, step_args.found_inf,
+                    step_args.seed),
                    dict(LR_ON_DEVICE=step_args.lr_on_device(lr), HAS_MOMENTUM=momentum != 0, HAS_STEP=has_step,
                         NESTEROV=nesterov, MAXIMIZE=maximize, HAS_GRAD_SCALE=step_args.has_grad_scale,
                         HAS_FOUND_INF=step_args.has_found_inf, HAS_MASTER=has_master,
