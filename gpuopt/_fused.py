@@ -449,8 +449,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``found_inf`` is nonzero. ``torch.amp.GradScaler`` sets them as attributes, as it does for
         PyTorch's fused optimizers; both ways work.
 
-        Step hooks (``register_step_pre_hook``, ``register_optimizer_step_post_hook``) and the
-        profiler's ``Optimizer.step#...`` range work as in torch: torch's own wrapper runs around
+        Step hooks (``register_step_pre_hook`` / ``register_step_post_hook``, and the global
+        ``register_optimizer_step_pre_hook`` / ``_post_hook``) and the profiler's
+        ``Optimizer.step#...`` range work as in torch: torch's own wrapper runs around
         the step whenever one is registered or the profiler is on, and only then. Inside
         ``torch.compile`` the step runs eagerly (a graph break): it is one launch already, and
         Dynamo cannot trace the launch plans (they read storage addresses).
