@@ -343,23 +343,32 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if torch.is_grad_enabled():  # create_graph=True: a gradient of this gradient was asked for
-            raise RuntimeError("gpuopt's batch_norm has a first-order backward only (its closed form runs as "
-                               "kernels); for double backward (create_graph=True, gradient penalties) use "
-                               "torch.nn.functional.batch_norm")
-        x, weight, mean, invstd, std = ctx.saved_tensors
-        g = ctx.grid
-        if not ctx.training:  # μ and s are the running statistics: constants
-            acc = _acc_dtype(x.dtype)
-            var = invstd.to(acc)
-            mean = mean.to(acc)
-            invstd = 1.0 / (torch.sqrt(var + ctx.eps) if ctx.eps_inside_sqrt else torch.sqrt(var) + ctx.eps)
-        dy = same_layout(grad_output, x, g.channels_last)
-        dx, grad_weight, grad_bias = backward(
-            x, dy, g, weight, mean, invstd, std, ctx.training, ctx.eps_inside_sqrt,
-            need_input=ctx.needs_input_grad[0], need_weight=weight is not None and ctx.needs_input_grad[1],
-            need_bias=ctx.bias_dtype is not None and ctx.needs_input_grad[2], bias_dtype=ctx.bias_dtype)
-        return dx, grad_weight, grad_bias, None, None, None, None, None, None, None
+        # A compiled function that calls loss.backward() runs the backward eagerly, but Dynamo
+        # still evaluates this frame: break the graph here instead of tracing the launches.
+        if torch.compiler.is_compiling():
+            return _backward_eagerly(ctx, grad_output)
+        return _backward(ctx, grad_output)
+
+
+def _backward(ctx, grad_output):
+    """The backward of ``BatchNormFunction`` (the closed form, as kernels)."""
+    if torch.is_grad_enabled():  # create_graph=True: a gradient of this gradient was asked for
+        raise RuntimeError("gpuopt's batch_norm has a first-order backward only (its closed form runs as "
+                           "kernels); for double backward (create_graph=True, gradient penalties) use "
+                           "torch.nn.functional.batch_norm")
+    x, weight, mean, invstd, std = ctx.saved_tensors
+    g = ctx.grid
+    if not ctx.training:  # μ and s are the running statistics: constants
+        acc = _acc_dtype(x.dtype)
+        var = invstd.to(acc)
+        mean = mean.to(acc)
+        invstd = 1.0 / (torch.sqrt(var + ctx.eps) if ctx.eps_inside_sqrt else torch.sqrt(var) + ctx.eps)
+    dy = same_layout(grad_output, x, g.channels_last)
+    dx, grad_weight, grad_bias = backward(
+        x, dy, g, weight, mean, invstd, std, ctx.training, ctx.eps_inside_sqrt,
+        need_input=ctx.needs_input_grad[0], need_weight=weight is not None and ctx.needs_input_grad[1],
+        need_bias=ctx.bias_dtype is not None and ctx.needs_input_grad[2], bias_dtype=ctx.bias_dtype)
+    return dx, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
@@ -402,3 +411,4 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
 # would otherwise trace into the launch code (and, under the interpreter, into NumPy). Outside,
 # the check costs nothing, where the disabling wrapper cost a few µs per call.
 _batch_norm_eagerly = torch.compiler.disable(_batch_norm)
+_backward_eagerly = torch.compiler.disable(_backward)

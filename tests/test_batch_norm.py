@@ -500,6 +500,36 @@ def test_inside_torch_compile_batch_norm_runs_eagerly(device):
     torch._dynamo.reset()
 
 
+def test_compiled_training_step_with_backward_and_step(device):
+    """torch.compile of a whole training step — forward, ``loss.backward()`` and ``opt.step()`` —
+    over a model with gpuopt batch norm: Dynamo evaluates the batch-norm backward's frame while the
+    backward runs eagerly, and once traced into its launch and crashed; now it breaks the graph
+    there. Loss, gradients and updated weights equal the eager step's."""
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), gpuopt.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                    torch.nn.Flatten(), torch.nn.Linear(4 * 5 * 5, 5)).to(device)
+        return model, gpuopt.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    x, y = torch.randn(4, 3, 7, 7, device=device), torch.randint(0, 5, (4,), device=device)
+    results = []
+    for compile_it in (False, True):
+        model, opt = make()
+
+        def train_step(x, y):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        step = torch.compile(train_step, backend="eager") if compile_it else train_step
+        losses = [step(x, y).detach() for _ in range(2)]
+        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+    torch._dynamo.reset()
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
+        assert_close(a, b, rtol=1e-5, atol=1e-6, name="compiled vs eager")
+
+
 # ----------------------------------------------------------------------- GPU shapes --------
 
 GPU_SHAPES = [(256, 64, 56, 56), (256, 2048, 7, 7), (8192, 4096)]
