@@ -122,6 +122,44 @@ def ptxas_report(ptx: str, arch: int):
     return (regs.group(1) if regs else "?"), (spill.group(1) if spill else "?")
 
 
+# H100 SXM per SM: 64K registers, 64 resident warps, 32 resident blocks, 228 KB shared memory.
+SM_REGISTERS, SM_WARPS, SM_BLOCKS, SM_SHARED = 65536, 64, 32, 233472
+
+
+def resident_programs(registers: int, num_warps: int, shared: int) -> int:
+    """Programs (CTAs) of a kernel resident on one H100 SM at once: registers are allocated per
+    warp in units of 256, so a warp holds ceil(32·regs / 256)·256 of them."""
+    per_warp = -(-32 * max(registers, 1) // 256) * 256
+    by_registers = (SM_REGISTERS // per_warp) // num_warps
+    by_shared = SM_SHARED // shared if shared else SM_BLOCKS
+    return max(0, min(SM_BLOCKS, SM_WARPS // num_warps, by_registers, by_shared))
+
+
+def sass_loops(cubin: bytes):
+    """(instructions, barriers) of the kernel's largest loop in its SASS (``cuobjdump -sass``):
+    the span between a backward branch and its target. The data loop of every gpuopt kernel is
+    its largest; its count includes the tail-block path where the loop holds one."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        open(path, "wb").write(cubin)
+        res = subprocess.run([tool, "-sass", path], capture_output=True, text=True)
+    code = []  # (address, instruction text)
+    for line in res.stdout.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            code.append((int(m.group(1), 16), m.group(2).strip()))
+    best = (0, 0)
+    for address, text in code:
+        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < address:
+            body = [t for a, t in code if int(m.group(1), 16) <= a <= address]
+            best = max(best, (len(body), sum("BAR.SYNC" in t or "BAR.ARV" in t or t.startswith("BAR ") for t in body)))
+    return best
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
@@ -142,7 +180,8 @@ def main():
     from gpuopt._multi_tensor import GPU_BLOCK, GPU_WARPS
 
     dtypes = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
-    print(f"{'kernel':26s} {'constexprs (flags on)':58s} {'regs':>4s} {'spill':>5s} {'loads':>14s} {'stores':>14s}")
+    print(f"{'kernel':26s} {'constexprs (flags on)':80s} {'regs':>4s} {'spill':>5s} {'loads':>14s} {'stores':>14s}"
+          f" {'SASS/el':>7s} {'bars':>4s} {'per SM':>6s}")
     failures = 0
     for r in records:
         module = importlib.import_module(r["module"])
@@ -171,12 +210,20 @@ def main():
             k = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options={"num_warps": r["num_warps"]})
         except Exception as exc:  # report every failure, not just the first
             failures += 1
-            print(f"{r['kernel']:26s} {flags[:58]:58s} COMPILE FAILED: {' | '.join(str(exc).splitlines()[:6])[:600]}")
+            print(f"{r['kernel']:26s} {flags:80s} COMPILE FAILED: {' | '.join(str(exc).splitlines()[:6])[:600]}")
             continue
         ptx = k.asm["ptx"]
         widest = lambda kind: max(re.findall(kind + r"\.global(?:\.\w+)*?\.(v\d)", ptx) or ["v1"])  # noqa: E731
         nregs, spills = ptxas_report(ptx, args.arch)
-        print(f"{r['kernel']:26s} {flags[:58]:58s} {nregs!s:>4s} {spills!s:>5s} {widest('ld'):>14s} {widest('st'):>14s}")
+        # The compiled kernel's own figures: SASS instructions of its data loop per element a thread
+        # handles in one iteration, barriers in that loop, and programs resident per H100 SM.
+        instructions, barriers = sass_loops(k.asm["cubin"])
+        per_iteration = constexprs.get("BLOCK") or constexprs.get("BLOCK_R", 1) * constexprs.get("BLOCK_K", 1)
+        per_element = instructions / max(1, per_iteration / (32 * r["num_warps"]))
+        resident = resident_programs(k.n_regs if getattr(k, "n_regs", None) else int(nregs), r["num_warps"],
+                                     k.metadata.shared)
+        print(f"{r['kernel']:26s} {flags:80s} {nregs!s:>4s} {spills!s:>5s} {widest('ld'):>14s} {widest('st'):>14s}"
+              f" {per_element:7.1f} {barriers:4d} {resident:6d}")
     print(f"{len(records)} launch signatures compiled for sm_{args.arch}, {failures} failed")
     sys.exit(1 if failures else 0)
 
