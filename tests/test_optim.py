@@ -70,7 +70,11 @@ def test_against_torch_optim(device, name, kwargs):
         assert a.stride() == b.stride()
 
 
-@pytest.mark.parametrize("name,kwargs", [CASES[3], CASES[5], CASES[10], CASES[13], CASES[15], CASES[-1]],
+# RMSprop without weight decay here: over 12k random elements, g + λW now and then cancels to a few
+# ulps, and centered RMSprop divides by its magnitude, so any two fp32 orders of operations differ
+# there by ~1e-4 (the float64 reference tests cover its weight decay at small sizes).
+@pytest.mark.parametrize("name,kwargs", [CASES[3], CASES[5], ("RMSprop", dict(lr=0.01, centered=True, momentum=0.5)),
+                                         CASES[13], CASES[15], CASES[-1]],
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_gpu_block_size_and_grid_match_torch(device, monkeypatch, name, kwargs):
     """The 2048-element blocks and the SMs × 8 programs a GPU launch uses (here on the CPU through
