@@ -141,10 +141,6 @@ def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gp
                 min(_next_power_of_2(n_splits), 32 if gpu_config else 4), 4 if gpu_config else 1, element_size == 8)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ----------------------------------------------------------------------------- layout ---------
 
 
@@ -359,9 +355,8 @@ def _backward(ctx, grad_output):
     x, weight, mean, invstd, std = ctx.saved_tensors
     g = ctx.grid
     if not ctx.training:  # μ and s are the running statistics: constants
-        acc = _acc_dtype(x.dtype)
-        var = invstd.to(acc)
-        mean = mean.to(acc)
+        var = invstd.to(g.acc_dtype)
+        mean = mean.to(g.acc_dtype)
         invstd = 1.0 / (torch.sqrt(var + ctx.eps) if ctx.eps_inside_sqrt else torch.sqrt(var) + ctx.eps)
     dy = same_layout(grad_output, x, g.channels_last)
     dx, grad_weight, grad_bias = backward(

@@ -82,3 +82,18 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int) -
         if len(launchers) >= _MAX_KEPT:
             launchers.clear()
         launchers[key] = compiled[grid]  # CompiledKernel's own launcher: stream, hooks, then the C launch
+
+
+def launch_step(kernel, kernel_f64, plan, step_args, lr, hyperparameters: tuple, flags: dict, *, has_master,
+                stochastic_rounding) -> None:
+    """One optimizer step over ``plan``: every optimizer kernel takes the schedule, the role bases,
+    the arrival counter, ``(lr, lr_ptr)``, its own ``hyperparameters``, then AMP's tensors and the
+    seed; and besides its own ``flags``, the same constexprs. ``kernel_f64`` is its float64 variant
+    (``float64_variant``), launched for float64 tensors."""
+    launch(kernel_f64 if plan.float64 else kernel, plan.grid,
+           (*plan.schedule_args(), *plan.bases(), plan.counter, *step_args.lr_args(lr), *hyperparameters,
+            step_args.grad_scale, step_args.found_inf, step_args.seed),
+           dict(flags, LR_ON_DEVICE=step_args.lr_on_device(lr), HAS_GRAD_SCALE=step_args.has_grad_scale,
+                HAS_FOUND_INF=step_args.has_found_inf, HAS_MASTER=has_master,
+                STOCHASTIC_ROUNDING=stochastic_rounding, ALIGNED=plan.aligned, BLOCK=plan.block),
+           plan.num_warps)

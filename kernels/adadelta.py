@@ -73,11 +73,6 @@ _adadelta_f64_kernel = float64_variant(_adadelta_kernel, ("lr", "rho", "one_minu
 
 def adadelta_(plan, step_args, *, lr, rho, eps, weight_decay, maximize, has_master, stochastic_rounding):
     """Launch one Adadelta step over ``plan`` (roles ``ROLES``)."""
-    _launch.launch(_adadelta_f64_kernel if plan.float64 else _adadelta_kernel, plan.grid,
-                   (*plan.schedule_args(), *plan.bases(), plan.counter, *step_args.lr_args(lr), rho, 1.0 - rho, eps,
-                    weight_decay, step_args.grad_scale, step_args.found_inf, step_args.seed),
-                   dict(LR_ON_DEVICE=step_args.lr_on_device(lr), MAXIMIZE=maximize,
-                        HAS_GRAD_SCALE=step_args.has_grad_scale, HAS_FOUND_INF=step_args.has_found_inf,
-                        HAS_MASTER=has_master, STOCHASTIC_ROUNDING=stochastic_rounding, ALIGNED=plan.aligned,
-                        BLOCK=plan.block),
-                   plan.num_warps)
+    _launch.launch_step(_adadelta_kernel, _adadelta_f64_kernel, plan, step_args, lr,
+                        (rho, 1.0 - rho, eps, weight_decay), dict(MAXIMIZE=maximize),
+                        has_master=has_master, stochastic_rounding=stochastic_rounding)

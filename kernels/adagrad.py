@@ -72,11 +72,5 @@ _adagrad_f64_kernel = float64_variant(_adagrad_kernel, ("lr", "lr_decay", "eps",
 
 def adagrad_(plan, step_args, *, lr, lr_decay, eps, weight_decay, maximize, has_master, stochastic_rounding):
     """Launch one Adagrad step over ``plan`` (roles ``ROLES``)."""
-    _launch.launch(_adagrad_f64_kernel if plan.float64 else _adagrad_kernel, plan.grid,
-                   (*plan.schedule_args(), *plan.bases(), plan.counter, *step_args.lr_args(lr), lr_decay, eps,
-                    weight_decay, step_args.grad_scale, step_args.found_inf, step_args.seed),
-                   dict(LR_ON_DEVICE=step_args.lr_on_device(lr), MAXIMIZE=maximize,
-                        HAS_GRAD_SCALE=step_args.has_grad_scale, HAS_FOUND_INF=step_args.has_found_inf,
-                        HAS_MASTER=has_master, STOCHASTIC_ROUNDING=stochastic_rounding, ALIGNED=plan.aligned,
-                        BLOCK=plan.block),
-                   plan.num_warps)
+    _launch.launch_step(_adagrad_kernel, _adagrad_f64_kernel, plan, step_args, lr, (lr_decay, eps, weight_decay),
+                        dict(MAXIMIZE=maximize), has_master=has_master, stochastic_rounding=stochastic_rounding)

@@ -104,12 +104,7 @@ def adam_(plan, step_args, *, lr, beta1, one_minus_beta1, log_beta1, beta2, one_
           eps, weight_decay, amsgrad, maximize, decoupled, eps_inside_sqrt, has_master, stochastic_rounding):
     """Launch one Adam/AdamW step over ``plan`` (roles ``ROLES``). ``step_args`` holds the shared
     step arguments (see ``gpuopt._fused.StepArgs``)."""
-    _launch.launch(_adam_f64_kernel if plan.float64 else _adam_kernel, plan.grid,
-                   (*plan.schedule_args(), *plan.bases(), plan.counter,
-                    *step_args.lr_args(lr), beta1, one_minus_beta1, log_beta1, beta2, one_minus_beta2, log_beta2, eps,
-                    weight_decay, step_args.grad_scale, step_args.found_inf, step_args.seed),
-                   dict(LR_ON_DEVICE=step_args.lr_on_device(lr), AMSGRAD=amsgrad, MAXIMIZE=maximize,
-                        DECOUPLED=decoupled, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_GRAD_SCALE=step_args.has_grad_scale,
-                        HAS_FOUND_INF=step_args.has_found_inf, HAS_MASTER=has_master,
-                        STOCHASTIC_ROUNDING=stochastic_rounding, ALIGNED=plan.aligned, BLOCK=plan.block),
-                   plan.num_warps)
+    _launch.launch_step(_adam_kernel, _adam_f64_kernel, plan, step_args, lr,
+                        (beta1, one_minus_beta1, log_beta1, beta2, one_minus_beta2, log_beta2, eps, weight_decay),
+                        dict(AMSGRAD=amsgrad, MAXIMIZE=maximize, DECOUPLED=decoupled, EPS_INSIDE_SQRT=eps_inside_sqrt),
+                        has_master=has_master, stochastic_rounding=stochastic_rounding)

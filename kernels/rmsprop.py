@@ -95,11 +95,8 @@ _rmsprop_f64_kernel = float64_variant(_rmsprop_kernel, ("lr", "alpha", "one_minu
 def rmsprop_(plan, step_args, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
              eps_inside_sqrt, has_master, stochastic_rounding):
     """Launch one RMSprop step over ``plan`` (roles ``ROLES``)."""
-    _launch.launch(_rmsprop_f64_kernel if plan.float64 else _rmsprop_kernel, plan.grid,
-                   (*plan.schedule_args(), *plan.bases(), plan.counter, *step_args.lr_args(lr), alpha, 1.0 - alpha, eps,
-                    weight_decay, momentum, step_args.grad_scale, step_args.found_inf, step_args.seed),
-                   dict(LR_ON_DEVICE=step_args.lr_on_device(lr), CENTERED=centered, HAS_MOMENTUM=momentum > 0,
-                        MAXIMIZE=maximize, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_GRAD_SCALE=step_args.has_grad_scale,
-                        HAS_FOUND_INF=step_args.has_found_inf, HAS_MASTER=has_master,
-                        STOCHASTIC_ROUNDING=stochastic_rounding, ALIGNED=plan.aligned, BLOCK=plan.block),
-                   plan.num_warps)
+    _launch.launch_step(_rmsprop_kernel, _rmsprop_f64_kernel, plan, step_args, lr,
+                        (alpha, 1.0 - alpha, eps, weight_decay, momentum),
+                        dict(CENTERED=centered, HAS_MOMENTUM=momentum > 0, MAXIMIZE=maximize,
+                             EPS_INSIDE_SQRT=eps_inside_sqrt),
+                        has_master=has_master, stochastic_rounding=stochastic_rounding)

@@ -91,12 +91,7 @@ def sgd_(plan, step_args, *, lr, momentum, dampening, weight_decay, nesterov, ma
     """Launch one SGD step over ``plan`` (roles ``ROLES``). With ``has_step`` each tensor's
     ``step`` says whether its momentum buffer is new (0: ``buf = d_p``) and is advanced by the
     kernel; without, ``first_step`` says it for every tensor."""
-    _launch.launch(_sgd_f64_kernel if plan.float64 else _sgd_kernel, plan.grid,
-                   (*plan.schedule_args(), *plan.bases(), plan.counter, *step_args.lr_args(lr), momentum,
-                    1.0 - dampening, weight_decay, int(first_step), step_args.grad_scale, step_args.found_inf,
-                    step_args.seed),
-                   dict(LR_ON_DEVICE=step_args.lr_on_device(lr), HAS_MOMENTUM=momentum != 0, HAS_STEP=has_step,
-                        NESTEROV=nesterov, MAXIMIZE=maximize, HAS_GRAD_SCALE=step_args.has_grad_scale,
-                        HAS_FOUND_INF=step_args.has_found_inf, HAS_MASTER=has_master,
-                        STOCHASTIC_ROUNDING=stochastic_rounding, ALIGNED=plan.aligned, BLOCK=plan.block),
-                   plan.num_warps)
+    _launch.launch_step(_sgd_kernel, _sgd_f64_kernel, plan, step_args, lr,
+                        (momentum, 1.0 - dampening, weight_decay, int(first_step)),
+                        dict(HAS_MOMENTUM=momentum != 0, HAS_STEP=has_step, NESTEROV=nesterov, MAXIMIZE=maximize),
+                        has_master=has_master, stochastic_rounding=stochastic_rounding)
