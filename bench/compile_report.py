@@ -70,6 +70,7 @@ os.environ["GPUOPT_GPU_CONFIG"] = "1"
 from gpuopt.kernels import batch_norm as bn
 for n in ("_stats_kernel", "_stats_combine_kernel", "_normalize_kernel", "_backward_reduce_kernel",
           "_backward_combine_kernel", "_backward_input_kernel", "_stats_combine_f64_kernel", "_normalize_f64_kernel",
+          "_backward_combine_f64_kernel",
           "_backward_input_f64_kernel"):
     spy(bn, n)
 # Arguments equal to 1 become compile-time constants in a real launch (Triton specialises them):

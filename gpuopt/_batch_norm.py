@@ -1,36 +1,17 @@
-"""Host side of batch normalization: input checks, the (R, C, S) view, launch grids, and the
-autograd Function whose backward runs the closed-form kernels of ``gpuopt.kernels.batch_norm``."""
+"""Host side of batch normalization: input checks, the (R, C, S) view, and the autograd Function
+whose forward and closed-form backward are the launchers of ``gpuopt.kernels.batch_norm``."""
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
-import triton.language as tl
 
-from . import _launch
 from ._runtime import ASSUMED_SM_COUNT, check_kernel_device, use_gpu_config
 from .kernels import batch_norm as kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-# A tile of the big passes holds this many elements (2048 fp32 = 8 per thread at 8 warps). The
-# interpreter runs tiles one after another in NumPy at a cost per tile, not per element: small
-# test inputs (up to 1024 elements) get 64-element tiles (many tiles and splits, so every path
-# runs), larger ones a few tiles of up to 16384, so that a small model trains in seconds per epoch.
-_GPU_TILE, _GPU_WARPS, _GPU_PROGRAMS_PER_SM = 2048, 8, 4
-_INTERPRETER_TILE, _INTERPRETER_MAX_TILE, _INTERPRETER_PROGRAMS = 64, 16384, 3
-_COMBINE_BLOCK_C = 64
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=64)
@@ -38,107 +19,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _column_block(n_cols: int, largest: int) -> int:
-    """The power-of-2 tile width that wastes the fewest lanes on rows of ``n_cols`` values (the
-    widest among near-ties: fewer iterations)."""
-    candidates = [b for b in (2 ** i for i in range(11)) if min(_next_power_of_2(n_cols), 32) <= b <= largest]
-    utilisation = {b: n_cols / (_cdiv(n_cols, b) * b) for b in candidates}
-    best = max(utilisation.values())
-    return max(b for b, u in utilisation.items() if u >= best - 0.02)
-
-
-@dataclass(frozen=True)
-class Grid:
-    """How the passes over one (R, C, S) view are split into programs (see kernels/batch_norm.py)."""
-
-    R: int
-    C: int
-    S: int
-    channels_last: bool
-    block_r: int
-    block_k: int
-    vec: int
-    channel_blocks: int
-    rows_per_split: int
-    cols_per_split: int
-    col_splits: int
-    n_splits: int
-    num_warps: int
-    combine_block_splits: int  # the combine kernels fold this many splits at a time
-    combine_warps: int
-    float64: bool  # accumulate in float64 (float64 input), else float32
-
-    # What every launch over this view passes, made once per view (the grid is cached): the host
-    # cost of a layer is then the tensors it allocates and the launches themselves.
-
-    @functools.cached_property
-    def grid(self):
-        return (self.channel_blocks, self.n_splits)
-
-    @functools.cached_property
-    def combine_grid(self):
-        return (_cdiv(self.C, _COMBINE_BLOCK_C),)
-
-    @functools.cached_property
-    def acc_dtype(self):
-        return torch.float64 if self.float64 else torch.float32
-
-    @functools.cached_property
-    def combine_constexprs(self):
-        return dict(BLOCK_SPLITS=self.combine_block_splits, BLOCK_C=_COMBINE_BLOCK_C,
-                    ACC=tl.float64 if self.float64 else tl.float32)
-
-    @functools.cached_property
-    def args(self):
-        return (self.R, self.C, self.S, self.rows_per_split, self.cols_per_split, self.col_splits)
-
-    @functools.cached_property
-    def constexprs(self):
-        return dict(CHANNELS_LAST=self.channels_last, BLOCK_R=self.block_r, BLOCK_K=self.block_k, VEC=self.vec,
-                    ACC=tl.float64 if self.float64 else tl.float32)
-
-
-@functools.lru_cache(maxsize=256)
-def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gpu_config: bool,
-              sm_count: int) -> Grid:
-    if gpu_config:
-        # float64 tiles hold half the elements over half the warps: 8 values per thread as in
-        # fp32 (the statistics kernel's per-lane Welford state spilled at 2048 fp64 values).
-        tile = _GPU_TILE // 2 if element_size == 8 else _GPU_TILE
-    elif R * C * S <= 1024:
-        tile = _INTERPRETER_TILE
-    else:
-        tile = min(_INTERPRETER_MAX_TILE, _next_power_of_2(R * C * S // 4))
-    target_programs = sm_count * _GPU_PROGRAMS_PER_SM if gpu_config else _INTERPRETER_PROGRAMS
-    n_cols = C if channels_last else S
-    if channels_last:
-        # A warp reads 32 × 16 bytes: one 128-channel fp32 run (256 for 16-bit types) per row.
-        block_k = min(_next_power_of_2(C), 512 // element_size if gpu_config else 64)
-        channel_blocks = _cdiv(C, block_k)
-    else:
-        block_k = _column_block(S, min(tile, 1024))
-        channel_blocks = C
-    block_r = max(1, tile // block_k)
-    # Spread each channel over enough splits to give every SM several programs: rows first, then
-    # (channels-first, when a channel has few rows of many values) columns.
-    wanted = max(1, _cdiv(target_programs, channel_blocks))
-    row_tiles, col_tiles = _cdiv(R, block_r), (1 if channels_last else _cdiv(S, block_k))
-    row_splits = min(row_tiles, wanted)
-    col_splits = min(col_tiles, _cdiv(wanted, row_splits))
-    rows_per_split = _cdiv(row_tiles, row_splits) * block_r
-    cols_per_split = _cdiv(col_tiles, col_splits) * block_k
-    row_splits = _cdiv(R, rows_per_split)
-    # Channels-last columns are channel blocks (grid axis 0), never split.
-    col_splits = 1 if channels_last else _cdiv(S, cols_per_split)
-    # 16-byte accesses need every row start 16-byte aligned: VEC elements must divide the row
-    # length (channels-first: S, which also aligns each channel's offset c·S; channels-last: C).
-    vec = 16 // element_size
-    while n_cols % vec:
-        vec //= 2
-    n_splits = row_splits * col_splits
-    return Grid(R, C, S, channels_last, block_r, block_k, vec, channel_blocks, rows_per_split, cols_per_split,
-                col_splits, n_splits, (_GPU_WARPS * tile // _GPU_TILE) if gpu_config else 1,
-                min(_next_power_of_2(n_splits), 32 if gpu_config else 4), 4 if gpu_config else 1, element_size == 8)
+def grid_of(x: torch.Tensor, R: int, C: int, S: int, channels_last: bool) -> kernels.Grid:
+    """The launch grid of the (R, C, S) view of ``x`` on its device (cached per shape)."""
+    device = x.device
+    if device.type == "cuda":
+        return kernels.make_grid(R, C, S, channels_last, x.element_size(), True,
+                                 _sm_count(device.index if device.index is not None else torch.cuda.current_device()))
+    return kernels.make_grid(R, C, S, channels_last, x.element_size(), use_gpu_config(device), ASSUMED_SM_COUNT)
 
 
 # ----------------------------------------------------------------------------- layout ---------
@@ -240,80 +127,6 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
                          "(training=False)")
 
 
-# ----------------------------------------------------------------------------- passes ---------
-
-
-def forward_train(x, g: Grid, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                  eps_inside_sqrt):
-    """Statistics (split reduction + combine, running stats updated) then normalize: three launches.
-    Returns (y, mean, invstd, std or None) with the statistics in the accumulation dtype."""
-    acc, C, device = g.acc_dtype, g.C, x.device
-    count, part_mean, part_m2 = (torch.empty((g.n_splits, C), dtype=acc, device=device) for _ in range(3))
-    shift = torch.empty(C, dtype=acc, device=device)
-    _launch.launch(kernels._stats_kernel, g.grid, (x, count, part_mean, part_m2, shift, *g.args), g.constexprs,
-                   g.num_warps)
-
-    mean = torch.empty(C, dtype=acc, device=device)
-    invstd = torch.empty(C, dtype=acc, device=device)
-    std = None if eps_inside_sqrt else torch.empty(C, dtype=acc, device=device)
-    update = running_mean is not None
-    cumulative = update and momentum is None
-    _launch.launch(kernels._stats_combine_f64_kernel if g.float64 else kernels._stats_combine_kernel, g.combine_grid,
-                   (count, part_mean, part_m2, shift, g.n_splits, C, mean, invstd, std,
-                    running_mean, running_var, num_batches_tracked if cumulative else None,
-                    0.0 if momentum is None else float(momentum), float(eps)),
-                   dict(EPS_INSIDE_SQRT=eps_inside_sqrt, SAVE_STD=std is not None, UPDATE_RUNNING=update,
-                        CUMULATIVE=cumulative, **g.combine_constexprs),
-                   g.combine_warps)
-
-    y = torch.empty_like(x)
-    _launch.launch(kernels._normalize_f64_kernel if g.float64 else kernels._normalize_kernel, g.grid,
-                   (x, y, mean, invstd, weight, bias, float(eps), *g.args),
-                   dict(FROM_RUNNING_VAR=False, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_WEIGHT=weight is not None,
-                        HAS_BIAS=bias is not None, **g.constexprs),
-                   g.num_warps)
-    return y, mean, invstd, std
-
-
-def forward_eval(x, g: Grid, weight, bias, running_mean, running_var, eps, eps_inside_sqrt):
-    """One elementwise launch from the running statistics."""
-    y = torch.empty_like(x)
-    _launch.launch(kernels._normalize_f64_kernel if g.float64 else kernels._normalize_kernel, g.grid,
-                   (x, y, running_mean, running_var, weight, bias, float(eps), *g.args),
-                   dict(FROM_RUNNING_VAR=True, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_WEIGHT=weight is not None,
-                        HAS_BIAS=bias is not None, **g.constexprs),
-                   g.num_warps)
-    return y
-
-
-def backward(x, dy, g: Grid, weight, mean, invstd, std, training, eps_inside_sqrt, need_input, need_weight,
-             need_bias, bias_dtype=None):
-    """Reduction (Σ dẐ, Σ dẐ(Z-μ)) + combine, then the closed-form input gradient."""
-    acc, C, device = g.acc_dtype, g.C, x.device
-    need_sums = need_weight or need_bias or (need_input and training)
-    sum_dy = sum_dy_xmu = None
-    grad_weight = torch.empty_like(weight) if need_weight else None
-    grad_bias = torch.empty(C, dtype=bias_dtype, device=device) if need_bias else None
-    if need_sums:
-        part_dy, part_dy_xmu = (torch.empty((g.n_splits, C), dtype=acc, device=device) for _ in range(2))
-        _launch.launch(kernels._backward_reduce_kernel, g.grid, (x, dy, mean, part_dy, part_dy_xmu, *g.args),
-                       g.constexprs, g.num_warps)
-        sum_dy, sum_dy_xmu = (torch.empty(C, dtype=acc, device=device) for _ in range(2))
-        _launch.launch(kernels._backward_combine_kernel, g.combine_grid,
-                       (part_dy, part_dy_xmu, g.n_splits, C, invstd, sum_dy, sum_dy_xmu, grad_weight, grad_bias),
-                       dict(GRAD_WEIGHT=need_weight, GRAD_BIAS=need_bias, **g.combine_constexprs),
-                       g.combine_warps)
-    dx = None
-    if need_input:
-        dx = torch.empty_like(x)
-        _launch.launch(kernels._backward_input_f64_kernel if g.float64 else kernels._backward_input_kernel, g.grid,
-                       (x, dy, dx, mean, invstd, std, weight, sum_dy, sum_dy_xmu, float(g.R * g.S), *g.args),
-                       dict(TRAINING=training, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_WEIGHT=weight is not None,
-                            **g.constexprs),
-                       g.num_warps)
-    return dx, grad_weight, grad_bias
-
-
 class BatchNormFunction(torch.autograd.Function):
     """Batch norm with the closed-form backward. Arguments are checked by
     :func:`gpuopt.functional.batch_norm`, which is the way to call this."""
@@ -322,17 +135,14 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
                 eps_inside_sqrt):
         x, R, C, S, channels_last = view_of(input)
-        device = x.device
-        g = make_grid(R, C, S, channels_last, x.element_size(), use_gpu_config(device),
-                      _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-                      if device.type == "cuda" else ASSUMED_SM_COUNT)
-        if training:
-            y, mean, invstd, std = forward_train(x, g, weight, bias, running_mean, running_var, num_batches_tracked,
-                                                 momentum, eps, eps_inside_sqrt)
-            ctx.save_for_backward(x, weight, mean, invstd, std)
-        else:
-            y = forward_eval(x, g, weight, bias, running_mean, running_var, eps, eps_inside_sqrt)
-            ctx.save_for_backward(x, weight, running_mean, running_var, None)
+        g = grid_of(x, R, C, S, channels_last)
+        if training:  # the backward reads the batch's statistics
+            y, statistics = kernels.forward_training(x, g, weight, bias, running_mean, running_var,
+                                                     num_batches_tracked, momentum, eps, eps_inside_sqrt)
+            ctx.save_for_backward(x, weight, statistics)
+        else:  # the backward reads the running statistics (constants)
+            y = kernels.forward_eval(x, g, weight, bias, running_mean, running_var, eps, eps_inside_sqrt)
+            ctx.save_for_backward(x, weight, running_mean, running_var)
         ctx.grid, ctx.training, ctx.eps, ctx.eps_inside_sqrt = g, training, eps, eps_inside_sqrt
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
@@ -352,15 +162,16 @@ def _backward(ctx, grad_output):
         raise RuntimeError("gpuopt's batch_norm has a first-order backward only (its closed form runs as "
                            "kernels); for double backward (create_graph=True, gradient penalties) use "
                            "torch.nn.functional.batch_norm")
-    x, weight, mean, invstd, std = ctx.saved_tensors
+    if ctx.training:
+        x, weight, statistics = ctx.saved_tensors
+        running_mean = running_var = None
+    else:
+        x, weight, running_mean, running_var = ctx.saved_tensors
+        statistics = None
     g = ctx.grid
-    if not ctx.training:  # μ and s are the running statistics: constants
-        var = invstd.to(g.acc_dtype)
-        mean = mean.to(g.acc_dtype)
-        invstd = 1.0 / (torch.sqrt(var + ctx.eps) if ctx.eps_inside_sqrt else torch.sqrt(var) + ctx.eps)
     dy = same_layout(grad_output, x, g.channels_last)
-    dx, grad_weight, grad_bias = backward(
-        x, dy, g, weight, mean, invstd, std, ctx.training, ctx.eps_inside_sqrt,
+    dx, grad_weight, grad_bias = kernels.backward(
+        x, dy, g, weight, statistics, running_mean, running_var, ctx.eps, ctx.eps_inside_sqrt,
         need_input=ctx.needs_input_grad[0], need_weight=weight is not None and ctx.needs_input_grad[1],
         need_bias=ctx.bias_dtype is not None and ctx.needs_input_grad[2], bias_dtype=ctx.bias_dtype)
     return dx, grad_weight, grad_bias, None, None, None, None, None, None, None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 
+from ._batch_norm import batch_norm as _batch_norm
 from ._fused import log_of, run_functional
 from .kernels import adadelta as adadelta_kernel
 from .kernels import adagrad as adagrad_kernel
@@ -152,7 +153,5 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             ``momentum=None`` the running stats become the cumulative average (factor 1/t, read on
             the device).
     """
-    from ._batch_norm import batch_norm as _batch_norm
-
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        eps_inside_sqrt=eps_inside_sqrt, num_batches_tracked=num_batches_tracked)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._batch_norm import batch_norm
+from .functional import batch_norm
 
 
 class _GpuoptBatchNorm:

@@ -34,10 +34,26 @@ Bytes per element (memory floor): forward statistics read x; normalize reads x, 
 backward reduction reads x and dẐ; backward input reads x and dẐ, writes ∂L/∂Z. 3 + 5 = 8 passes.
 """
 
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 
+from .. import _launch
 from ._multi_tensor import float64_variant, store_as
+
+# A training forward keeps its per-channel results in one tensor, C values each (the backward
+# reads it): μ, 1/s, σ (the seed's ε placement only) and the shift the statistics used.
+MEAN, INVSTD, STD, SHIFT = (tl.constexpr(i) for i in range(4))
+N_STATISTICS = 4
+# A reduction writes its partials as planes of n_splits × C values (one per split and channel) in
+# a scratch tensor: count, mean, M2 for the statistics; Σ dẐ, Σ dẐ(Z-μ) for the backward, whose
+# scratch first holds the folded sums (C values each).
+COUNT, PART_MEAN, PART_M2 = (tl.constexpr(i) for i in range(3))
+SUM_DY, SUM_DY_XMU = (tl.constexpr(i) for i in range(2))
 
 
 # ------------------------------------------------------------------------------ the walk ----
@@ -102,6 +118,35 @@ def _channel_values(ptr, CHANNELS_LAST: tl.constexpr, C, BLOCK_K: tl.constexpr, 
 
 
 @triton.jit
+def _program_mean(stats_ptr, running_mean_ptr, C, TRAINING: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                  BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """μ of this program's channels: the batch's (in the statistics, see MEAN) in training, else
+    the running mean."""
+    if TRAINING:
+        return _channel_values(stats_ptr + MEAN * C, CHANNELS_LAST, C, BLOCK_K, ACC)
+    else:
+        return _channel_values(running_mean_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+
+
+@triton.jit
+def _program_invstd(stats_ptr, running_var_ptr, eps, C, TRAINING: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr,
+                    CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """1/s of this program's channels: the batch's in training, else formed here from the running
+    variance (so evaluation needs no statistics pass at all)."""
+    if TRAINING:
+        return _channel_values(stats_ptr + INVSTD * C, CHANNELS_LAST, C, BLOCK_K, ACC)
+    else:
+        return _inverse_std(_channel_values(running_var_ptr, CHANNELS_LAST, C, BLOCK_K, ACC), eps, EPS_INSIDE_SQRT)
+
+
+@triton.jit
+def _plane(ptr, k, n_splits, C):
+    """Plane ``k`` (``n_splits × C`` values, one per split and channel) of a partials buffer.
+    (A few hundred thousand values at most: the grid has a few programs per SM.)"""
+    return ptr + k * n_splits * C
+
+
+@triton.jit
 def _store_partial(ptr, value, C, CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr):
     """Store this program's per-channel partial result at ``ptr[split, channel]``."""
     row = ptr + tl.program_id(1).to(tl.int64) * C
@@ -148,11 +193,11 @@ def _reduce_tile(value, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, shift_ptr, R, C, S, rows_per_split, cols_per_split, col_splits,
+def _stats_kernel(x_ptr, partials_ptr, stats_ptr, R, C, S, rows_per_split, cols_per_split, col_splits,
                   CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                   VEC: tl.constexpr, ACC: tl.constexpr):
     """Per (split, channel): count, mean and M2 of this program's values of the channel, the mean
-    relative to the channel's shift (written to ``shift_ptr`` by split 0).
+    relative to the channel's shift (written to the statistics by split 0).
 
     Every lane keeps its own Welford summary (count, mean, M2) and adds one value per tile::
 
@@ -189,11 +234,12 @@ def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, shift_ptr, R, C, S, rows_p
     if not CHANNELS_LAST:  # one channel: fold the columns too
         mean, m2, count = _welford_merge(mean, m2, count, 1)
     mean, m2, count = _welford_merge(mean, m2, count, 0)
-    _store_partial(count_ptr, count, C, CHANNELS_LAST, BLOCK_K)
-    _store_partial(mean_ptr, mean, C, CHANNELS_LAST, BLOCK_K)
+    n_splits = tl.num_programs(1)
+    _store_partial(_plane(partials_ptr, COUNT, n_splits, C), count, C, CHANNELS_LAST, BLOCK_K)
+    _store_partial(_plane(partials_ptr, PART_MEAN, n_splits, C), mean, C, CHANNELS_LAST, BLOCK_K)
     if tl.program_id(1) == 0:
-        _store_partial(shift_ptr, shift, C, CHANNELS_LAST, BLOCK_K)  # row 0 of a [1, C] "partial"
-    _store_partial(m2_ptr, m2, C, CHANNELS_LAST, BLOCK_K)
+        _store_partial(stats_ptr + SHIFT * C, shift, C, CHANNELS_LAST, BLOCK_K)  # row 0 of a [1, C] "partial"
+    _store_partial(_plane(partials_ptr, PART_M2, n_splits, C), m2, C, CHANNELS_LAST, BLOCK_K)
 
 
 @triton.jit
@@ -219,10 +265,8 @@ def _inverse_std(var, eps, EPS_INSIDE_SQRT: tl.constexpr):
 
 
 @triton.jit
-def _stats_combine_kernel(count_ptr, mean_ptr, m2_ptr, shift_ptr, n_splits, C,
-                          save_mean_ptr, save_invstd_ptr, save_std_ptr,
-                          running_mean_ptr, running_var_ptr, batches_ptr, momentum, eps,
-                          EPS_INSIDE_SQRT: tl.constexpr, SAVE_STD: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+def _stats_combine_kernel(partials_ptr, stats_ptr, n_splits, C, running_mean_ptr, running_var_ptr, batches_ptr,
+                          momentum, eps, EPS_INSIDE_SQRT: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
                           CUMULATIVE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
                           ACC: tl.constexpr):
     """Fold the partials of ``BLOCK_C`` channels into μ, 1/s (and σ for the seed's backward), and
@@ -244,16 +288,17 @@ def _stats_combine_kernel(count_ptr, mean_ptr, m2_ptr, shift_ptr, n_splits, C,
         splits = s0 + tl.arange(0, BLOCK_SPLITS)
         offsets = splits.to(tl.int64)[:, None] * C + channels[None, :]
         mask = (splits < n_splits)[:, None] & in_range[None, :]
-        part_mean, part_m2, part_count = _welford_merge(tl.load(mean_ptr + offsets, mask=mask, other=0.0),
-                                                       tl.load(m2_ptr + offsets, mask=mask, other=0.0),
-                                                       tl.load(count_ptr + offsets, mask=mask, other=0.0), 0)
+        part_mean, part_m2, part_count = _welford_merge(
+            tl.load(_plane(partials_ptr, PART_MEAN, n_splits, C) + offsets, mask=mask, other=0.0),
+            tl.load(_plane(partials_ptr, PART_M2, n_splits, C) + offsets, mask=mask, other=0.0),
+            tl.load(_plane(partials_ptr, COUNT, n_splits, C) + offsets, mask=mask, other=0.0), 0)
         mean, m2, count = _welford_combine(mean, m2, count, part_mean, part_m2, part_count)
-    mean += tl.load(shift_ptr + channels, mask=in_range, other=0.0)  # un-shift, once merged
+    mean += tl.load(stats_ptr + SHIFT * C + channels, mask=in_range, other=0.0)  # un-shift, once merged
     var = m2 / tl.maximum(count, 1.0)  # (count is 0 only in masked-off channels)
-    tl.store(save_mean_ptr + channels, mean, mask=in_range)
-    tl.store(save_invstd_ptr + channels, _inverse_std(var, eps, EPS_INSIDE_SQRT), mask=in_range)
-    if SAVE_STD:
-        tl.store(save_std_ptr + channels, _sqrt_rn(var), mask=in_range)
+    tl.store(stats_ptr + MEAN * C + channels, mean, mask=in_range)
+    tl.store(stats_ptr + INVSTD * C + channels, _inverse_std(var, eps, EPS_INSIDE_SQRT), mask=in_range)
+    if not EPS_INSIDE_SQRT:  # the seed's backward also needs σ
+        tl.store(stats_ptr + STD * C + channels, _sqrt_rn(var), mask=in_range)
     if UPDATE_RUNNING:
         if CUMULATIVE:
             factor = 1.0 / tl.load(batches_ptr).to(ACC)
@@ -266,24 +311,21 @@ def _stats_combine_kernel(count_ptr, mean_ptr, m2_ptr, shift_ptr, n_splits, C,
 
 
 @triton.jit
-def _normalize_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, eps,
+def _normalize_kernel(x_ptr, y_ptr, stats_ptr, running_mean_ptr, running_var_ptr, weight_ptr, bias_ptr, eps,
                       R, C, S, rows_per_split, cols_per_split, col_splits,
-                      FROM_RUNNING_VAR: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr,
+                      TRAINING: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr,
                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                       CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                       VEC: tl.constexpr, ACC: tl.constexpr):
-    """Ẑ = G (Z - μ)/s + B, elementwise. Training passes the batch's μ and 1/s; evaluation passes
-    the running mean and variance (``FROM_RUNNING_VAR``) and 1/s is formed here, so inference is
-    this one launch. (Z - μ) is formed before scaling: with μ = 1e4, Z·(G/s) - μ·(G/s) would cancel."""
+    """Ẑ = G (Z - μ)/s + B, elementwise, with the batch's μ and 1/s in training and the running
+    statistics otherwise (inference is this one launch). (Z - μ) is formed before scaling: with
+    μ = 1e4, Z·(G/s) - μ·(G/s) would cancel."""
     eps = tl.full([], eps, ACC)
     row_stride, n_cols = _layout(C, S, CHANNELS_LAST, VEC)
     r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                                                                 CHANNELS_LAST, BLOCK_K)
-    mean = _channel_values(mean_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
-    if FROM_RUNNING_VAR:
-        scale = _inverse_std(_channel_values(invstd_ptr, CHANNELS_LAST, C, BLOCK_K, ACC), eps, EPS_INSIDE_SQRT)
-    else:
-        scale = _channel_values(invstd_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+    mean = _program_mean(stats_ptr, running_mean_ptr, C, TRAINING, CHANNELS_LAST, BLOCK_K, ACC)
+    scale = _program_invstd(stats_ptr, running_var_ptr, eps, C, TRAINING, EPS_INSIDE_SQRT, CHANNELS_LAST, BLOCK_K, ACC)
     if HAS_WEIGHT:
         scale = scale * _channel_values(weight_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
     if HAS_BIAS:
@@ -301,15 +343,15 @@ def _normalize_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, 
 
 
 @triton.jit
-def _backward_reduce_kernel(x_ptr, dy_ptr, mean_ptr, sum_dy_ptr, sum_dy_xmu_ptr,
+def _backward_reduce_kernel(x_ptr, dy_ptr, stats_ptr, running_mean_ptr, sums_ptr,
                             R, C, S, rows_per_split, cols_per_split, col_splits,
-                            CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                            VEC: tl.constexpr, ACC: tl.constexpr):
+                            TRAINING: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_K: tl.constexpr, VEC: tl.constexpr, ACC: tl.constexpr):
     """Per (split, channel): Σ dẐ and Σ dẐ (Z - μ). (∂L/∂G = Σ dẐ Z̄ = (1/s) Σ dẐ (Z - μ).)"""
     row_stride, n_cols = _layout(C, S, CHANNELS_LAST, VEC)
     r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                                                                 CHANNELS_LAST, BLOCK_K)
-    mean = _channel_values(mean_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+    mean = _program_mean(stats_ptr, running_mean_ptr, C, TRAINING, CHANNELS_LAST, BLOCK_K, ACC)
     sum_dy = tl.zeros([BLOCK_R, BLOCK_K], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_R, BLOCK_K], ACC)
     for r0 in range(r_begin, r_stop, BLOCK_R):
@@ -319,40 +361,48 @@ def _backward_reduce_kernel(x_ptr, dy_ptr, mean_ptr, sum_dy_ptr, sum_dy_xmu_ptr,
             dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
             sum_dy += dy
             sum_dy_xmu += dy * (x - mean)  # dy = 0 where masked
-    _store_partial(sum_dy_ptr, _reduce_tile(sum_dy, CHANNELS_LAST), C, CHANNELS_LAST, BLOCK_K)
-    _store_partial(sum_dy_xmu_ptr, _reduce_tile(sum_dy_xmu, CHANNELS_LAST), C,
+    n_splits, partials_ptr = tl.num_programs(1), sums_ptr + 2 * C
+    _store_partial(_plane(partials_ptr, SUM_DY, n_splits, C), _reduce_tile(sum_dy, CHANNELS_LAST), C,
+                   CHANNELS_LAST, BLOCK_K)
+    _store_partial(_plane(partials_ptr, SUM_DY_XMU, n_splits, C), _reduce_tile(sum_dy_xmu, CHANNELS_LAST), C,
                    CHANNELS_LAST, BLOCK_K)
 
 
 @triton.jit
-def _backward_combine_kernel(part_dy_ptr, part_dy_xmu_ptr, n_splits, C, invstd_ptr,
-                             sum_dy_ptr, sum_dy_xmu_ptr, grad_weight_ptr, grad_bias_ptr,
-                             GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr,
-                             BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+def _backward_combine_kernel(sums_ptr, n_splits, C, stats_ptr, running_var_ptr, eps, grad_weight_ptr, grad_bias_ptr,
+                             TRAINING: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr, GRAD_WEIGHT: tl.constexpr,
+                             GRAD_BIAS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+                             ACC: tl.constexpr):
     """Sum the partials per channel; write ∂L/∂B = Σ dẐ and ∂L/∂G = (1/s) Σ dẐ (Z - μ) in the
-    parameters' dtype when they are wanted, and the fp32 sums for the input gradient."""
+    parameters' dtype when they are wanted, and the sums for the input gradient."""
+    eps = tl.full([], eps, ACC)
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_range = channels < C
+    partials_ptr = sums_ptr + 2 * C
     sum_dy = tl.zeros([BLOCK_C], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_C], ACC)
     for s0 in range(0, n_splits, BLOCK_SPLITS):
         splits = s0 + tl.arange(0, BLOCK_SPLITS)
         offsets = splits.to(tl.int64)[:, None] * C + channels[None, :]
         mask = (splits < n_splits)[:, None] & in_range[None, :]
-        sum_dy += tl.sum(tl.load(part_dy_ptr + offsets, mask=mask, other=0.0), axis=0)
-        sum_dy_xmu += tl.sum(tl.load(part_dy_xmu_ptr + offsets, mask=mask, other=0.0), axis=0)
-    tl.store(sum_dy_ptr + channels, sum_dy, mask=in_range)
-    tl.store(sum_dy_xmu_ptr + channels, sum_dy_xmu, mask=in_range)
+        sum_dy += tl.sum(tl.load(_plane(partials_ptr, SUM_DY, n_splits, C) + offsets, mask=mask, other=0.0), axis=0)
+        sum_dy_xmu += tl.sum(tl.load(_plane(partials_ptr, SUM_DY_XMU, n_splits, C) + offsets, mask=mask, other=0.0),
+                             axis=0)
+    tl.store(sums_ptr + SUM_DY * C + channels, sum_dy, mask=in_range)
+    tl.store(sums_ptr + SUM_DY_XMU * C + channels, sum_dy_xmu, mask=in_range)
     if GRAD_WEIGHT:
-        invstd = tl.load(invstd_ptr + channels, mask=in_range, other=0.0).to(ACC)
+        if TRAINING:
+            invstd = tl.load(stats_ptr + INVSTD * C + channels, mask=in_range, other=0.0).to(ACC)
+        else:
+            invstd = _inverse_std(tl.load(running_var_ptr + channels, mask=in_range, other=1.0).to(ACC), eps,
+                                  EPS_INSIDE_SQRT)
         store_as(grad_weight_ptr + channels, sum_dy_xmu * invstd, in_range)
     if GRAD_BIAS:
         store_as(grad_bias_ptr + channels, sum_dy, in_range)
 
 
 @triton.jit
-def _backward_input_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, std_ptr, weight_ptr,
-                           sum_dy_ptr, sum_dy_xmu_ptr, count,
+def _backward_input_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, running_var_ptr, weight_ptr, sums_ptr, count, eps,
                            R, C, S, rows_per_split, cols_per_split, col_splits,
                            TRAINING: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                            CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -362,21 +412,22 @@ def _backward_input_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, std_ptr,
         ∂L/∂Z = (G/s) · [dẐ - Σ dẐ / K - (Z - μ) · (s/r) (1/s²) Σ dẐ (Z - μ) / K]
 
     s/r is 1 for PyTorch's ε placement and (σ + ε)/σ for the seed's (0 for a constant channel,
-    the limit σ → 0). In evaluation mode μ and s are constants and ∂L/∂Z = (G/s) dẐ."""
-    count = tl.full([], count, ACC)
+    the limit σ → 0). In evaluation mode μ and s are constants (the running statistics) and
+    ∂L/∂Z = (G/s) dẐ."""
+    count, eps = tl.full([], count, ACC), tl.full([], eps, ACC)
     row_stride, n_cols = _layout(C, S, CHANNELS_LAST, VEC)
     r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                                                                 CHANNELS_LAST, BLOCK_K)
-    invstd = _channel_values(invstd_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+    invstd = _program_invstd(stats_ptr, running_var_ptr, eps, C, TRAINING, EPS_INSIDE_SQRT, CHANNELS_LAST, BLOCK_K, ACC)
     scale = invstd
     if HAS_WEIGHT:
         scale = scale * _channel_values(weight_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
     if TRAINING:
-        mean = _channel_values(mean_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
-        mean_dy = _channel_values(sum_dy_ptr, CHANNELS_LAST, C, BLOCK_K, ACC) / count
-        projection = invstd * invstd * _channel_values(sum_dy_xmu_ptr, CHANNELS_LAST, C, BLOCK_K, ACC) / count
+        mean = _program_mean(stats_ptr, None, C, TRAINING, CHANNELS_LAST, BLOCK_K, ACC)
+        mean_dy = _channel_values(sums_ptr + SUM_DY * C, CHANNELS_LAST, C, BLOCK_K, ACC) / count
+        projection = invstd * invstd * _channel_values(sums_ptr + SUM_DY_XMU * C, CHANNELS_LAST, C, BLOCK_K, ACC) / count
         if not EPS_INSIDE_SQRT:
-            std = _channel_values(std_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+            std = _channel_values(stats_ptr + STD * C, CHANNELS_LAST, C, BLOCK_K, ACC)
             projection = projection * tl.where(std > 0.0, 1.0 / tl.where(std > 0.0, invstd * std, 1.0), 0.0)
     for r0 in range(r_begin, r_stop, BLOCK_R):
         for k0 in range(k_begin, k_stop, BLOCK_K):
@@ -393,4 +444,198 @@ def _backward_input_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, std_ptr,
 # The launches for float64 input: ε, momentum and the count arrive as float64 (see float64_variant).
 _stats_combine_f64_kernel = float64_variant(_stats_combine_kernel, ("momentum", "eps"))
 _normalize_f64_kernel = float64_variant(_normalize_kernel, ("eps",))
-_backward_input_f64_kernel = float64_variant(_backward_input_kernel, ("count",))
+_backward_combine_f64_kernel = float64_variant(_backward_combine_kernel, ("eps",))
+_backward_input_f64_kernel = float64_variant(_backward_input_kernel, ("count", "eps"))
+
+
+
+# ------------------------------------------------------------------ launch geometry ----------
+
+# A tile of the big passes holds this many elements (2048 fp32 = 8 per thread at 8 warps). The
+# interpreter runs tiles one after another in NumPy at a cost per tile, not per element: small
+# test inputs (up to 1024 elements) get 64-element tiles (many tiles and splits, so every path
+# runs), larger ones a few tiles of up to 16384, so that a small model trains in seconds per epoch.
+_GPU_TILE, _GPU_WARPS, _GPU_PROGRAMS_PER_SM = 2048, 8, 4
+_INTERPRETER_TILE, _INTERPRETER_MAX_TILE, _INTERPRETER_PROGRAMS = 64, 16384, 3
+_COMBINE_BLOCK_C = 64
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _column_block(n_cols: int, largest: int) -> int:
+    """The power-of-2 tile width that wastes the fewest lanes on rows of ``n_cols`` values (the
+    widest among near-ties: fewer iterations)."""
+    candidates = [b for b in (2 ** i for i in range(11)) if min(_next_power_of_2(n_cols), 32) <= b <= largest]
+    utilisation = {b: n_cols / (_cdiv(n_cols, b) * b) for b in candidates}
+    best = max(utilisation.values())
+    return max(b for b, u in utilisation.items() if u >= best - 0.02)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """How the passes over one (R, C, S) view are split into programs (see kernels/batch_norm.py)."""
+
+    R: int
+    C: int
+    S: int
+    channels_last: bool
+    block_r: int
+    block_k: int
+    vec: int
+    channel_blocks: int
+    rows_per_split: int
+    cols_per_split: int
+    col_splits: int
+    n_splits: int
+    num_warps: int
+    combine_block_splits: int  # the combine kernels fold this many splits at a time
+    combine_warps: int
+    float64: bool  # accumulate in float64 (float64 input), else float32
+
+    # What every launch over this view passes, made once per view (the grid is cached): the host
+    # cost of a layer is then the tensors it allocates and the launches themselves.
+
+    @functools.cached_property
+    def grid(self):
+        return (self.channel_blocks, self.n_splits)
+
+    @functools.cached_property
+    def combine_grid(self):
+        return (_cdiv(self.C, _COMBINE_BLOCK_C),)
+
+    @functools.cached_property
+    def acc_dtype(self):
+        return torch.float64 if self.float64 else torch.float32
+
+    @functools.cached_property
+    def combine_constexprs(self):
+        return dict(BLOCK_SPLITS=self.combine_block_splits, BLOCK_C=_COMBINE_BLOCK_C,
+                    ACC=tl.float64 if self.float64 else tl.float32)
+
+    @functools.cached_property
+    def args(self):
+        return (self.R, self.C, self.S, self.rows_per_split, self.cols_per_split, self.col_splits)
+
+    @functools.cached_property
+    def constexprs(self):
+        return dict(CHANNELS_LAST=self.channels_last, BLOCK_R=self.block_r, BLOCK_K=self.block_k, VEC=self.vec,
+                    ACC=tl.float64 if self.float64 else tl.float32)
+
+
+@functools.lru_cache(maxsize=256)
+def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gpu_config: bool,
+              sm_count: int) -> Grid:
+    if gpu_config:
+        # float64 tiles hold half the elements over half the warps: 8 values per thread as in
+        # fp32 (the statistics kernel's per-lane Welford state spilled at 2048 fp64 values).
+        tile = _GPU_TILE // 2 if element_size == 8 else _GPU_TILE
+    elif R * C * S <= 1024:
+        tile = _INTERPRETER_TILE
+    else:
+        tile = min(_INTERPRETER_MAX_TILE, _next_power_of_2(R * C * S // 4))
+    target_programs = sm_count * _GPU_PROGRAMS_PER_SM if gpu_config else _INTERPRETER_PROGRAMS
+    n_cols = C if channels_last else S
+    if channels_last:
+        # A warp reads 32 × 16 bytes: one 128-channel fp32 run (256 for 16-bit types) per row.
+        block_k = min(_next_power_of_2(C), 512 // element_size if gpu_config else 64)
+        channel_blocks = _cdiv(C, block_k)
+    else:
+        block_k = _column_block(S, min(tile, 1024))
+        channel_blocks = C
+    block_r = max(1, tile // block_k)
+    # Spread each channel over enough splits to give every SM several programs: rows first, then
+    # (channels-first, when a channel has few rows of many values) columns.
+    wanted = max(1, _cdiv(target_programs, channel_blocks))
+    row_tiles, col_tiles = _cdiv(R, block_r), (1 if channels_last else _cdiv(S, block_k))
+    row_splits = min(row_tiles, wanted)
+    col_splits = min(col_tiles, _cdiv(wanted, row_splits))
+    rows_per_split = _cdiv(row_tiles, row_splits) * block_r
+    cols_per_split = _cdiv(col_tiles, col_splits) * block_k
+    row_splits = _cdiv(R, rows_per_split)
+    # Channels-last columns are channel blocks (grid axis 0), never split.
+    col_splits = 1 if channels_last else _cdiv(S, cols_per_split)
+    # 16-byte accesses need every row start 16-byte aligned: VEC elements must divide the row
+    # length (channels-first: S, which also aligns each channel's offset c·S; channels-last: C).
+    vec = 16 // element_size
+    while n_cols % vec:
+        vec //= 2
+    n_splits = row_splits * col_splits
+    return Grid(R, C, S, channels_last, block_r, block_k, vec, channel_blocks, rows_per_split, cols_per_split,
+                col_splits, n_splits, (_GPU_WARPS * tile // _GPU_TILE) if gpu_config else 1,
+                min(_next_power_of_2(n_splits), 32 if gpu_config else 4), 4 if gpu_config else 1, element_size == 8)
+
+# ------------------------------------------------------------------------ launchers ----------
+# Plain tensors and numbers in, tensors out; ``grid`` (``make_grid``) says how the passes over the
+# input's (R, C, S) view are split. Arguments are checked by gpuopt.functional.batch_norm.
+
+
+def forward_training(x, grid: Grid, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                     eps_inside_sqrt):
+    """Statistics (split reduction + combine, running stats updated) then normalize: three
+    launches. Returns ``(y, statistics)``: μ, 1/s, σ, shift of each channel (``MEAN`` ...) in
+    the accumulation dtype, what the backward needs."""
+    g, device = grid, x.device
+    partials = torch.empty(3 * g.n_splits * g.C, dtype=g.acc_dtype, device=device)
+    statistics = torch.empty(N_STATISTICS * g.C, dtype=g.acc_dtype, device=device)
+    _launch.launch(_stats_kernel, g.grid, (x, partials, statistics, *g.args), g.constexprs, g.num_warps)
+    update = running_mean is not None
+    cumulative = update and momentum is None
+    _launch.launch(_stats_combine_f64_kernel if g.float64 else _stats_combine_kernel, g.combine_grid,
+                   (partials, statistics, g.n_splits, g.C, running_mean, running_var,
+                    num_batches_tracked if cumulative else None, 0.0 if momentum is None else float(momentum),
+                    float(eps)),
+                   dict(EPS_INSIDE_SQRT=eps_inside_sqrt, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
+                        **g.combine_constexprs),
+                   g.combine_warps)
+    return _normalize(x, g, statistics, None, None, weight, bias, eps, eps_inside_sqrt), statistics
+
+
+def forward_eval(x, grid: Grid, weight, bias, running_mean, running_var, eps, eps_inside_sqrt):
+    """One elementwise launch from the running statistics."""
+    return _normalize(x, grid, None, running_mean, running_var, weight, bias, eps, eps_inside_sqrt)
+
+
+def _normalize(x, g: Grid, statistics, running_mean, running_var, weight, bias, eps, eps_inside_sqrt):
+    y = torch.empty_like(x)
+    _launch.launch(_normalize_f64_kernel if g.float64 else _normalize_kernel, g.grid,
+                   (x, y, statistics, running_mean, running_var, weight, bias, float(eps), *g.args),
+                   dict(TRAINING=statistics is not None, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_WEIGHT=weight is not None,
+                        HAS_BIAS=bias is not None, **g.constexprs),
+                   g.num_warps)
+    return y
+
+
+def backward(x, dy, grid: Grid, weight, statistics, running_mean, running_var, eps, eps_inside_sqrt, *,
+             need_input, need_weight, need_bias, bias_dtype=None):
+    """``(∂L/∂Z, ∂L/∂G, ∂L/∂B)`` (None where not needed): reduction (Σ dẐ, Σ dẐ(Z-μ)) + combine,
+    then the closed-form input gradient. With ``statistics`` (a training forward's) the batch's
+    μ and s are used; without, the running statistics (constants: ∂L/∂Z = (G/s) dẐ)."""
+    g, device = grid, x.device
+    training = statistics is not None
+    grad_weight = torch.empty_like(weight) if need_weight else None
+    grad_bias = torch.empty(g.C, dtype=bias_dtype, device=device) if need_bias else None
+    sums = None
+    if need_weight or need_bias or (need_input and training):
+        sums = torch.empty((2 + 2 * g.n_splits) * g.C, dtype=g.acc_dtype, device=device)  # sums, then partials
+        _launch.launch(_backward_reduce_kernel, g.grid, (x, dy, statistics, running_mean, sums, *g.args),
+                       dict(TRAINING=training, **g.constexprs), g.num_warps)
+        _launch.launch(_backward_combine_f64_kernel if g.float64 else _backward_combine_kernel, g.combine_grid,
+                       (sums, g.n_splits, g.C, statistics, running_var, float(eps), grad_weight, grad_bias),
+                       dict(TRAINING=training, EPS_INSIDE_SQRT=eps_inside_sqrt, GRAD_WEIGHT=need_weight,
+                            GRAD_BIAS=need_bias, **g.combine_constexprs),
+                       g.combine_warps)
+    dx = None
+    if need_input:
+        dx = torch.empty_like(x)
+        _launch.launch(_backward_input_f64_kernel if g.float64 else _backward_input_kernel, g.grid,
+                       (x, dy, dx, statistics, running_var, weight, sums, float(g.R * g.S), float(eps), *g.args),
+                       dict(TRAINING=training, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_WEIGHT=weight is not None,
+                            **g.constexprs),
+                       g.num_warps)
+    return dx, grad_weight, grad_bias

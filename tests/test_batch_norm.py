@@ -218,7 +218,7 @@ def test_every_value_is_counted_once_by_the_splits():
     """The launch grid covers each (row, channel) exactly once: rows split in rows_per_split
     pieces, channels-first columns in cols_per_split pieces, channels-last channels in blocks
     (a channels-last C of 67 over 64-wide blocks once made two programs read the same rows)."""
-    from gpuopt._batch_norm import make_grid
+    from gpuopt.kernels.batch_norm import make_grid
 
     for R, C, S, channels_last in [(1, 1, 300, False), (2, 1, 323, False), (9, 67, 1, True), (18, 67, 1, True),
                                    (256 * 196, 256, 1, True), (256, 64, 3136, False), (8, 64, 65536, False),
