@@ -180,15 +180,6 @@ def _backward(ctx, grad_output):
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
                *, eps_inside_sqrt=True, num_batches_tracked=None):
     """See :func:`gpuopt.functional.batch_norm`."""
-    if torch.compiler.is_compiling():
-        return _batch_norm_eagerly(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                   eps_inside_sqrt=eps_inside_sqrt, num_batches_tracked=num_batches_tracked)
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                       eps_inside_sqrt=eps_inside_sqrt, num_batches_tracked=num_batches_tracked)
-
-
-def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, *, eps_inside_sqrt,
-                num_batches_tracked):
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, num_batches_tracked,
                           eps)
     if input.numel() == 0:
@@ -200,6 +191,15 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         if bias is not None:
             out = out + bias[0]
         return out
+    if torch.compiler.is_compiling():  # one node of the compiled graph (see _batch_norm_op)
+        out, _, new_mean, new_var = torch.ops.gpuopt.batch_norm(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, bool(training), momentum,
+            float(eps), bool(eps_inside_sqrt))
+        if training and running_mean is not None:
+            with torch.no_grad():
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
+        return out
     # Per-channel tensors in another layout are read from contiguous copies; running stats
     # updated in such a copy are written back to the caller's tensors.
     stats = (running_mean, running_var)
@@ -207,14 +207,120 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     out = BatchNormFunction.apply(input, per_channel(weight), per_channel(bias), running_mean, running_var,
                                   num_batches_tracked, bool(training), momentum, float(eps), bool(eps_inside_sqrt))
     if training:
-        for theirs, ours in zip(stats, (running_mean, running_var)):
-            if ours is not theirs:
-                theirs.copy_(ours)
+        write_back(stats, (running_mean, running_var))
     return out
 
 
-# Inside torch.compile this runs eagerly (a graph break), launching gpuopt's own kernels: Dynamo
-# would otherwise trace into the launch code (and, under the interpreter, into NumPy). Outside,
-# the check costs nothing, where the disabling wrapper cost a few µs per call.
-_batch_norm_eagerly = torch.compiler.disable(_batch_norm)
-_backward_eagerly = torch.compiler.disable(_backward)
+def write_back(theirs, ours):
+    """Running statistics updated in contiguous copies (``per_channel``) go back to the caller's."""
+    for their, our in zip(theirs, ours):
+        if our is not their:
+            their.copy_(our)
+
+
+# ---------------------------------------------------------------------- torch.compile ---------
+# Inside torch.compile, batch norm is two custom operators with fake (shape-only) versions, so
+# Dynamo and AOTAutograd trace a model through it with no graph break: the forward
+# (``gpuopt::batch_norm``) and its closed-form backward (``gpuopt::batch_norm_backward``),
+# registered as its autograd formula. An operator with an autograd formula must be functional, so
+# the forward returns the updated running statistics (as torch's
+# ``_native_batch_norm_legit_functional``) and the graph copies them into the buffers. At run time
+# the operators call the same launchers as the eager path, which does not go through them (the
+# dispatcher's ~20 µs per call would double an eager layer's host cost).
+
+Tensor = torch.Tensor
+
+
+def _layout_like(input: Tensor) -> Tensor:
+    """An empty tensor in the memory layout the kernels give ``input``'s outputs (``view_of``)."""
+    S = math.prod(input.shape[2:])
+    if S == 1 or (not input.is_contiguous() and _channels_last_dense(input)):
+        return torch.empty_like(input) if _channels_last_dense(input) else torch.empty(input.shape, dtype=input.dtype,
+                                                                                       device=input.device)
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device)
+
+
+def _statistics_dtype(input: Tensor) -> torch.dtype:
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("gpuopt::batch_norm", mutates_args=())
+def _batch_norm_op(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                   running_var: Tensor | None, num_batches_tracked: Tensor | None, training: bool,
+                   momentum: float | None, eps: float, eps_inside_sqrt: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, statistics, new running mean, new running var)``: the statistics are the batch's μ,
+    1/s, σ, shift in training; what training does not make is empty. Arguments checked by
+    ``batch_norm``."""
+    x, R, C, S, channels_last = view_of(input)
+    g = grid_of(x, R, C, S, channels_last)
+    weight, bias = per_channel(weight), per_channel(bias)
+    if not training:
+        y = kernels.forward_eval(x, g, weight, bias, per_channel(running_mean), per_channel(running_var), eps,
+                                 eps_inside_sqrt)
+        return y, x.new_empty(0, dtype=g.acc_dtype), x.new_empty(0), x.new_empty(0)  # (outputs may not alias)
+    new_mean = None if running_mean is None else running_mean.clone(memory_format=torch.contiguous_format)
+    new_var = None if running_var is None else running_var.clone(memory_format=torch.contiguous_format)
+    y, statistics = kernels.forward_training(x, g, weight, bias, new_mean, new_var, num_batches_tracked, momentum,
+                                             eps, eps_inside_sqrt)
+    return y, statistics, x.new_empty(0) if new_mean is None else new_mean, x.new_empty(0) if new_var is None else new_var
+
+
+@_batch_norm_op.register_fake
+def _(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, eps_inside_sqrt):
+    if not training:
+        return _layout_like(input), input.new_empty(0, dtype=_statistics_dtype(input)), input.new_empty(0), \
+            input.new_empty(0)
+    statistics = input.new_empty(kernels.N_STATISTICS * input.shape[1], dtype=_statistics_dtype(input))
+    new_stats = [input.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (running_mean, running_var)]
+    return _layout_like(input), statistics, *new_stats
+
+
+@torch.library.custom_op("gpuopt::batch_norm_backward", mutates_args=())
+def _batch_norm_backward_op(grad_output: Tensor, input: Tensor, weight: Tensor | None, statistics: Tensor,
+                            running_mean: Tensor | None, running_var: Tensor | None, eps: float,
+                            eps_inside_sqrt: bool, need_input: bool, need_weight: bool,
+                            bias_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(∂L/∂Z, ∂L/∂G, ∂L/∂B)``, each empty when not wanted (``bias_dtype`` None: no ∂L/∂B).
+    ``statistics`` empty: the forward ran in evaluation mode."""
+    x, R, C, S, channels_last = view_of(input)
+    g = grid_of(x, R, C, S, channels_last)
+    training = statistics.numel() > 0
+    dx, grad_weight, grad_bias = kernels.backward(
+        x, same_layout(grad_output, x, channels_last), g, per_channel(weight), statistics if training else None,
+        None if training else per_channel(running_mean), None if training else per_channel(running_var), eps,
+        eps_inside_sqrt, need_input=need_input, need_weight=need_weight, need_bias=bias_dtype is not None,
+        bias_dtype=bias_dtype)
+    return tuple(x.new_empty(0) if t is None else t for t in (dx, grad_weight, grad_bias))  # (may not alias)
+
+
+@_batch_norm_backward_op.register_fake
+def _(grad_output, input, weight, statistics, running_mean, running_var, eps, eps_inside_sqrt, need_input,
+      need_weight, bias_dtype):
+    return (_layout_like(input) if need_input else input.new_empty(0),
+            torch.empty_like(weight) if need_weight else input.new_empty(0),
+            input.new_empty(input.shape[1], dtype=bias_dtype) if bias_dtype is not None else input.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, running_mean, running_var, _, training, _, eps, eps_inside_sqrt = inputs
+    if training:
+        ctx.save_for_backward(input, weight, output[1], None, None)
+    else:  # the running statistics normalized: constants of the backward
+        ctx.save_for_backward(input, weight, output[1], running_mean, running_var)
+    ctx.eps, ctx.eps_inside_sqrt = eps, eps_inside_sqrt
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _batch_norm_op_backward(ctx, grad_output, *_):
+    input, weight, statistics, running_mean, running_var = ctx.saved_tensors
+    need_weight = weight is not None and ctx.needs_input_grad[1]
+    need_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+    dx, grad_weight, grad_bias = torch.ops.gpuopt.batch_norm_backward(
+        grad_output, input, weight, statistics, running_mean, running_var, ctx.eps, ctx.eps_inside_sqrt,
+        ctx.needs_input_grad[0], need_weight, ctx.bias_dtype if need_bias else None)
+    return (dx if ctx.needs_input_grad[0] else None, grad_weight if need_weight else None,
+            grad_bias if need_bias else None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("gpuopt::batch_norm", _batch_norm_op_backward, setup_context=_setup_context)

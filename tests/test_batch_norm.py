@@ -484,20 +484,43 @@ def test_convert_batchnorm_small_cnn(device):
     assert isinstance(gpuopt.nn.convert_batchnorm(torch.nn.BatchNorm1d(3)), gpuopt.nn.BatchNorm1d)
 
 
-def test_inside_torch_compile_batch_norm_runs_eagerly(device):
-    """torch.compile around a model with gpuopt batch norms: a graph break, gpuopt's kernels run
-    as in eager mode (Dynamo does not trace into the launches), same outputs and gradients."""
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), gpuopt.nn.BatchNorm2d(4), torch.nn.ReLU()).to(device)
-    twin = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="eager")
-    x = torch.randn(4, 3, 7, 7, device=device)
-    y, y_twin = compiled(x), twin(x)
-    y.square().sum().backward()
-    y_twin.square().sum().backward()
-    assert_close(y, y_twin, rtol=1e-6, atol=1e-6, name="output")
-    assert_close(model[0].weight.grad, twin[0].weight.grad, rtol=1e-5, atol=1e-6, name="conv weight grad")
-    assert_close(model[1].running_var, twin[1].running_var, rtol=1e-6, name="running_var")
+@pytest.mark.parametrize("case", ["training", "eval", "channels_last", "no_affine", "cumulative", "fp64",
+                                  "no_running_stats"])
+def test_torch_compile_traces_batch_norm_with_no_graph_break(device, case):
+    """torch.compile of a model with gpuopt batch norm: one graph, no break (the forward and the
+    closed-form backward are custom operators), and outputs, gradients and running statistics
+    equal the eager model's over two training steps (through AOTAutograd, so the compiled
+    backward is the operators' autograd formula)."""
+    dtype = torch.float64 if case == "fp64" else torch.float32
+
+    def make():
+        torch.manual_seed(0)
+        bn = gpuopt.nn.BatchNorm2d(4, affine=case != "no_affine", momentum=None if case == "cumulative" else 0.1,
+                                   track_running_stats=case != "no_running_stats")
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bn, torch.nn.ReLU()).to(device, dtype)
+        if case == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+        return model.eval() if case == "eval" else model
+
+    x = torch.randn(4, 3, 7, 7, device=device, dtype=dtype)
+    if case == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    explained = torch._dynamo.explain(make())(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     torch._dynamo.reset()
+    model, twin = make(), make()
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(2):
+        y, y_twin = compiled(x), twin(x)
+        y.square().sum().backward()
+        y_twin.square().sum().backward()
+    torch._dynamo.reset()
+    assert_close(y, y_twin, rtol=1e-6, atol=1e-6, name="output")
+    assert y.stride() == y_twin.stride()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, name=f"grad {name}")
+    for (name, a), b in zip(model.named_buffers(), twin.buffers()):
+        assert torch.equal(a, b), name
 
 
 def test_compiled_training_step_with_backward_and_step(device):
