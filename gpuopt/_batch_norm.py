@@ -232,11 +232,11 @@ Tensor = torch.Tensor
 
 
 def _layout_like(input: Tensor) -> Tensor:
-    """An empty tensor in the memory layout the kernels give ``input``'s outputs (``view_of``)."""
-    S = math.prod(input.shape[2:])
-    if S == 1 or (not input.is_contiguous() and _channels_last_dense(input)):
-        return torch.empty_like(input) if _channels_last_dense(input) else torch.empty(input.shape, dtype=input.dtype,
-                                                                                       device=input.device)
+    """An empty tensor in the memory layout the kernels give ``input``'s outputs (``view_of``):
+    a channels-last-dense input keeps its strides, anything else is read from (and written as)
+    contiguous memory."""
+    if _channels_last_dense(input):
+        return torch.empty_like(input)
     return torch.empty(input.shape, dtype=input.dtype, device=input.device)
 
 
