@@ -109,6 +109,7 @@ def run_functional(name: str, kernel, roles: dict, launcher, *, grad_scale, foun
     step_args = StepArgs(device, _on(grad_scale, device), _on(found_inf, device), seed)
     for plan, has_master, sr, _ in launches:
         launcher(plan, step_args, has_master=has_master, stochastic_rounding=sr)
+        plan.release()  # the cache of plans keeps none of the caller's tensors alive
 
 
 class _Generation:
@@ -192,17 +193,24 @@ def _plain_state(items):
 
 
 _GRAD = operator.attrgetter("grad")
-_ADDRESS = torch.Tensor.data_ptr
+_ADDRESS, _STRIDE = torch.Tensor.data_ptr, torch.Tensor.stride
 
 
 def _fingerprint(params, grads):
-    """Which tensors a group's launch would touch: the parameters (by identity and address) and
-    their gradients (by address; -1 for no gradient), and whether every gradient is an ordinary
-    strided tensor. Cheap: C-level maps over the lists."""
+    """What a group's launch reads through ``param_groups`` and ``.grad``: the parameters (by
+    identity: their addresses are checked with the states, see ``_PreparedGroup.same_storage``),
+    the gradients' addresses and strides (-1 / None where a parameter has no gradient), and
+    whether every gradient is an ordinary strided tensor. Cheap: C-level maps over the lists.
+
+    A gradient's address alone is not enough: after ``zero_grad(set_to_none=True)`` the
+    allocator may hand the next gradient the same address, and a gradient assigned by hand may be
+    a view with other strides there (``p.grad = g.t()``, or an expanded tensor whose storage is
+    smaller than the parameter). torch's ``.grad`` setter fixes its size, dtype and device; the
+    strides are what is left to compare."""
     try:
-        return tuple(map(id, params)), tuple(map(_ADDRESS, params)), tuple(map(_ADDRESS, grads)), True
+        return tuple(map(id, params)), tuple(map(_ADDRESS, grads)), tuple(map(_STRIDE, grads)), True
     except (TypeError, RuntimeError):  # a missing gradient, or a tensor without storage (sparse)
-        return tuple(map(id, params)), tuple(map(_address, params)), tuple(map(_address, grads)), False
+        return tuple(map(id, params)), tuple(map(_address, grads)), tuple(map(_strides, grads)), False
 
 
 def _address(t):
@@ -213,30 +221,46 @@ def _address(t):
     return t.data_ptr()
 
 
-_NUMEL, _STRIDE, _DEVICE_INDEX = torch.Tensor.numel, torch.Tensor.stride, torch.Tensor.get_device
+def _strides(t):
+    return None if t is None or t.layout is not torch.strided else t.stride()
+
+
+_NUMEL, _DEVICE_INDEX = torch.Tensor.numel, torch.Tensor.get_device
 _DTYPE = operator.attrgetter("dtype")
 
 
 def _grad_layout(grads):
-    """What the kernel assumed of the gradients: element counts and strides (with the validated
-    parameter's strides, these keep every read inside the gradient's storage span; torch checks
-    a gradient's shape when it is assigned), dtypes and devices."""
-    return (tuple(map(_NUMEL, grads)), tuple(map(_STRIDE, grads)), tuple(map(_DTYPE, grads)),
-            tuple(map(_DEVICE_INDEX, grads)))
+    """What the kernel assumed of the gradients besides their strides (in the fingerprint):
+    element counts (with the validated strides, these keep every read inside the gradient's
+    storage span), dtypes and devices."""
+    return tuple(map(_NUMEL, grads)), tuple(map(_DTYPE, grads)), tuple(map(_DEVICE_INDEX, grads))
 
 
 @dataclass
 class _PreparedGroup:
-    """One param group's validated launches, reused by every step while nothing changed."""
+    """One param group's validated launches, reused by every step while nothing changed.
+
+    It holds the tensors it validated except the gradients: a gradient freed by
+    ``zero_grad(set_to_none=True)`` is freed (the plans point at the current ones only during a
+    step's launches), while the parameters and states, which the optimizer keeps anyway, are held
+    with their addresses at validation, so that one compare tells that none of them was moved
+    through ``.data`` (which bumps no generation)."""
 
     fingerprint: tuple | None  # None: cannot be reused (a gradient had to be copied to its param's layout)
     generation: int
     structure: tuple
-    launches: list  # [(plan, has_master, stochastic_rounding, positions in the group)]
+    launches: list  # [(plan, has_master, stochastic_rounding, positions in the group's param list)]
     grad_layout: tuple | None = None  # when every parameter had a gradient: see _grad_layout
-    tensors: dict | None = None  # the validated roles: keeps alive what the tables point to (grad copies)
+    touched: tuple = ()  # params, states, master copies of the launches (not grads)
+    touched_addresses: tuple = ()
+    grad_copies: list | None = None  # gradients copied into their param's layout, for this step's launch
     options: tuple | None = None  # the group's options the launcher was made from (None: remake every step)
     launcher: object = None  # launch(plan, step_args, lr=, has_master=, stochastic_rounding=)
+
+    def same_storage(self) -> bool:
+        """Every parameter and state is where it was validated (``p.data = ...`` and
+        ``state.data = ...`` move a tensor without telling anyone)."""
+        return tuple(map(_ADDRESS, self.touched)) == self.touched_addresses
 
     def same_options(self, options) -> bool:
         """The group's options are the very objects the launcher was made from (held here, so
@@ -254,20 +278,19 @@ class _PreparedGroup:
         they are what the kernel assumed — sizes, strides, dtypes, devices as validated, aligned —
         rewrite the gradient row of each plan's table and return True; else False (validate all)."""
         if (self.grad_layout is None or self.fingerprint is None or not fingerprint[3]
-                or fingerprint[:2] != self.fingerprint[:2] or _grad_layout(grads) != self.grad_layout):
+                or fingerprint[0] != self.fingerprint[0] or fingerprint[2] != self.fingerprint[2]
+                or _grad_layout(grads) != self.grad_layout):
             return False
-        addresses = np.array(fingerprint[2], dtype=np.int64)
+        addresses = np.array(fingerprint[1], dtype=np.int64)
         moves = []
         for plan, _, _, index in self.launches:
             whole = len(index) == len(addresses)
             mine = addresses if whole else addresses[index]
-            if (mine % plan.bases()[GRAD_ROLE].element_size()).any():  # misaligned: the slow path explains it
+            if (mine % plan.element_size(GRAD_ROLE)).any():  # misaligned: the slow path explains it
                 return False
-            first = grads[index[0]]
-            moves.append((plan, torch.view_as_real(first) if first.is_complex() else first, mine,
-                          not (mine % 16).any()))
-        for plan, first, mine, aligned in moves:
-            plan.move_role(GRAD_ROLE, first, mine, aligned)
+            moves.append((plan, mine, not (mine % 16).any()))
+        for plan, mine, aligned in moves:
+            plan.move_role(GRAD_ROLE, mine, aligned)
         self.fingerprint = fingerprint
         return True
 
@@ -474,25 +497,30 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._reset_host_caches()
         step_args = {}
         for index, group in enumerate(self.param_groups):
-            prepared = self._prepared_group(index, group)
+            prepared, grads = self._prepared_group(index, group)
             lr = group["lr"]
-            for plan, has_master, sr, _ in prepared.launches:
+            for plan, has_master, sr, positions in prepared.launches:
                 device = plan.device
                 args = step_args.get(device)
                 if args is None:
                     args = step_args[device] = StepArgs(device, _on(grad_scale, device), _on(found_inf, device),
                                                         self._seed)
+                if prepared.grad_copies is None:  # else the plan points at the copies, made this step
+                    plan.point(GRAD_ROLE, grads[positions[0]])
                 prepared.launcher(plan, args, lr=lr, has_master=has_master, stochastic_rounding=sr)
+                plan.release(GRAD_ROLE)
+            prepared.grad_copies = None
         return loss
 
     # torch's wrapper of a step (profiler range, hooks), used when one is on; Dynamo breaks the graph here.
     _hooked_step = torch.compiler.disable(torch.optim.Optimizer.profile_hook_step(_step))
 
-    def _prepared_group(self, index, group) -> _PreparedGroup:
-        """The group's validated launches. The fast path: the same options (by identity; ``lr``
-        is read at every launch), the same parameters and gradients at the same addresses, no
-        state changed — one fingerprint compare. Gradients that alone moved rewrite one table row.
-        Anything else is validated again (``_prepare``)."""
+    def _prepared_group(self, index, group) -> tuple[_PreparedGroup, list]:
+        """The group's validated launches, and its gradients. The fast path: the same options (by
+        identity; ``lr`` is read at every launch), the same parameters, gradients with the same
+        addresses and strides, every parameter and state where it was, no state changed — a
+        fingerprint compare and an address compare. Gradients that alone moved rewrite one table
+        row. Anything else is validated again (``_prepare``)."""
         params = group["params"]
         grads = list(map(_GRAD, params))
         fingerprint = _fingerprint(params, grads)
@@ -503,19 +531,21 @@ class FusedOptimizer(torch.optim.Optimizer):
                 prepared.set_options(options, self._launcher(group))
             else:
                 prepared = None
-        if (prepared is None or prepared.generation != self._generation.value
+        if (prepared is None or prepared.generation != self._generation.value or not prepared.same_storage()
                 or (prepared.fingerprint != fingerprint and not prepared.move_grads(fingerprint, grads))):
             prepared = self._prepare(index, group, params, grads, fingerprint, options)
-        return prepared
+        return prepared, grads
 
     def _graph_key(self) -> tuple:
         """What a captured step (``gpuopt.graphed_step``) was made from: ``(values, objects)`` —
-        the state generation and every group's fingerprint (compared by value), and every group's
-        options and ``lr`` (compared by identity)."""
+        the state generation, every group's fingerprint and the addresses of its parameters and
+        states (compared by value), and every group's options and ``lr`` (compared by identity)."""
         values, objects = [self._generation.value], []
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params = group["params"]
             values.append(_fingerprint(params, list(map(_GRAD, params))))
+            prepared = self._prepared.get(index)
+            values.append(prepared and tuple(map(_ADDRESS, prepared.touched)))
             objects.extend(map(group.get, self._option_names))
             objects.append(group["lr"])
         return tuple(values), tuple(objects)
@@ -530,28 +560,30 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The slow path: validate the group's tensors, make missing states, and plan its launches."""
         name = type(self).__name__
         chosen = [i for i, g in enumerate(grads) if g is not None]
+        every_grad = len(chosen) == len(params)
         params = [params[i] for i in chosen]
         grads = [grads[i] for i in chosen]
         densified = dense_grads(self._kernel, grads, group.get("weight_decay", 0.0))
-        if densified is not grads:
-            grads, fingerprint = densified, None  # dense copies, new every step
-        launches = []
+        launches, touched, copies = [], (), None
         if params:
-            check_params_and_grads(name, params, grads)  # before any state is made for them
-            matched = [matching_layout(g, p) for g, p in zip(grads, params)]
-            if any(m is not g for m, g in zip(matched, grads)):
-                fingerprint = None  # the copies are new every step: never reuse this preparation
+            check_params_and_grads(name, params, densified)  # before any state is made for them
+            matched = [matching_layout(g, p) for g, p in zip(densified, params)]
+            if densified is not grads or any(m is not g for m, g in zip(matched, grads)):
+                copies = matched  # new every step: this preparation is never reused
             for p in params:
                 state = self.state[p]
                 self._complete_state(state, p, group)
                 self._follow_layout(state, p)
             roles = self._roles(group, params, matched)
-            launches = prepare_launches(name, roles, self._kernel.ROLES, self._plans, index,
-                                        group["stochastic_rounding"])
-        every_grad = fingerprint is not None and fingerprint[3] and len(chosen) == len(fingerprint[0])
-        prepared = _PreparedGroup(fingerprint, self._generation.value, self._structure(group), launches,
-                                  _grad_layout(grads) if every_grad and launches else None,
-                                  roles if params else None)
+            launches = [(plan, has_master, sr, [chosen[i] for i in positions])
+                        for plan, has_master, sr, positions in prepare_launches(
+                            name, roles, self._kernel.ROLES, self._plans, index, group["stochastic_rounding"])]
+            touched = tuple(t for role, tensors in roles.items() if role != "grad" for t in tensors)
+        reusable = copies is None and fingerprint[3]
+        prepared = _PreparedGroup(fingerprint if copies is None else None, self._generation.value,
+                                  self._structure(group), launches,
+                                  _grad_layout(grads) if reusable and every_grad and launches else None,
+                                  touched, tuple(map(_ADDRESS, touched)), copies)
         prepared.set_options(options, self._launcher(group))
         self._prepared[index] = prepared
         return prepared

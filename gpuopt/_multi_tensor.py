@@ -84,12 +84,13 @@ class LaunchPlan:
         """Point the plan at ``roles``' current storage; copies a new table only if it moved."""
         # map over a C method, not a generator expression: this runs every step for every tensor
         addresses = tuple(itertools.chain.from_iterable(map(torch.Tensor.data_ptr, role) for role in roles))
+        self._bases = [role[0] for role in roles]
         if addresses == self._addresses:
-            self._bases = [role[0] for role in roles]
             return
+        self._element_sizes = [role[0].element_size() for role in roles]
         rows = []
-        for role in roles:
-            base, size = role[0].data_ptr(), role[0].element_size()
+        for role, size in zip(roles, self._element_sizes):
+            base = role[0].data_ptr()
             rows.append([(t.data_ptr() - base) // size for t in role])
         table = torch.tensor(rows, dtype=torch.int64)
         if self.device.type == "cuda":
@@ -98,23 +99,41 @@ class LaunchPlan:
         n = self.n_tensors
         self._role_aligned = [all(a % 16 == 0 for a in addresses[k * n:(k + 1) * n]) for k in range(len(roles))]
         self.aligned = all(self._role_aligned)
-        self._bases = [role[0] for role in roles]
         self._addresses = addresses
 
-    def move_role(self, role: int, first: torch.Tensor, addresses: np.ndarray, aligned: bool) -> None:
+    def move_role(self, role: int, addresses: np.ndarray, aligned: bool) -> None:
         """Point one role at new tensors of the same sizes, layouts and dtype (checked by the
-        caller) at ``addresses`` (int64, in the plan's tensor order; ``first`` is the tensor at
-        ``addresses[0]``): the gradients after ``zero_grad(set_to_none=True)`` and a backward.
-        One row of the table is rewritten, stream-ordered after the launches that read the old
-        one; ``aligned``: every address is a multiple of 16 bytes."""
-        row = torch.from_numpy((addresses - addresses[0]) // first.element_size())
+        caller) at ``addresses`` (int64, in the plan's tensor order): the gradients after
+        ``zero_grad(set_to_none=True)`` and a backward. One row of the table is rewritten,
+        stream-ordered after the launches that read the old one; ``aligned``: every address is a
+        multiple of 16 bytes. The role's base is then the caller's to ``point`` at the tensor at
+        ``addresses[0]`` before a launch."""
+        row = torch.from_numpy((addresses - addresses[0]) // self._element_sizes[role])
         if self.device.type == "cuda":
             row = row.pin_memory()
         self.offsets[role].copy_(row, non_blocking=True)
-        self._bases[role] = first
+        self._bases[role] = None
         self._role_aligned[role] = aligned
         self.aligned = all(self._role_aligned)
         self._addresses = None  # the whole-table address cache no longer describes the table
+
+    def point(self, role: int, first: torch.Tensor) -> None:
+        """Make ``first`` (the role's tensor 0, at the address the table was built from; a complex
+        tensor is taken as its real view) the role's base pointer for the next launch."""
+        self._bases[role] = torch.view_as_real(first) if first.is_complex() else first
+
+    def release(self, role: int | None = None) -> None:
+        """Drop the plan's reference to one role's base tensor (all roles with ``None``), so that a
+        plan kept between steps keeps no tensor alive: a gradient freed by
+        ``zero_grad(set_to_none=True)``, or a functional caller's tensors. ``refresh`` or
+        ``point`` gives it back before the next launch."""
+        if role is None:
+            self._bases = [None] * len(self._bases)
+        else:
+            self._bases[role] = None
+
+    def element_size(self, role: int) -> int:
+        return self._element_sizes[role]
 
     def schedule_args(self):
         """Kernel arguments shared by every multi-tensor kernel, in the order they declare them."""

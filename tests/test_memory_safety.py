@@ -485,3 +485,94 @@ def test_tracked_state_pickles_as_plain_dicts_and_deepcopies(device, tmp_path):
     fresh = gpuopt.SGD([torch.nn.Parameter(torch.randn(9, device=device))], lr=0.1, momentum=0.9)
     fresh.load_state_dict(loaded)
     assert fresh.state[fresh.param_groups[0]["params"][0]]["step"].item() == 1
+
+
+@pytest.mark.parametrize("name,kwargs", OPTIMIZERS)
+def test_gradients_freed_by_zero_grad_are_not_kept_alive(device, name, kwargs):
+    """zero_grad(set_to_none=True) frees the gradients, as with torch.optim: neither the
+    optimizer's prepared launches nor its plans hold one between steps (a model's worth of
+    gradient memory, or its largest gradient, would otherwise stay allocated through the next
+    forward). The functional API's cache of plans keeps none of the caller's tensors either."""
+    import gc
+    import weakref
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)).to(device)
+    opt = getattr(gpuopt, name)(model.parameters(), **kwargs)
+    for _ in range(3):  # validated, then gradients moved, then kept
+        model(torch.randn(4, 6, device=device)).square().sum().backward()
+        opt.step()
+        grads = [weakref.ref(p.grad) for p in model.parameters()]
+        opt.zero_grad(set_to_none=True)
+        gc.collect()
+        assert not any(ref() is not None for ref in grads)
+    p, g, m = torch.randn(7, device=device), torch.randn(7, device=device), torch.zeros(7, device=device)
+    gpuopt.functional.sgd([p], [g], [m], lr=0.1, momentum=0.9, first_step=True)
+    refs = [weakref.ref(t) for t in (p, g, m)]
+    del p, g, m
+    gc.collect()
+    assert not any(ref() is not None for ref in refs)
+
+
+def _twin_steps(device, opt_name, kwargs, change):
+    """Two steps of gpuopt and torch.optim on the same parameters, ``change(params, opt)`` applied to
+    both sides between them; gpuopt must match torch afterwards and for one more step."""
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in [(5, 5), (9,), (3, 4)]]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, ref = getattr(gpuopt, opt_name)(params, **kwargs), getattr(torch.optim, opt_name)(twins, **kwargs)
+    for p, t in zip(params, twins):
+        p.grad = torch.randn_like(p)
+        t.grad = p.grad.clone()
+    for _ in range(2):
+        opt.step()
+        ref.step()
+    change(params, opt)
+    change(twins, ref)
+    for _ in range(2):
+        opt.step()
+        ref.step()
+        for p, t in zip(params, twins):
+            assert_close(p, t, rtol=1e-5, atol=1e-6)
+            assert_close(p.grad, t.grad, rtol=0, atol=0)
+
+
+def test_gradient_view_at_the_same_address_is_revalidated(device):
+    """A gradient replaced by another view of the same storage keeps its address: the fast path
+    compares strides too. A transposed view pairs other elements; an expanded one (stride 0) is
+    smaller in memory than the parameter, so reading it as a dense gradient would overrun it."""
+    def transpose_and_expand(params, _):
+        params[0].grad = params[0].grad.t()  # same address, strides (1, 5)
+        params[1].grad = params[1].grad[:1].expand(9)  # same address, stride 0: one element of storage
+
+    _twin_steps(device, "Adam", dict(lr=0.05), transpose_and_expand)
+
+
+@pytest.mark.parametrize("target", ["param", "state"])
+def test_tensor_moved_through_data_is_followed(target):
+    """``t.data = ...`` gives a parameter or a state new storage without changing the object or
+    bumping the state's generation (how some code offloads optimizer states to the CPU and back):
+    the next step sees the new address and updates the new storage, never the old one, which is
+    freed (before the address compare, this wrote into freed memory and crashed the process)."""
+    out = run_in_child(f"""
+        params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in [(5, 5), (9,), (3, 4)]]
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt, ref = gpuopt.Adam(params, lr=0.05), torch.optim.Adam(twins, lr=0.05)
+        for p, t in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            t.grad = p.grad.clone()
+        for step in range(4):
+            if step == 2:
+                for ps, o in ((params, opt), (twins, ref)):
+                    for p in ps:
+                        if {target!r} == "param":
+                            p.data = p.data.clone()
+                        else:
+                            for key in ("exp_avg", "exp_avg_sq", "step"):
+                                o.state[p][key].data = o.state[p][key].data.clone()
+            opt.step()
+            ref.step()
+            for p, t in zip(params, twins):
+                torch.testing.assert_close(p, t, rtol=1e-5, atol=1e-6)
+        assert opt.state[params[0]]["step"].item() == 4
+        print("followed")
+    """)
+    assert "followed" in out
