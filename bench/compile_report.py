@@ -22,8 +22,14 @@ CAPTURE = r'''
 import os, json, sys
 os.environ["TRITON_INTERPRET"] = "1"
 import torch, gpuopt
-from gpuopt.kernels import adam, sgd, rmsprop, adagrad, adadelta, ema
 records = []
+def encode(value):
+    """A constexpr as JSON: an update function or a flags namedtuple by where to find it."""
+    if hasattr(value, "fn") and hasattr(value, "arg_names"):
+        return {"jit": [value.fn.__module__, value.fn.__name__]}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return {"flags": [type(value).__module__, type(value).__name__], "values": list(value)}
+    return value
 def spy(module, name):
     kernel = getattr(module, name)
     class Spy:
@@ -42,19 +48,21 @@ def spy(module, name):
                         ints[n] = a
                     else:  # a float: the kernel's annotation (tl.float64 hyperparameters) or Triton's default
                         sig[n] = "fp64" if str(kernel.fn.__annotations__.get(n)) == "fp64" else "fp32"
+                shown = name
                 for n, v in kwargs.items():
                     if n in ("num_warps", "num_stages"):
                         continue
-                    sig[n] = "constexpr"; constexprs[n] = v
-                records.append(dict(module=module.__name__, kernel=name, signature=sig, constexprs=constexprs,
-                                    ints=ints, num_warps=kwargs.get("num_warps", 4)))
+                    sig[n] = "constexpr"; constexprs[n] = encode(v)
+                    if n == "UPDATE":  # the shared walk: named after the algorithm's update
+                        shown = v.fn.__name__ + ("_f64" if "_f64" in name else "")
+                records.append(dict(module=module.__name__, kernel=name, shown=shown, signature=sig,
+                                    constexprs=constexprs, ints=ints, num_warps=kwargs.get("num_warps", 4)))
                 return kernel[grid](*args, **kwargs)
             return launch
     setattr(module, name, Spy())
-for m, n in [(adam, "_adam_kernel"), (sgd, "_sgd_kernel"), (rmsprop, "_rmsprop_kernel"), (adagrad, "_adagrad_kernel"),
-             (adadelta, "_adadelta_kernel"), (ema, "_ema_kernel")]:
-    spy(m, n)
-    spy(m, n.replace("_kernel", "_f64_kernel"))  # float64 tensors: float64 hyperparameters
+from gpuopt.kernels import _multi_tensor
+spy(_multi_tensor, "_step_kernel")
+spy(_multi_tensor, "_step_f64_kernel")  # float64 tensors: float64 hyperparameters
 for dtype, extra in [(torch.float32, {}), (torch.bfloat16, dict(master_weights=True)),
                      (torch.bfloat16, dict(stochastic_rounding=True)), (torch.float64, {})]:
     for cls, kw in [("Adam", dict(amsgrad=True)), ("AdamW", {}), ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
@@ -161,6 +169,21 @@ def sass_loops(cubin: bytes):
     return best
 
 
+def decode(value, dtypes):
+    """A recorded constexpr back as Triton wants it (see ``encode`` in the capture)."""
+    import importlib
+
+    if isinstance(value, str):
+        return dtypes.get(value, value)
+    if isinstance(value, dict) and "jit" in value:
+        module, name = value["jit"]
+        return getattr(importlib.import_module(module), name)
+    if isinstance(value, dict) and "flags" in value:
+        module, name = value["flags"]
+        return getattr(importlib.import_module(module), name)(*value["values"])
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
@@ -187,7 +210,7 @@ def main():
     for r in records:
         module = importlib.import_module(r["module"])
         fn = getattr(module, r["kernel"])
-        constexprs = {k: (dtypes.get(v, v) if isinstance(v, str) else v) for k, v in r["constexprs"].items()}
+        constexprs = {k: decode(v, dtypes) for k, v in r["constexprs"].items()}
         if "BLOCK" in constexprs:  # multi-tensor kernels: the interpreter used a small block
             constexprs["BLOCK"] = GPU_BLOCK
             r["num_warps"] = GPU_WARPS
@@ -203,7 +226,8 @@ def main():
             if t.startswith("*") or (t in ("i32", "i64") and r.get("ints", {}).get(n, 1) % 16 == 0):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         r["signature"] = signature
-        flags = ",".join(k for k, v in constexprs.items() if v is True)
+        flags = ",".join([k for k, v in constexprs.items() if v is True]
+                         + [f for f, v in getattr(constexprs.get("FLAGS"), "_asdict", dict)().items() if v is True])
         if "*fp64" in signature.values():  # float64 data: its 16-byte accesses are v2
             flags = "FP64," + flags
         try:
@@ -211,7 +235,7 @@ def main():
             k = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options={"num_warps": r["num_warps"]})
         except Exception as exc:  # report every failure, not just the first
             failures += 1
-            print(f"{r['kernel']:26s} {flags:80s} COMPILE FAILED: {' | '.join(str(exc).splitlines()[:6])[:600]}")
+            print(f"{r['shown']:26s} {flags:80s} COMPILE FAILED: {' | '.join(str(exc).splitlines()[:6])[:600]}")
             continue
         ptx = k.asm["ptx"]
         widest = lambda kind: max(re.findall(kind + r"\.global(?:\.\w+)*?\.(v\d)", ptx) or ["v1"])  # noqa: E731
@@ -223,7 +247,7 @@ def main():
         per_element = instructions / max(1, per_iteration / (32 * r["num_warps"]))
         resident = resident_programs(k.n_regs if getattr(k, "n_regs", None) else int(nregs), r["num_warps"],
                                      k.metadata.shared)
-        print(f"{r['kernel']:26s} {flags:80s} {nregs!s:>4s} {spills!s:>5s} {widest('ld'):>14s} {widest('st'):>14s}"
+        print(f"{r['shown']:26s} {flags:80s} {nregs!s:>4s} {spills!s:>5s} {widest('ld'):>14s} {widest('st'):>14s}"
               f" {per_element:7.1f} {barriers:4d} {resident:6d}")
     print(f"{len(records)} launch signatures compiled for sm_{args.arch}, {failures} failed")
     sys.exit(1 if failures else 0)

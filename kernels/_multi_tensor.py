@@ -19,8 +19,27 @@ no known constancy, which also forces scalar accesses; a full block needs no mas
 
 Programs walk the schedule grid-stride (``i = pid, pid + num_programs, ...``), so the grid can be
 sized to the machine rather than to the model.
+
+One kernel, ``_step_kernel``, owns that walk for every algorithm (the optimizers and EMA): an
+algorithm is its *update*, a ``@triton.jit`` function passed as the constexpr ``UPDATE`` that
+updates one block of one tensor, and optionally the per-tensor scalars it needs, passed as
+``PER_TENSOR`` (default ``step_only``)::
+
+    per_tensor(step, lr, hyper, FLAGS) -> scalars (a tuple)
+    update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, seed, FLAGS)
+
+``ptrs``: a tuple with each role's pointer to this tensor's element 0, in the algorithm's
+``ROLES`` order; ``offsets``/``mask``: the block's elements (``mask`` is ``None`` on a full
+block); ``step``: this tensor's step number (1 at its first step; 0 for an algorithm without a
+``step`` role); ``lr`` and the tuple ``hyper``: the launch's hyperparameters in the compute dtype;
+``FLAGS``: the algorithm's constexpr flags (a namedtuple, ``step_flags``). ``per_tensor`` runs
+once per block before the full/tail split, so what it computes (Adam's bias corrections) is not
+duplicated into both copies of the update: that cost the bf16 master-weight Adam 12 bytes of
+register spill.
 """
 
+import collections
+import sys
 import types
 
 import triton
@@ -206,3 +225,79 @@ def advance_steps(counter_ptr, step_base_ptr, offsets_ptr, STEP_ROLE: tl.constex
             step_ptrs = step_base_ptr + tl.load(offsets_ptr + STEP_ROLE * n_tensors + t, mask=in_range, other=0)
             tl.store(step_ptrs, tl.load(step_ptrs, mask=in_range) + increment, mask=in_range)
         tl.store(counter_ptr, 0)
+
+
+# ---------------------------------------------------------------------- the shared walk -----
+
+# Role bases and hyperparameters are fixed numbers of named arguments rather than tuples: a
+# tuple argument cannot be declared tl.float64 (float64 launches need exact hyperparameters,
+# ``float64_variant``), and the kept launches (``gpuopt._launch``) pass flat argument lists.
+# Unused bases repeat role 0's pointer, unused hyperparameters are 0.0; the compiler drops both.
+MAX_ROLES, MAX_HYPER = 7, 8
+STEP_ROLE = tl.constexpr(2)  # every optimizer's ROLES begin ("param", "grad", "step", ...)
+COMMON_FLAGS = ("maximize", "has_grad_scale", "has_master", "stochastic_rounding")
+
+
+def step_flags(name: str, fields: str = ""):
+    """The namedtuple type of an algorithm's constexpr ``FLAGS``: its own ``fields`` and the
+    ones every optimizer update reads (``COMMON_FLAGS``)."""
+    # Made here, the type would belong to this module; it belongs to the caller, as a namedtuple
+    # made there would (pickling, the compile report's records find it by module and name).
+    return collections.namedtuple(name, fields.split() + list(COMMON_FLAGS),
+                                  module=sys._getframe(1).f_globals["__name__"])
+
+
+@triton.jit
+def step_only(step, lr, hyper, FLAGS: tl.constexpr):
+    """The default per-tensor scalars: the step number alone."""
+    return (step,)
+
+
+@triton.jit
+def _role_pointers(bases, offsets_ptr, t, n_tensors, N_ROLES: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``t``'s pointer in each of the first ``N_ROLES`` roles."""
+    ptrs = ()
+    for role in tl.static_range(N_ROLES):
+        ptrs = ptrs + (tensor_ptr(bases[role], offsets_ptr, role, t, n_tensors, ALIGNED),)
+    return ptrs
+
+
+@triton.jit
+def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_blocks, n_tensors,
+                 base_0, base_1, base_2, base_3, base_4, base_5, base_6, counter_ptr, lr, lr_ptr,
+                 hyper_0, hyper_1, hyper_2, hyper_3, hyper_4, hyper_5, hyper_6, hyper_7,
+                 grad_scale_ptr, found_inf_ptr, seed,
+                 UPDATE: tl.constexpr, PER_TENSOR: tl.constexpr, FLAGS: tl.constexpr, N_ROLES: tl.constexpr,
+                 N_HYPER: tl.constexpr, HAS_STEP: tl.constexpr, LR_ON_DEVICE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """One update of every tensor of a launch group: ``UPDATE`` on each block of the schedule (a
+    full block unmasked, a tensor's last block masked), each tensor's ``step`` advanced once all
+    programs have read it (``advance_steps``), nothing written when AMP's ``found_inf`` is set."""
+    bases = (base_0, base_1, base_2, base_3, base_4, base_5, base_6)
+    slots = (hyper_0, hyper_1, hyper_2, hyper_3, hyper_4, hyper_5, hyper_6, hyper_7)
+    lr = scalar(lr, lr_ptr, LR_ON_DEVICE, base_0)
+    hyper_values = ()
+    for k in tl.static_range(N_HYPER):
+        hyper_values = hyper_values + (hyper(slots[k], base_0),)
+    skipped = step_is_skipped(found_inf_ptr, HAS_FOUND_INF)
+    if not skipped:
+        for i in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+            t, offsets, full, numel = schedule_entry(i, block_tensor_ptr, block_start_ptr, numel_ptr, BLOCK)
+            if HAS_STEP:
+                step_ptr = tensor_ptr(base_2, offsets_ptr, STEP_ROLE, t, n_tensors, ALIGNED)
+                step = tl.load(step_ptr).to(lr.dtype) + 1.0
+            else:
+                step = tl.zeros([], lr.dtype)
+            scalars = PER_TENSOR(step, lr, hyper_values, FLAGS)
+            ptrs = _role_pointers(bases, offsets_ptr, t, n_tensors, N_ROLES, ALIGNED)
+            tensor_seed = seed + t * 7919 + step.to(tl.int32) * 104729  # fresh noise per tensor and step
+            if full:
+                UPDATE(ptrs, offsets, None, scalars, lr, hyper_values, grad_scale_ptr, tensor_seed, FLAGS)
+            else:
+                UPDATE(ptrs, offsets, offsets < numel, scalars, lr, hyper_values, grad_scale_ptr, tensor_seed,
+                       FLAGS)
+    if HAS_STEP:
+        advance_steps(counter_ptr, base_2, offsets_ptr, STEP_ROLE, n_tensors, skipped, BLOCK)
+
+
+_step_f64_kernel = float64_variant(_step_kernel, ("lr",) + tuple(f"hyper_{k}" for k in range(MAX_HYPER)))

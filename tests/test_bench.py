@@ -44,12 +44,12 @@ def test_host_suite_runs_with_launches_stubbed_and_restores_them(monkeypatch):
     """python -m bench --suite host: every row timed for gpuopt and its reference, and the
     kernels (gpuopt's and torch's fused ones) are back in place afterwards."""
     from bench import host_suite
-    from gpuopt.kernels import adam
+    from gpuopt.kernels import _multi_tensor as walk
 
     monkeypatch.setattr(host_suite, "_shape_lists", lambda: [("tiny", [(7,), (3, 5), (64,)])])
-    kernel, fused = adam._adam_kernel, torch._fused_adamw_
+    kernel, fused = walk._step_kernel, torch._fused_adamw_
     rows = host_suite.run(quick=True, log=lambda message: None)
-    assert adam._adam_kernel is kernel and torch._fused_adamw_ is fused
+    assert walk._step_kernel is kernel and torch._fused_adamw_ is fused
     assert {(r["op"], r["grads"]) for r in rows} >= {("AdamW", "kept"), ("AdamW", "moved"),
                                                     ("SGD momentum", "kept"), ("SGD momentum", "moved")}
     assert all(r["gpuopt_us"] > 0 and r["torch_us"] > 0 for r in rows)

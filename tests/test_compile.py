@@ -44,7 +44,7 @@ def test_every_kernel_compiles_for_sm90_with_vector_accesses():
         # batch-norm statistics loop (per-lane Welford through shared memory) and the bf16 steps
         # with fp32 master weights (4 BAR.SYNC per iteration, a layout conversion for the stores).
         combine = "_combine" in row[0]
-        if not combine and row[0] != "_stats_kernel" and "HAS_MASTER" not in row[1]:
+        if not combine and row[0] != "_stats_kernel" and "has_master" not in row[1]:
             assert barriers == "0", f"a barrier in the data loop: {' '.join(row)}"
-    assert {"_adam_kernel", "_stats_kernel", "_normalize_kernel", "_backward_input_kernel", "_adam_f64_kernel",
+    assert {"_adam_update", "_stats_kernel", "_normalize_kernel", "_backward_input_kernel", "_adam_update_f64",
             "_normalize_f64_kernel"} <= kernels_seen
