@@ -3,7 +3,6 @@ validation, and the ``torch.optim.Optimizer`` base class."""
 
 from __future__ import annotations
 
-import math
 import operator
 import random
 import warnings
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
+from . import _launch
 from ._multi_tensor import PlanCache, plan_launches
 from ._validate import (check_params_and_grads, check_roles, follow_layout, like_param, matching_layout,
                         real_views)
@@ -51,18 +51,27 @@ class StepArgs:
         return float(lr), None
 
 
-def log_of(beta: float) -> float:
-    """log(β) in float64 for the kernels' bias corrections; log(0) = -inf (then 1 - 0^t = 1)."""
-    return math.log(beta) if beta > 0 else float("-inf")
+def step_launcher(algorithm, options: dict):
+    """``launch(plan, step_args, *, lr, has_master, stochastic_rounding)``: one step of
+    ``algorithm`` (a ``kernels._multi_tensor.Algorithm``) with ``options`` (its keyword arguments
+    but ``lr``, which is read at every launch), worked out into the kernel's arguments once."""
+    hyperparameters, flags = algorithm.hyperparameters(**options)
+    has_step = algorithm.uses_step(options)
+
+    def launch(plan, step_args, *, lr, has_master, stochastic_rounding):
+        _launch.launch_step(algorithm, plan, step_args, lr, hyperparameters, flags, has_master=has_master,
+                            stochastic_rounding=stochastic_rounding, has_step=has_step)
+    return launch
 
 
-def bucket_precision(plan, master_role: int, has_masters: bool, stochastic_rounding: bool):
+def bucket_precision(plan, master_role: int | None, has_masters: bool, stochastic_rounding: bool):
     """(HAS_MASTER, STOCHASTIC_ROUNDING) for one launch group: a master copy only for bf16/fp16
     params (fp32 params in the same call carry themselves as a stand-in), stochastic rounding only
     for bf16 params without one."""
     param_dtype = plan.bases()[0].dtype
     low_precision = param_dtype in (torch.bfloat16, torch.float16)
-    has_master = has_masters and low_precision and plan.bases()[master_role].dtype == torch.float32
+    has_master = (has_masters and low_precision and master_role is not None
+                  and plan.bases()[master_role].dtype == torch.float32)
     return has_master, bool(stochastic_rounding) and not has_master and param_dtype == torch.bfloat16
 
 
@@ -74,18 +83,18 @@ def prepare_launches(name: str, roles: dict, role_names: tuple, plans: PlanCache
     roles = real_views(roles)
     check_roles(name, roles, role_names)
     has_masters = roles.get("master") is not None
-    master_role = role_names.index("master")
+    master_role = role_names.index("master") if "master" in role_names else None
     return [(plan, *bucket_precision(plan, master_role, has_masters, stochastic_rounding), index)
             for plan, index in plan_launches(roles, role_names, plans, key)]
 
 
-def dense_grads(kernel, grads, weight_decay):
+def dense_grads(algorithm, grads, weight_decay):
     """Sparse gradients (``nn.Embedding(sparse=True)``) as dense ones, for the algorithms torch
-    takes them in (SGD, Adagrad: kernel modules with ``SPARSE_GRADS``): there a zero gradient
-    element leaves the parameter and state exactly as torch's sparse update leaves an absent one
-    (SGD's momentum decays everywhere in both). Other algorithms get them unchanged, for
+    takes them in (SGD, Adagrad: ``Algorithm.sparse_grads``): there a zero gradient element
+    leaves the parameter and state exactly as torch's sparse update leaves an absent one (SGD's
+    momentum decays everywhere in both). Other algorithms get them unchanged, for
     ``check_params_and_grads`` to refuse with torch's message."""
-    rule = getattr(kernel, "SPARSE_GRADS", None)
+    rule = algorithm.sparse_grads
     if rule is None or all(g is None or g.layout is torch.strided for g in grads):
         return grads
     if rule == "without weight decay" and weight_decay != 0:
@@ -93,22 +102,23 @@ def dense_grads(kernel, grads, weight_decay):
     return [g if g is None or g.layout is torch.strided else g.to_dense() for g in grads]
 
 
-def run_functional(name: str, kernel, roles: dict, launcher, *, grad_scale, found_inf, seed,
-                   stochastic_rounding, weight_decay=0.0) -> None:
+def run_functional(name: str, algorithm, roles: dict, options: dict, *, lr, grad_scale, found_inf, seed,
+                   stochastic_rounding) -> None:
     """The functional API's path: the caller's lists are new every call, so they are checked every
     call (params and grads, then every role), grads copied to their params' layout if needed,
     then one launch per (device, dtypes) group."""
     params = roles["param"]
     if not params:
         return
-    roles = dict(roles, grad=dense_grads(kernel, roles["grad"], weight_decay))
+    roles = dict(roles, grad=dense_grads(algorithm, roles["grad"], options.get("weight_decay", 0.0)))
     check_params_and_grads(name, params, roles["grad"])
     roles = dict(roles, grad=[matching_layout(g, p) for g, p in zip(roles["grad"], params)])
-    launches = prepare_launches(name, roles, kernel.ROLES, _FUNCTIONAL_PLANS, name, stochastic_rounding)
+    launches = prepare_launches(name, roles, algorithm.roles, _FUNCTIONAL_PLANS, name, stochastic_rounding)
     device = params[0].device
     step_args = StepArgs(device, _on(grad_scale, device), _on(found_inf, device), seed)
+    launch = step_launcher(algorithm, options)
     for plan, has_master, sr, _ in launches:
-        launcher(plan, step_args, has_master=has_master, stochastic_rounding=sr)
+        launch(plan, step_args, lr=lr, has_master=has_master, stochastic_rounding=sr)
         plan.release()  # the cache of plans keeps none of the caller's tensors alive
 
 
@@ -309,9 +319,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     """Base of gpuopt's optimizers: ``torch.optim.Optimizer`` with one kernel launch per group of
     parameters sharing (param group, device, param/grad/state dtypes).
 
-    A subclass names its kernel module (``_kernel``: ``ROLES``), the state roles a group's options
-    need (``_state_roles(group)``; ``step`` and ``master`` are handled here) and how to launch
-    with a group's hyperparameters (``_launcher(group)``, shared with ``gpuopt.functional``).
+    A subclass names its algorithm (``_algorithm``, a ``kernels._multi_tensor.Algorithm``: roles,
+    update, which states its options need, its launch arguments) and maps a param group to the
+    algorithm's options (``_options(group)``: the keyword arguments ``gpuopt.functional`` takes,
+    without ``lr``); its constructor checks and stores the options as ``torch.optim`` does.
+    Everything else — states made when needed, validation, launch groups, the step — is here.
 
     The host path of a step (what the CPU spends around the launch): everything the kernel
     assumes is validated (``gpuopt._validate``) when a group is new or anything changed — a
@@ -329,12 +341,17 @@ class FusedOptimizer(torch.optim.Optimizer):
     """
 
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf; no host sync
-    _kernel = None  # the kernel module: ROLES and the launcher
+    _algorithm = None  # kernels._multi_tensor.Algorithm
     _initial_values: dict = {}  # state role → fill value (from the group) other than 0
+
+    # The options every gpuopt optimizer has; a subclass's defaults may leave out those it does
+    # not expose (a new algorithm's constructor can be just its own hyperparameters).
+    _COMMON_DEFAULTS = dict(state_dtype=None, master_weights=False, stochastic_rounding=False, maximize=False,
+                            foreach=None, fused=None, capturable=False, differentiable=False)
 
     def __init__(self, params, defaults):
         self._generation = _Generation()
-        super().__init__(params, defaults)
+        super().__init__(params, {**self._COMMON_DEFAULTS, **defaults})
         self._reset_host_caches()
         self._seed = random.SystemRandom().randrange(2**30)
 
@@ -383,13 +400,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             fill = complex(fill, fill)
         return torch.full_like(p, fill, dtype=self._state_dtype(p, group), memory_format=torch.preserve_format)
 
+    def _options(self, group) -> dict:
+        """The algorithm's options (``Algorithm.hyperparameters``' keyword arguments) from a group."""
+        raise NotImplementedError
+
     def _uses_step(self, group) -> bool:
         """The group's state has a ``step`` (SGD's only with momentum; see gpuopt.SGD)."""
-        return True
+        return self._algorithm.uses_step(self._options(group))
 
     def _state_roles(self, group) -> tuple:
         """The state keys (= kernel roles) that the group's options need, besides step and master."""
-        raise NotImplementedError
+        return self._algorithm.states(self._options(group))
 
     @staticmethod
     def _uses_master(p, group) -> bool:
@@ -563,7 +584,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         every_grad = len(chosen) == len(params)
         params = [params[i] for i in chosen]
         grads = [grads[i] for i in chosen]
-        densified = dense_grads(self._kernel, grads, group.get("weight_decay", 0.0))
+        densified = dense_grads(self._algorithm, grads, group.get("weight_decay", 0.0))
         launches, touched, copies = [], (), None
         if params:
             check_params_and_grads(name, params, densified)  # before any state is made for them
@@ -577,7 +598,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             roles = self._roles(group, params, matched)
             launches = [(plan, has_master, sr, [chosen[i] for i in positions])
                         for plan, has_master, sr, positions in prepare_launches(
-                            name, roles, self._kernel.ROLES, self._plans, index, group["stochastic_rounding"])]
+                            name, roles, self._algorithm.roles, self._plans, index, group["stochastic_rounding"])]
             touched = tuple(t for role, tensors in roles.items() if role != "grad" for t in tensors)
         reusable = copies is None and fingerprint[3]
         prepared = _PreparedGroup(fingerprint if copies is None else None, self._generation.value,
@@ -602,8 +623,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         return roles
 
     def _launcher(self, group):
-        """``launch(plan, step_args, has_master, stochastic_rounding)`` with the group's hyperparameters."""
-        raise NotImplementedError
+        """``launch(plan, step_args, *, lr, has_master, stochastic_rounding)`` with the group's options."""
+        return step_launcher(self._algorithm, self._options(group))
 
 
 def _on(t, device):

@@ -84,15 +84,13 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int) -
         launchers[key] = compiled[grid]  # CompiledKernel's own launcher: stream, hooks, then the C launch
 
 
-def launch_update(update, plan, hyperparameters: tuple, flags, *, per_tensor=None, lr=0.0, lr_ptr=None,
-                  grad_scale=None, found_inf=None, seed=0, has_step=False) -> None:
-    """``update`` (an algorithm's block function) over every tensor of ``plan``, through the shared
-    walk (``kernels/_multi_tensor.py``: ``_step_kernel``, or its float64 variant for float64
-    tensors). ``hyperparameters``: the algorithm's floats, in the order its update reads them;
-    ``flags``: its constexpr namedtuple; ``per_tensor``: its per-tensor scalars (default
-    ``step_only``); ``lr_ptr``: a device tensor the kernel reads ``lr`` from
-    (capturable steps), else ``lr`` by value; ``has_step``: the algorithm's ``step`` role (index 2)
-    is read and advanced."""
+def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_ptr=None, grad_scale=None,
+                  found_inf=None, seed=0, has_step=False) -> None:
+    """``algorithm``'s update (a ``kernels._multi_tensor.Algorithm``) over every tensor of
+    ``plan``, through the shared walk (``_step_kernel``, or its float64 variant for float64
+    tensors). ``hyperparameters``: the update's floats; ``flags``: its constexpr namedtuple;
+    ``lr_ptr``: a device tensor the kernel reads ``lr`` from (capturable steps), else ``lr`` by
+    value; ``has_step``: the ``step`` role (index 2) is read and advanced."""
     from .kernels import _multi_tensor as walk  # looked up per launch: the host bench swaps it
 
     bases = plan.bases()
@@ -100,20 +98,20 @@ def launch_update(update, plan, hyperparameters: tuple, flags, *, per_tensor=Non
     launch(walk._step_f64_kernel if plan.float64 else walk._step_kernel, plan.grid,
            (*plan.schedule_args(), *bases, *(bases[0],) * (walk.MAX_ROLES - n_roles), plan.counter, lr, lr_ptr,
             *hyperparameters, *(0.0,) * (walk.MAX_HYPER - n_hyper), grad_scale, found_inf, seed),
-           dict(UPDATE=update, PER_TENSOR=per_tensor or walk.step_only, FLAGS=flags, N_ROLES=n_roles,
-                N_HYPER=n_hyper, HAS_STEP=has_step, LR_ON_DEVICE=lr_ptr is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=plan.aligned,
-                BLOCK=plan.block),
+           dict(UPDATE=algorithm.update, PER_TENSOR=algorithm.per_tensor or walk.step_only, FLAGS=flags,
+                N_ROLES=n_roles, N_HYPER=n_hyper, HAS_STEP=has_step, LR_ON_DEVICE=lr_ptr is not None,
+                HAS_FOUND_INF=found_inf is not None, ALIGNED=plan.aligned, BLOCK=plan.block),
            plan.num_warps)
 
 
-def launch_step(update, flags_type, plan, step_args, lr, hyperparameters: tuple, flags: dict, *, has_master,
-                stochastic_rounding, has_step=True, per_tensor=None) -> None:
+def launch_step(algorithm, plan, step_args, lr, hyperparameters: tuple, flags: dict, *, has_master,
+                stochastic_rounding, has_step) -> None:
     """One optimizer step over ``plan``: ``launch_update`` with the step's shared arguments
     (``step_args``: AMP's tensors, the seed; ``lr``) and ``flags`` completed with the ones every
-    optimizer update reads (``COMMON_FLAGS``: ``flags`` brings ``maximize``)."""
+    optimizer update reads (``COMMON_FLAGS``; ``flags`` brings ``maximize``)."""
     lr_value, lr_ptr = step_args.lr_args(lr)
-    launch_update(update, plan, hyperparameters,
-                  flags_type(**flags, has_grad_scale=step_args.has_grad_scale, has_master=has_master,
-                             stochastic_rounding=stochastic_rounding),
-                  per_tensor=per_tensor, lr=lr_value, lr_ptr=lr_ptr, grad_scale=step_args.grad_scale,
-                  found_inf=step_args.found_inf, seed=step_args.seed, has_step=has_step)
+    launch_update(algorithm, plan, hyperparameters,
+                  algorithm.flags(**flags, has_grad_scale=step_args.has_grad_scale, has_master=has_master,
+                                  stochastic_rounding=stochastic_rounding),
+                  lr=lr_value, lr_ptr=lr_ptr, grad_scale=step_args.grad_scale, found_inf=step_args.found_inf,
+                  seed=step_args.seed, has_step=has_step)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ._multi_tensor import PlanCache, plan_launches
+from . import _launch
+from ._fused import prepare_launches
+from ._multi_tensor import PlanCache
 from ._runtime import check_kernel_device
-from ._validate import check_roles, follow_layout
+from ._validate import follow_layout
 from .kernels import ema as ema_kernel
 
 _ADDRESS = torch.Tensor.data_ptr
@@ -75,8 +77,9 @@ class EMA:
         fingerprint = (tuple(map(_ADDRESS, self.params)), tuple(map(_ADDRESS, self.averages)))
         if self._prepared is None or self._prepared[0] != fingerprint:
             self._prepared = (fingerprint, self._prepare())
+        hyperparameters, flags = ema_kernel.AVERAGE.hyperparameters(gamma=gamma)
         for plan in self._prepared[1]:
-            ema_kernel.ema_(plan, gamma)
+            _launch.launch_update(ema_kernel.AVERAGE, plan, hyperparameters, flags)
         self.num_updates = t  # only once the launches are made: a failed update changes nothing
 
     def _prepare(self):
@@ -87,8 +90,7 @@ class EMA:
         if not chosen:
             return []
         roles = {"average": [self.averages[i] for i in chosen], "value": [self.params[i].detach() for i in chosen]}
-        check_roles("EMA", roles, ema_kernel.ROLES)
-        return [plan for plan, _ in plan_launches(roles, ema_kernel.ROLES, self._plans, "ema")]
+        return [plan for plan, *_ in prepare_launches("EMA", roles, ema_kernel.AVERAGE.roles, self._plans, "ema", False)]
 
     @torch.no_grad()
     def copy_to(self, params=None) -> None:

@@ -16,50 +16,13 @@ nothing written twice. Errors are raised before anything is modified.
 
 from __future__ import annotations
 
-import functools
-
 from ._batch_norm import batch_norm as _batch_norm
-from ._fused import log_of, run_functional
+from ._fused import run_functional
 from .kernels import adadelta as adadelta_kernel
 from .kernels import adagrad as adagrad_kernel
 from .kernels import adam as adam_kernel
 from .kernels import rmsprop as rmsprop_kernel
 from .kernels import sgd as sgd_kernel
-
-# Launchers: ``launch(plan, step_args, has_master=, stochastic_rounding=)`` with one step's
-# hyperparameters bound, shared by the functions below and the optimizer classes.
-
-
-def adam_launcher(*, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, eps_inside_sqrt, decoupled_weight_decay):
-    # Tensor betas (torch accepts them) are read on the host: free for a CPU tensor, a sync for a
-    # device one. The kernel takes β, 1 - β and log β as float64-derived runtime scalars.
-    beta1, beta2 = float(beta1), float(beta2)
-    return functools.partial(adam_kernel.adam_, lr=lr, beta1=beta1, one_minus_beta1=1.0 - beta1,
-                             log_beta1=log_of(beta1), beta2=beta2, one_minus_beta2=1.0 - beta2,
-                             log_beta2=log_of(beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                             maximize=maximize, decoupled=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt)
-
-
-def sgd_launcher(*, lr, momentum, dampening, weight_decay, nesterov, maximize, has_step, first_step=False):
-    return functools.partial(sgd_kernel.sgd_, lr=lr, momentum=momentum, dampening=dampening,
-                             weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, has_step=has_step,
-                             first_step=first_step)
-
-
-def rmsprop_launcher(*, lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_inside_sqrt):
-    return functools.partial(rmsprop_kernel.rmsprop_, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                             momentum=momentum, centered=centered, maximize=maximize,
-                             eps_inside_sqrt=eps_inside_sqrt)
-
-
-def adagrad_launcher(*, lr, lr_decay, eps, weight_decay, maximize):
-    return functools.partial(adagrad_kernel.adagrad_, lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
-                             maximize=maximize)
-
-
-def adadelta_launcher(*, lr, rho, eps, weight_decay, maximize):
-    return functools.partial(adadelta_kernel.adadelta_, lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
-                             maximize=maximize)
 
 
 def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, amsgrad=False,
@@ -70,10 +33,9 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, 
     ``max_exp_avg_sqs`` may be ``None`` unless ``amsgrad``."""
     roles = dict(param=params, grad=grads, step=state_steps, exp_avg=exp_avgs, exp_avg_sq=exp_avg_sqs,
                  max_exp_avg_sq=max_exp_avg_sqs if amsgrad else None, master=master_params)
-    launcher = adam_launcher(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                             maximize=maximize, eps_inside_sqrt=eps_inside_sqrt,
-                             decoupled_weight_decay=decoupled_weight_decay)
-    run_functional("AdamW" if decoupled_weight_decay else "Adam", adam_kernel, roles, launcher,
+    options = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                   eps_inside_sqrt=eps_inside_sqrt, decoupled_weight_decay=decoupled_weight_decay)
+    run_functional("AdamW" if decoupled_weight_decay else "Adam", adam_kernel.ADAM, roles, options, lr=lr,
                    grad_scale=grad_scale, found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding)
 
 
@@ -94,11 +56,10 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0, wei
     has_momentum = momentum != 0
     roles = dict(param=params, grad=grads, step=state_steps if has_momentum else None,
                  momentum_buffer=momentum_buffers if has_momentum else None, master=master_params)
-    launcher = sgd_launcher(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                            nesterov=nesterov, maximize=maximize, has_step=roles["step"] is not None,
-                            first_step=first_step)
-    run_functional("SGD", sgd_kernel, roles, launcher, grad_scale=grad_scale, found_inf=found_inf, seed=seed,
-                   stochastic_rounding=stochastic_rounding)
+    options = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                   maximize=maximize, has_step=roles["step"] is not None, first_step=first_step)
+    run_functional("SGD", sgd_kernel.SGD, roles, options, lr=lr, grad_scale=grad_scale, found_inf=found_inf,
+                   seed=seed, stochastic_rounding=stochastic_rounding)
 
 
 def rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, *, lr=1e-2, alpha=0.99,
@@ -109,10 +70,10 @@ def rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps
     roles = dict(param=params, grad=grads, step=state_steps, square_avg=square_avgs,
                  grad_avg=grad_avgs if centered else None,
                  momentum_buffer=momentum_buffers if momentum > 0 else None, master=master_params)
-    launcher = rmsprop_launcher(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                                centered=centered, maximize=maximize, eps_inside_sqrt=eps_inside_sqrt)
-    run_functional("RMSprop", rmsprop_kernel, roles, launcher, grad_scale=grad_scale, found_inf=found_inf,
-                   seed=seed, stochastic_rounding=stochastic_rounding)
+    options = dict(alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
+                   maximize=maximize, eps_inside_sqrt=eps_inside_sqrt)
+    run_functional("RMSprop", rmsprop_kernel.RMSPROP, roles, options, lr=lr, grad_scale=grad_scale,
+                   found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding)
 
 
 def adagrad(params, grads, state_sums, state_steps, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
@@ -120,9 +81,9 @@ def adagrad(params, grads, state_sums, state_steps, *, lr=1e-2, lr_decay=0.0, we
             seed=0):
     """One Adagrad step; see :class:`gpuopt.Adagrad`."""
     roles = dict(param=params, grad=grads, step=state_steps, sum=state_sums, master=master_params)
-    launcher = adagrad_launcher(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay, maximize=maximize)
-    run_functional("Adagrad", adagrad_kernel, roles, launcher, grad_scale=grad_scale, found_inf=found_inf,
-                   seed=seed, stochastic_rounding=stochastic_rounding, weight_decay=weight_decay)
+    options = dict(lr_decay=lr_decay, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    run_functional("Adagrad", adagrad_kernel.ADAGRAD, roles, options, lr=lr, grad_scale=grad_scale,
+                   found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding)
 
 
 def adadelta(params, grads, square_avgs, acc_deltas, state_steps, *, lr=1.0, rho=0.9, eps=1e-6,
@@ -131,9 +92,9 @@ def adadelta(params, grads, square_avgs, acc_deltas, state_steps, *, lr=1.0, rho
     """One Adadelta (Zeiler) step; see :class:`gpuopt.Adadelta`."""
     roles = dict(param=params, grad=grads, step=state_steps, square_avg=square_avgs, acc_delta=acc_deltas,
                  master=master_params)
-    launcher = adadelta_launcher(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
-    run_functional("Adadelta", adadelta_kernel, roles, launcher, grad_scale=grad_scale, found_inf=found_inf,
-                   seed=seed, stochastic_rounding=stochastic_rounding)
+    options = dict(rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    run_functional("Adadelta", adadelta_kernel.ADADELTA, roles, options, lr=lr, grad_scale=grad_scale,
+                   found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from . import functional as F
 from ._fused import FusedOptimizer, validate_common, validate_precision
 from .kernels import adadelta as adadelta_kernel
 from .kernels import adagrad as adagrad_kernel
@@ -87,17 +86,13 @@ class Adam(FusedOptimizer):
                                               differentiable, foreach, fused, maximize))
         super().__init__(params, defaults)
 
-    _kernel = adam_kernel
+    _algorithm = adam_kernel.ADAM
 
-    def _state_roles(self, group):
-        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
-
-    def _launcher(self, group):
+    def _options(self, group):
         beta1, beta2 = group["betas"]
-        return F.adam_launcher(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                               weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
-                               maximize=group["maximize"], eps_inside_sqrt=group["eps_inside_sqrt"],
-                               decoupled_weight_decay=group["decoupled_weight_decay"])
+        return dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    amsgrad=group["amsgrad"], maximize=group["maximize"], eps_inside_sqrt=group["eps_inside_sqrt"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"])
 
 
 class AdamW(Adam):
@@ -148,13 +143,11 @@ class SGD(FusedOptimizer):
                                               differentiable, foreach, fused, maximize))
         super().__init__(params, defaults)
 
-    _kernel = sgd_kernel
+    _algorithm = sgd_kernel.SGD
 
-    def _uses_step(self, group):
-        return group["momentum"] != 0
-
-    def _state_roles(self, group):
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+    def _options(self, group):
+        return dict(momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
+                    nesterov=group["nesterov"], maximize=group["maximize"], has_step=group["momentum"] != 0)
 
     def _complete_state(self, state, p, group):
         if group["momentum"] != 0 and state.get("momentum_buffer") is None:
@@ -167,11 +160,6 @@ class SGD(FusedOptimizer):
         if state.get("momentum_buffer") is not None and "step" not in state:  # torch.optim.SGD's: in use
             state["step"] = torch.ones((), dtype=torch.float32, device=p.device)
         super()._after_load(state, p, group)
-
-    def _launcher(self, group):
-        return F.sgd_launcher(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-                              weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                              maximize=group["maximize"], has_step=group["momentum"] != 0)
 
 
 class RMSprop(FusedOptimizer):
@@ -199,17 +187,12 @@ class RMSprop(FusedOptimizer):
                                               differentiable, foreach, fused, maximize))
         super().__init__(params, defaults)
 
-    _kernel = rmsprop_kernel
+    _algorithm = rmsprop_kernel.RMSPROP
 
-    def _state_roles(self, group):
-        return (("square_avg",) + (("grad_avg",) if group["centered"] else ())
-                + (("momentum_buffer",) if group["momentum"] > 0 else ()))
-
-    def _launcher(self, group):
-        return F.rmsprop_launcher(lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
-                                  weight_decay=group["weight_decay"], momentum=group["momentum"],
-                                  centered=group["centered"], maximize=group["maximize"],
-                                  eps_inside_sqrt=group["eps_inside_sqrt"])
+    def _options(self, group):
+        return dict(alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
+                    momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"],
+                    eps_inside_sqrt=group["eps_inside_sqrt"])
 
 
 class Adagrad(FusedOptimizer):
@@ -238,15 +221,12 @@ class Adagrad(FusedOptimizer):
             for p in group["params"]:
                 self._complete_state(self.state[p], p, group)
 
-    _kernel = adagrad_kernel
+    _algorithm = adagrad_kernel.ADAGRAD
     _initial_values = {"sum": "initial_accumulator_value"}
 
-    def _state_roles(self, group):
-        return ("sum",)
-
-    def _launcher(self, group):
-        return F.adagrad_launcher(lr=group["lr"], lr_decay=group["lr_decay"], eps=group["eps"],
-                                  weight_decay=group["weight_decay"], maximize=group["maximize"])
+    def _options(self, group):
+        return dict(lr_decay=group["lr_decay"], eps=group["eps"], weight_decay=group["weight_decay"],
+                    maximize=group["maximize"])
 
 
 class Adadelta(FusedOptimizer):
@@ -270,11 +250,7 @@ class Adadelta(FusedOptimizer):
                                               differentiable, foreach, fused, maximize))
         super().__init__(params, defaults)
 
-    _kernel = adadelta_kernel
+    _algorithm = adadelta_kernel.ADADELTA
 
-    def _state_roles(self, group):
-        return ("square_avg", "acc_delta")
-
-    def _launcher(self, group):
-        return F.adadelta_launcher(lr=group["lr"], rho=group["rho"], eps=group["eps"],
-                                   weight_decay=group["weight_decay"], maximize=group["maximize"])
+    def _options(self, group):
+        return dict(rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])

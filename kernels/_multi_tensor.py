@@ -39,8 +39,10 @@ register spill.
 """
 
 import collections
+import dataclasses
 import sys
 import types
+from typing import Callable
 
 import triton
 import triton.language as tl
@@ -245,6 +247,51 @@ def step_flags(name: str, fields: str = ""):
     # made there would (pickling, the compile report's records find it by module and name).
     return collections.namedtuple(name, fields.split() + list(COMMON_FLAGS),
                                   module=sys._getframe(1).f_globals["__name__"])
+
+
+def _no_states(options) -> tuple:
+    return ()
+
+
+def _always(options) -> bool:
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """One multi-tensor algorithm, all that gpuopt needs to run it: the kernel's part (``update``,
+    ``per_tensor``, ``flags``: see the module docstring) and the host's (its roles, which of them
+    its options need, its launch arguments from its options). A new algorithm is an update
+    function and one of these (``tests/test_architecture.py`` adds sign-SGD so).
+
+    ``options`` below are the algorithm's keyword arguments as ``gpuopt.functional`` takes them,
+    without ``lr`` (read at every launch) and the precision options (master weights, stochastic
+    rounding), which every optimizer shares.
+
+    Attributes:
+        roles: the kernel's roles, in the order ``update`` unpacks ``ptrs``. An optimizer's begin
+            ``("param", "grad", "step")`` (the walk reads ``step`` at index 2) and end with
+            ``"master"`` if it supports fp32 master weights.
+        update: the ``@triton.jit`` update of one block.
+        flags: the namedtuple type of its ``FLAGS`` (``step_flags``); ``None`` for none.
+        hyperparameters: ``options -> (floats, flags)``: the ``hyper`` tuple ``update`` reads
+            (Python floats, at most ``MAX_HYPER``) and its own flags by name (``maximize``
+            included; the other common flags are the launch's).
+        per_tensor: the per-tensor scalars (``None``: ``step_only``).
+        states: ``options -> state roles`` that the options need (made by the optimizer classes).
+        uses_step: ``options -> bool``: the ``step`` role is read and advanced.
+        sparse_grads: sparse gradients taken densified: ``"always"``, ``"without weight
+            decay"``, or ``None`` (refused, as torch refuses them).
+    """
+
+    roles: tuple
+    update: object
+    flags: type | None
+    hyperparameters: Callable
+    per_tensor: object = None
+    states: Callable = _no_states
+    uses_step: Callable = _always
+    sparse_grads: str | None = None
 
 
 @triton.jit

@@ -12,8 +12,7 @@ Bytes per element (fp32): read W, g, E[g²], E[Δ²]; write W, E[g²], E[Δ²] =
 import triton
 import triton.language as tl
 
-from .. import _launch
-from ._multi_tensor import add_weight_decay, load_compute, load_grad, load_param, step_flags, store_as, store_param
+from ._multi_tensor import Algorithm, add_weight_decay, load_compute, load_grad, load_param, step_flags, store_as, store_param
 
 ROLES = ("param", "grad", "step", "square_avg", "acc_delta", "master")
 AdadeltaFlags = step_flags("AdadeltaFlags")
@@ -35,7 +34,12 @@ def _adadelta_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, se
                 FLAGS.stochastic_rounding)
 
 
-def adadelta_(plan, step_args, *, lr, rho, eps, weight_decay, maximize, has_master, stochastic_rounding):
-    """Launch one Adadelta step over ``plan`` (roles ``ROLES``)."""
-    _launch.launch_step(_adadelta_update, AdadeltaFlags, plan, step_args, lr, (rho, 1.0 - rho, eps, weight_decay),
-                        dict(maximize=maximize), has_master=has_master, stochastic_rounding=stochastic_rounding)
+def _hyperparameters(*, rho, eps, weight_decay, maximize):
+    return (float(rho), 1.0 - rho, float(eps), float(weight_decay)), dict(maximize=maximize)
+
+
+def _states(options) -> tuple:
+    return ("square_avg", "acc_delta")
+
+
+ADADELTA = Algorithm(ROLES, _adadelta_update, AdadeltaFlags, _hyperparameters, states=_states)

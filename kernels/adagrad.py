@@ -11,12 +11,8 @@ Bytes per element (fp32): read W, g, sum; write W, sum = 20.
 import triton
 import triton.language as tl
 
-from .. import _launch
-from ._multi_tensor import add_weight_decay, load_compute, load_grad, load_param, step_flags, store_as, store_param
+from ._multi_tensor import Algorithm, add_weight_decay, load_compute, load_grad, load_param, step_flags, store_as, store_param
 
-# Sparse gradients are taken densified (gpuopt._fused.dense_grads), as torch takes them sparse
-# (not with weight decay, as torch).
-SPARSE_GRADS = "without weight decay"
 ROLES = ("param", "grad", "step", "sum", "master")
 AdagradFlags = step_flags("AdagradFlags")
 
@@ -42,8 +38,15 @@ def _adagrad_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, see
     store_param(param_ptr, master_ptr, offsets, mask, w, seed, FLAGS.has_master, FLAGS.stochastic_rounding)
 
 
-def adagrad_(plan, step_args, *, lr, lr_decay, eps, weight_decay, maximize, has_master, stochastic_rounding):
-    """Launch one Adagrad step over ``plan`` (roles ``ROLES``)."""
-    _launch.launch_step(_adagrad_update, AdagradFlags, plan, step_args, lr, (lr_decay, eps, weight_decay),
-                        dict(maximize=maximize), has_master=has_master, stochastic_rounding=stochastic_rounding,
-                        per_tensor=_adagrad_step_size)
+def _hyperparameters(*, lr_decay, eps, weight_decay, maximize):
+    return (float(lr_decay), float(eps), float(weight_decay)), dict(maximize=maximize)
+
+
+def _states(options) -> tuple:
+    return ("sum",)
+
+
+# Sparse gradients are taken densified (gpuopt._fused.dense_grads), as torch takes them sparse
+# (not with weight decay, as torch).
+ADAGRAD = Algorithm(ROLES, _adagrad_update, AdagradFlags, _hyperparameters, per_tensor=_adagrad_step_size,
+                    states=_states, sparse_grads="without weight decay")

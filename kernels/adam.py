@@ -10,11 +10,12 @@ Adam adds ``λ W`` to the gradient; AdamW (DECOUPLED) multiplies W by ``1 - η �
 uses ``max(v̂)`` so far in place of v̂. Bytes per element (fp32): read W, g, m, v; write W, m, v = 28.
 """
 
+import math
+
 import triton
 import triton.language as tl
 
-from .. import _launch
-from ._multi_tensor import (add_weight_decay, load_compute, load_grad, load_param, one_minus_pow, step_flags,
+from ._multi_tensor import (Algorithm, add_weight_decay, load_compute, load_grad, load_param, one_minus_pow, step_flags,
                             store_as, store_param)
 
 ROLES = ("param", "grad", "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
@@ -54,12 +55,19 @@ def _adam_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, seed, 
     store_param(param_ptr, master_ptr, offsets, mask, w, seed, FLAGS.has_master, FLAGS.stochastic_rounding)
 
 
-def adam_(plan, step_args, *, lr, beta1, one_minus_beta1, log_beta1, beta2, one_minus_beta2, log_beta2,
-          eps, weight_decay, amsgrad, maximize, decoupled, eps_inside_sqrt, has_master, stochastic_rounding):
-    """Launch one Adam/AdamW step over ``plan`` (roles ``ROLES``). ``step_args`` holds the shared
-    step arguments (see ``gpuopt._fused.StepArgs``)."""
-    _launch.launch_step(_adam_update, AdamFlags, plan, step_args, lr,
-                        (beta1, one_minus_beta1, log_beta1, beta2, one_minus_beta2, log_beta2, eps, weight_decay),
-                        dict(amsgrad=amsgrad, maximize=maximize, decoupled=decoupled, eps_inside_sqrt=eps_inside_sqrt),
-                        has_master=has_master, stochastic_rounding=stochastic_rounding,
-                        per_tensor=_adam_bias_corrections)
+def _hyperparameters(*, beta1, beta2, eps, weight_decay, amsgrad, maximize, eps_inside_sqrt, decoupled_weight_decay):
+    # Tensor betas (torch accepts them) are read on the host: free for a CPU tensor, a sync for a
+    # device one. The update takes β, 1 - β and log β (for 1 - β^t without cancellation) as
+    # float64-derived runtime scalars; log 0 = -inf makes 1 - 0^t = 1.
+    beta1, beta2 = float(beta1), float(beta2)
+    log_beta1 = math.log(beta1) if beta1 > 0 else float("-inf")
+    log_beta2 = math.log(beta2) if beta2 > 0 else float("-inf")
+    return ((beta1, 1.0 - beta1, log_beta1, beta2, 1.0 - beta2, log_beta2, float(eps), float(weight_decay)),
+            dict(amsgrad=amsgrad, maximize=maximize, decoupled=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt))
+
+
+def _states(options) -> tuple:
+    return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if options["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+
+ADAM = Algorithm(ROLES, _adam_update, AdamFlags, _hyperparameters, per_tensor=_adam_bias_corrections, states=_states)

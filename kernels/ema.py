@@ -10,8 +10,7 @@ Bytes per element: read C and c, write C.
 import triton
 import triton.language as tl
 
-from .. import _launch
-from ._multi_tensor import load_compute, store_as
+from ._multi_tensor import Algorithm, load_compute, store_as
 
 ROLES = ("average", "value")
 
@@ -26,7 +25,12 @@ def _ema_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, seed, F
     store_as(average_ptr + offsets, gamma * C + one_minus_gamma * c, mask)
 
 
-def ema_(plan, gamma: float):
-    """Launch: every average in ``plan`` ← γ·average + (1-γ)·value. ``plan`` is a LaunchPlan
-    whose roles are ``ROLES``; its tensors are updated in place."""
-    _launch.launch_update(_ema_update, plan, (float(gamma), float(1.0 - gamma)), None)
+def _hyperparameters(*, gamma):
+    return (float(gamma), float(1.0 - gamma)), None
+
+
+def _no_step(options) -> bool:
+    return False
+
+
+AVERAGE = Algorithm(ROLES, _ema_update, None, _hyperparameters, uses_step=_no_step)

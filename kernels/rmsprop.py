@@ -13,8 +13,7 @@ Bytes per element (fp32, plain): read W, g, G; write W, G = 20.
 import triton
 import triton.language as tl
 
-from .. import _launch
-from ._multi_tensor import add_weight_decay, load_compute, load_grad, load_param, step_flags, store_as, store_param
+from ._multi_tensor import Algorithm, add_weight_decay, load_compute, load_grad, load_param, step_flags, store_as, store_param
 
 ROLES = ("param", "grad", "step", "square_avg", "grad_avg", "momentum_buffer", "master")
 RMSpropFlags = step_flags("RMSpropFlags", "centered has_momentum eps_inside_sqrt")
@@ -47,11 +46,14 @@ def _rmsprop_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, see
     store_param(param_ptr, master_ptr, offsets, mask, w, seed, FLAGS.has_master, FLAGS.stochastic_rounding)
 
 
-def rmsprop_(plan, step_args, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
-             eps_inside_sqrt, has_master, stochastic_rounding):
-    """Launch one RMSprop step over ``plan`` (roles ``ROLES``)."""
-    _launch.launch_step(_rmsprop_update, RMSpropFlags, plan, step_args, lr,
-                        (alpha, 1.0 - alpha, eps, weight_decay, momentum),
-                        dict(centered=centered, has_momentum=momentum > 0, maximize=maximize,
-                             eps_inside_sqrt=eps_inside_sqrt),
-                        has_master=has_master, stochastic_rounding=stochastic_rounding)
+def _hyperparameters(*, alpha, eps, weight_decay, momentum, centered, maximize, eps_inside_sqrt):
+    return ((float(alpha), 1.0 - alpha, float(eps), float(weight_decay), float(momentum)),
+            dict(centered=centered, has_momentum=momentum > 0, maximize=maximize, eps_inside_sqrt=eps_inside_sqrt))
+
+
+def _states(options) -> tuple:
+    return (("square_avg",) + (("grad_avg",) if options["centered"] else ())
+            + (("momentum_buffer",) if options["momentum"] > 0 else ()))
+
+
+RMSPROP = Algorithm(ROLES, _rmsprop_update, RMSpropFlags, _hyperparameters, states=_states)

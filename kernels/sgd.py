@@ -14,11 +14,8 @@ advanced by the kernel, not by a skipped AMP step) is still 0.
 import triton
 import triton.language as tl
 
-from .. import _launch
-from ._multi_tensor import add_weight_decay, load_compute, load_grad, load_param, step_flags, store_as, store_param
+from ._multi_tensor import Algorithm, add_weight_decay, load_compute, load_grad, load_param, step_flags, store_as, store_param
 
-# Sparse gradients are taken densified (gpuopt._fused.dense_grads), as torch takes them sparse.
-SPARSE_GRADS = "always"
 ROLES = ("param", "grad", "step", "momentum_buffer", "master")
 SGDFlags = step_flags("SGDFlags", "has_momentum has_step nesterov")
 
@@ -62,13 +59,21 @@ def _sgd_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, seed, F
                 FLAGS.stochastic_rounding)
 
 
-def sgd_(plan, step_args, *, lr, momentum, dampening, weight_decay, nesterov, maximize, has_step, first_step,
-         has_master, stochastic_rounding):
-    """Launch one SGD step over ``plan`` (roles ``ROLES``). With ``has_step`` each tensor's
-    ``step`` says whether its momentum buffer is new (0: ``buf = d_p``) and is advanced by the
-    kernel; without, ``first_step`` says it for every tensor."""
-    _launch.launch_step(_sgd_update, SGDFlags, plan, step_args, lr,
-                        (momentum, 1.0 - dampening, weight_decay, float(bool(first_step))),
-                        dict(has_momentum=momentum != 0, has_step=has_step, nesterov=nesterov, maximize=maximize),
-                        has_master=has_master, stochastic_rounding=stochastic_rounding, has_step=has_step,
-                        per_tensor=_sgd_buffer_in_use)
+def _hyperparameters(*, momentum, dampening, weight_decay, nesterov, maximize, has_step, first_step=False):
+    """With ``has_step`` each tensor's ``step`` says whether its momentum buffer is new (0: ``buf
+    = d_p``) and is advanced by the kernel; without, ``first_step`` says it for every tensor."""
+    return ((float(momentum), 1.0 - dampening, float(weight_decay), float(bool(first_step))),
+            dict(has_momentum=momentum != 0, has_step=has_step, nesterov=nesterov, maximize=maximize))
+
+
+def _states(options) -> tuple:
+    return ("momentum_buffer",) if options["momentum"] != 0 else ()
+
+
+def _uses_step(options) -> bool:
+    return options["has_step"]
+
+
+# Sparse gradients are taken densified (gpuopt._fused.dense_grads), as torch takes them sparse.
+SGD = Algorithm(ROLES, _sgd_update, SGDFlags, _hyperparameters, per_tensor=_sgd_buffer_in_use, states=_states,
+                uses_step=_uses_step, sparse_grads="always")

@@ -1,0 +1,101 @@
+"""Adding an algorithm is one update function and one ``Algorithm`` (kernels/_multi_tensor.py):
+sign-SGD, written here as a user would, gets the whole machinery — one launch per group, param
+groups, AMP's grad_scale / found_inf, fp32 master weights for bf16 params, validation, the fast
+path — and matches its reference written with torch ops."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import gpuopt
+from gpuopt._fused import FusedOptimizer
+from gpuopt.kernels import _multi_tensor as walk
+from gpuopt.kernels._multi_tensor import Algorithm, load_grad, load_param, step_flags, store_param
+
+from .helpers import assert_close, count_launches
+
+
+@triton.jit
+def _sign_sgd_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, seed, FLAGS: tl.constexpr):
+    """W ← W (1 - η λ) - η sign(g)."""
+    param_ptr, grad_ptr, master_ptr = ptrs
+    (weight_decay,) = hyper
+    w = load_param(param_ptr, master_ptr, offsets, mask, FLAGS.has_master)
+    g = load_grad(grad_ptr, offsets, mask, grad_scale_ptr, FLAGS.has_grad_scale, FLAGS.maximize)
+    sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
+    w = w * (1.0 - lr * weight_decay) - lr * sign
+    store_param(param_ptr, master_ptr, offsets, mask, w, seed, FLAGS.has_master, FLAGS.stochastic_rounding)
+
+
+def _sign_sgd_hyperparameters(*, weight_decay, maximize):
+    return (float(weight_decay),), dict(maximize=maximize)
+
+
+def _no_step(options):
+    return False
+
+
+SIGN_SGD = Algorithm(roles=("param", "grad", "master"), update=_sign_sgd_update, flags=step_flags("SignSGDFlags"),
+                     hyperparameters=_sign_sgd_hyperparameters, uses_step=_no_step)
+
+
+class SignSGD(FusedOptimizer):
+    _algorithm = SIGN_SGD
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.0, **precision):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, **precision))
+
+    def _options(self, group):
+        return dict(weight_decay=group["weight_decay"], maximize=group["maximize"])
+
+
+def reference_step(params, lr, weight_decay):
+    with torch.no_grad():
+        for p in params:
+            p.mul_(1 - lr * weight_decay).add_(torch.sign(p.grad), alpha=-lr)
+
+
+def test_sign_sgd_from_one_update_and_one_spec(device):
+    shapes = [(7,), (3, 5), (2, 3, 4, 5), (130,)]
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = SignSGD([{"params": params[:2]}, {"params": params[2:], "lr": 0.05, "weight_decay": 0.1}], lr=0.01)
+    for _ in range(3):
+        for p, t in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            p.grad[..., 0] = 0.0  # sign(0) = 0
+            t.grad = p.grad.clone()
+        with count_launches(walk, "_step_kernel") as counter:
+            opt.step()
+        assert counter["launches"] == 2  # one per param group
+        reference_step(twins[:2], 0.01, 0.0)
+        reference_step(twins[2:], 0.05, 0.1)
+        for p, t in zip(params, twins):
+            assert_close(p, t, rtol=1e-6, atol=1e-6)
+    assert opt.state_dict()["param_groups"][1]["weight_decay"] == 0.1
+
+
+def test_sign_sgd_gets_amp_and_master_weights_for_free(device):
+    p = torch.nn.Parameter(torch.randn(300, device=device).to(torch.bfloat16))
+    opt = SignSGD([p], lr=1e-3, master_weights=True)
+    master = p.detach().float()
+    p.grad = torch.randn_like(p)
+    opt.step(grad_scale=torch.tensor(4.0, device=device), found_inf=torch.tensor(0.0, device=device))
+    master -= 1e-3 * torch.sign(p.grad.float())
+    assert torch.equal(opt.state[p]["master_param"], master)  # fp32 copy updated exactly
+    assert torch.equal(p, master.to(torch.bfloat16))  # and the parameter rounded from it
+    before = p.detach().clone()
+    opt.step(found_inf=torch.tensor(1.0, device=device))  # an overflowed step: skipped on the device
+    assert torch.equal(p, before)
+
+
+def test_sign_sgd_is_validated_like_the_others(device):
+    """The shared validation layer names the algorithm and changes nothing when it refuses."""
+    p = torch.randn(6, device=device)
+    before = p.clone()
+    with pytest.raises(RuntimeError, match=r"SignSGD: gradient shape \(5,\) does not match parameter shape \(6,\)"):
+        gpuopt._fused.run_functional("SignSGD", SIGN_SGD, dict(param=[p], grad=[torch.ones(5, device=device)]),
+                                     dict(weight_decay=0.0, maximize=False), lr=0.1, grad_scale=None,
+                                     found_inf=None, seed=0, stochastic_rounding=False)
+    assert torch.equal(p, before)
