@@ -349,6 +349,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     _COMMON_DEFAULTS = dict(state_dtype=None, master_weights=False, stochastic_rounding=False, maximize=False,
                             foreach=None, fused=None, capturable=False, differentiable=False)
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls._algorithm is not None:  # callable from a compiled graph under this key
+            cls._compiled_key = f"{cls.__module__}.{cls.__qualname__}"
+            cls._compiled_options = _compiled.option_names(cls._algorithm)
+            _compiled.register(cls._compiled_key, cls.__name__, cls._algorithm)
+
     def __init__(self, params, defaults):
         self._generation = _Generation()
         super().__init__(params, {**self._COMMON_DEFAULTS, **defaults})
@@ -497,11 +504,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``register_optimizer_step_pre_hook`` / ``_post_hook``) and the profiler's
         ``Optimizer.step#...`` range work as in torch: torch's own wrapper runs around
         the step whenever one is registered or the profiler is on, and only then. Inside
-        ``torch.compile`` the step runs eagerly (a graph break): it is one launch already, and
-        Dynamo cannot trace the launch plans (they read storage addresses).
+        ``torch.compile`` the step is traced into the graph as one ``gpuopt::multi_tensor_step``
+        operator per param group (``gpuopt._compiled``), once its states exist; the first step,
+        and a step with hooks, runs eagerly (a graph break).
         """
-        if (torch.compiler.is_compiling() or _profiler_enabled() or _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS
-                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks):
+        hooked = (_GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS or self._optimizer_step_pre_hooks
+                  or self._optimizer_step_post_hooks)
+        if torch.compiler.is_compiling():  # (the profiler's C-level query would itself break the graph)
+            return self._hooked_step(*args, **kwargs) if hooked else _compiled.traced_step(self, *args, **kwargs)
+        if hooked or _profiler_enabled():
             return self._hooked_step(*args, **kwargs)
         return self._step(*args, **kwargs)
 
@@ -654,3 +665,6 @@ def validate_precision(state_dtype, differentiable):
     if differentiable:
         raise NotImplementedError("gpuopt optimizers are not differentiable (differentiable=True); "
                                   "use torch.optim for higher-order optimization")
+
+
+from . import _compiled  # noqa: E402 - it imports run_functional from this module

@@ -147,7 +147,8 @@ class SGD(FusedOptimizer):
 
     def _options(self, group):
         return dict(momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
-                    nesterov=group["nesterov"], maximize=group["maximize"], has_step=group["momentum"] != 0)
+                    nesterov=group["nesterov"], maximize=group["maximize"], has_step=group["momentum"] != 0,
+                    first_step=False)
 
     def _complete_state(self, state, p, group):
         if group["momentum"] != 0 and state.get("momentum_buffer") is None:

@@ -553,6 +553,52 @@ def test_compiled_training_step_with_backward_and_step(device):
         assert_close(a, b, rtol=1e-5, atol=1e-6, name="compiled vs eager")
 
 
+@pytest.mark.skipif("trace_autograd_ops" not in torch._dynamo.config._config,
+                    reason="this torch's Dynamo cannot trace loss.backward() (no trace_autograd_ops)")
+def test_whole_training_step_compiles_to_one_graph(device):
+    """With Dynamo tracing autograd (``trace_autograd_ops``), a whole training step — forward
+    through gpuopt batch norm, ``loss.backward()``, ``opt.step()`` — is one graph with no break
+    (the first step eager, to make the optimizer's states), and two compiled steps equal two
+    eager ones."""
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), gpuopt.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                    torch.nn.Flatten(), torch.nn.Linear(4 * 5 * 5, 5)).to(device)
+        return model, gpuopt.AdamW(model.parameters(), lr=0.01)
+
+    def stepper(model, opt):
+        def train_step(x, y):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+        return train_step
+
+    x, y = torch.randn(4, 3, 7, 7, device=device), torch.randint(0, 5, (4,), device=device)
+    (model, opt), (twin, twin_opt) = make(), make()
+    step, twin_step = stepper(model, opt), stepper(twin, twin_opt)
+    for s, o in ((step, opt), (twin_step, twin_opt)):
+        s(x, y)
+        o.zero_grad()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        explained = torch._dynamo.explain(step)(x, y)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        opt.zero_grad()
+        twin_step(x, y)  # explain ran one step
+        twin_opt.zero_grad()
+        compiled = torch.compile(step, backend="aot_eager")
+        for _ in range(2):
+            x = torch.randn(4, 3, 7, 7, device=device)
+            assert_close(compiled(x, y), twin_step(x, y), rtol=1e-5, atol=1e-6, name="loss")
+            opt.zero_grad()
+            twin_opt.zero_grad()
+    torch._dynamo.reset()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert_close(a, b, rtol=1e-5, atol=1e-6, name="param")
+    for a, b in zip(model.buffers(), twin.buffers()):
+        assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------- GPU shapes --------
 
 GPU_SHAPES = [(256, 64, 56, 56), (256, 2048, 7, 7), (8192, 4096)]

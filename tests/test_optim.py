@@ -92,31 +92,74 @@ def test_gpu_block_size_and_grid_match_torch(device, monkeypatch, name, kwargs):
         assert_close(a, b, rtol=1e-4, atol=1e-5, name=name)
 
 
-def test_step_inside_torch_compile_runs_eagerly(device):
-    """A compiled training step that calls opt.step() and ema.update(): graph breaks, the same
-    result as without compile."""
+COMPILED_CASES = [("AdamW", dict(lr=0.1)), ("Adam", dict(lr=0.1, amsgrad=True, weight_decay=0.1)),
+                  ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)), ("SGD", dict(lr=0.1)),
+                  ("RMSprop", dict(lr=0.01, centered=True, momentum=0.5)), ("Adagrad", dict(lr=0.1, lr_decay=0.01)),
+                  ("Adadelta", dict(lr=0.5))]
+
+
+@pytest.mark.parametrize("name,kwargs", COMPILED_CASES)
+def test_step_traced_by_torch_compile_without_graph_break(device, name, kwargs):
+    """Inside torch.compile, opt.step() (after the eager first step has made the states) is one
+    gpuopt::multi_tensor_step operator per param group: one graph, no break, and the same
+    parameters and states as the eager step over three steps, with two param groups and a
+    parameter without a gradient."""
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).to(device)
+        groups = [{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 0.05},
+                  {"params": model[2].parameters()}]
+        return model, getattr(gpuopt, name)(groups, **kwargs)
+
+    def backward(model, x):
+        model.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+        model[2].bias.grad = None  # a parameter without a gradient is left alone
+
+    (model, opt), (twin, twin_opt) = make(), make()
+    x = torch.randn(8, 5, device=device)
+    for m, o in ((model, opt), (twin, twin_opt)):
+        backward(m, x)
+        o.step()  # eager: makes the states
+        backward(m, x)
+    explained = torch._dynamo.explain(opt.step)()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    twin_opt.step()  # explain ran one step
+    compiled = torch.compile(opt.step, backend="aot_eager")
+    for _ in range(3):
+        x = torch.randn(8, 5, device=device)
+        backward(model, x)
+        backward(twin, x)
+        compiled()
+        twin_opt.step()
+    torch._dynamo.reset()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert_close(a, b, rtol=1e-6, atol=1e-7, name="param")
+    for a, b in zip(model.parameters(), twin.parameters()):
+        for key, value in opt.state[a].items():
+            assert_close(value, twin_opt.state[b][key], rtol=1e-6, atol=1e-7, name=key)
+
+
+def test_ema_update_inside_torch_compile_runs_eagerly(device):
+    """EMA.update() stays a graph break (its γ_t depends on a Python counter): same result."""
     torch.manual_seed(0)
     models = [torch.nn.Linear(5, 3).to(device) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    opts = [gpuopt.AdamW(m.parameters(), lr=0.1) for m in models]
-    emas = [gpuopt.EMA(m.parameters(), decay=0.5) for m in models]
+    emas = [gpuopt.EMA(m.parameters(), decay=None) for m in models]
 
-    def train_step(model, opt, ema, x):
-        opt.zero_grad()
-        model(x).square().sum().backward()
-        opt.step()
+    def update(model, ema, x):
+        with torch.no_grad():
+            model.weight.add_(x.mean())
         ema.update()
 
-    compiled = torch.compile(train_step, backend="eager")
+    compiled = torch.compile(update, backend="eager")
     for _ in range(3):
         x = torch.randn(8, 5, device=device)
-        compiled(models[0], opts[0], emas[0], x)
-        train_step(models[1], opts[1], emas[1], x)
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        assert_close(a, b, rtol=1e-6, atol=1e-7, name="param")
+        compiled(models[0], emas[0], x)
+        update(models[1], emas[1], x)
+    torch._dynamo.reset()
     for a, b in zip(emas[0].averages, emas[1].averages):
         assert_close(a, b, rtol=1e-6, atol=1e-7, name="average")
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("eps_inside_sqrt", [True, False])
