@@ -16,9 +16,12 @@ import inspect
 import torch
 
 from ._fused import run_functional
+from .kernels._multi_tensor import MAX_ROLES  # the operator has one list argument per role slot
 
-MAX_ROLES = 7  # kernels._multi_tensor.MAX_ROLES: the operator has one list argument per role slot
 _ALGORITHMS: dict = {}  # key → (the optimizer's name, its Algorithm)
+# The operator's body is never traced: a graph break elsewhere in a step could otherwise let Dynamo
+# follow the launch into Triton.
+_run_functional_eagerly = torch.compiler.disable(run_functional)
 
 
 def register(key: str, name: str, algorithm) -> None:
@@ -46,10 +49,9 @@ def multi_tensor_step(role_0: list[torch.Tensor], role_1: list[torch.Tensor], ro
     name, spec = _ALGORITHMS[algorithm]
     slots = (role_0, role_1, role_2, role_3, role_4, role_5, role_6)
     roles = {role: list(slots[k]) if slots[k] else None for k, role in enumerate(spec.roles)}
-    # Never traced (a graph break elsewhere in the step could otherwise let Dynamo follow the launch).
-    torch.compiler.disable(run_functional)(name, spec, roles, dict(zip(option_names(spec), options)),
-                   lr=lr if lr_tensor is None else lr_tensor, grad_scale=grad_scale, found_inf=found_inf, seed=seed,
-                   stochastic_rounding=stochastic_rounding)
+    _run_functional_eagerly(name, spec, roles, dict(zip(option_names(spec), options)),
+                            lr=lr if lr_tensor is None else lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+                            seed=seed, stochastic_rounding=stochastic_rounding)
 
 
 @multi_tensor_step.register_fake

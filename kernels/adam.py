@@ -3,10 +3,10 @@
     m_t = β1 m_{t-1} + (1 - β1) g_t
     v_t = β2 v_{t-1} + (1 - β2) g_t²
     m̂_t = m_t / (1 - β1^t),  v̂_t = v_t / (1 - β2^t)
-    W_t = W_{t-1} - η m̂_t / (sqrt(v̂_t) + ε)        (PyTorch; EPS_INSIDE_SQRT=False)
-    W_t = W_{t-1} - η m̂_t / sqrt(v̂_t + ε)          (the seed; EPS_INSIDE_SQRT=True)
+    W_t = W_{t-1} - η m̂_t / (sqrt(v̂_t) + ε)        (PyTorch; FLAGS.eps_inside_sqrt false)
+    W_t = W_{t-1} - η m̂_t / sqrt(v̂_t + ε)          (the seed; FLAGS.eps_inside_sqrt)
 
-Adam adds ``λ W`` to the gradient; AdamW (DECOUPLED) multiplies W by ``1 - η λ`` first. AMSGrad
+Adam adds ``λ W`` to the gradient; AdamW (FLAGS.decoupled) multiplies W by ``1 - η λ`` first. AMSGrad
 uses ``max(v̂)`` so far in place of v̂. Bytes per element (fp32): read W, g, m, v; write W, m, v = 28.
 """
 

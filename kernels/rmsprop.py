@@ -2,7 +2,7 @@
 
     G = α G + (1 - α) g²                        (square_avg)
     ḡ = α ḡ + (1 - α) g                         (grad_avg, centered)
-    avg = sqrt(G - ḡ²) + ε                      (PyTorch; EPS_INSIDE_SQRT=False)
+    avg = sqrt(G - ḡ²) + ε                      (PyTorch; FLAGS.eps_inside_sqrt false)
     avg = sqrt(G - ḡ² + ε)                      (the seed: W -= η g / sqrt(G + ε))
     buf = μ buf + g / avg;  W -= η buf          (momentum)
     W  -= η g / avg                             (otherwise)
