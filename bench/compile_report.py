@@ -145,9 +145,12 @@ def resident_programs(registers: int, num_warps: int, shared: int) -> int:
 
 
 def sass_loops(cubin: bytes):
-    """(instructions, barriers) of the kernel's largest loop in its SASS (``cuobjdump -sass``):
-    the span between a backward branch and its target. The data loop of every gpuopt kernel is
-    its largest; its count includes the tail-block path where the loop holds one."""
+    """(instructions, barriers) of the kernel's data loop in its SASS (``cuobjdump -sass``), a loop
+    being the span between a backward branch and its target. The data loop: of the innermost loops,
+    the one with the most 16-byte global loads, the leanest if several (the batch-norm statistics
+    kernel's edge-tile loops, which see a few tiles per program, load as wide as its main loop);
+    the largest loop in a kernel without 16-byte loads (the combine kernels). Its count includes
+    the tail-block path where the loop holds one."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -160,13 +163,26 @@ def sass_loops(cubin: bytes):
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if m:
             code.append((int(m.group(1), 16), m.group(2).strip()))
-    best = (0, 0)
+    spans = []
     for address, text in code:
         m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
         if m and int(m.group(1), 16) < address:
-            body = [t for a, t in code if int(m.group(1), 16) <= a <= address]
-            best = max(best, (len(body), sum("BAR.SYNC" in t or "BAR.ARV" in t or t.startswith("BAR ") for t in body)))
-    return best
+            spans.append((int(m.group(1), 16), address))
+    loops = []
+    for start, end in spans:
+        if any(start <= s2 and e2 <= end and (s2, e2) != (start, end) for s2, e2 in spans):
+            continue  # holds another loop: not innermost
+        body = [t for a, t in code if start <= a <= end]
+        wide = sum("LDG" in t and ".128" in t for t in body)
+        barriers = sum("BAR.SYNC" in t or "BAR.ARV" in t or t.startswith("BAR ") for t in body)
+        loops.append((wide, -len(body), len(body), barriers))
+    if not loops:
+        return 0, 0
+    if max(loop[0] for loop in loops) == 0:  # no 16-byte loads: the largest loop
+        _, _, size, barriers = max(loops, key=lambda loop: loop[2])
+        return size, barriers
+    _, _, size, barriers = max(loops)
+    return size, barriers
 
 
 def decode(value, dtypes):

@@ -181,6 +181,15 @@ def _welford_merge(mean, m2, count, axis: tl.constexpr):
 
 
 @triton.jit
+def _fold_lanes(mean, m2, count, CHANNELS_LAST: tl.constexpr):
+    """A tile of per-lane summaries merged to this program's per-channel summary: over rows
+    (channels-last) or everything (one channel)."""
+    if not CHANNELS_LAST:
+        mean, m2, count = _welford_merge(mean, m2, count, 1)
+    return _welford_merge(mean, m2, count, 0)
+
+
+@triton.jit
 def _reduce_tile(value, CHANNELS_LAST: tl.constexpr):
     """Sum a tile to this program's per-channel values: over rows (channels-last) or everything."""
     if CHANNELS_LAST:
@@ -220,20 +229,39 @@ def _stats_kernel(x_ptr, partials_ptr, stats_ptr, R, C, S, rows_per_split, cols_
     else:
         shift = tl.load(x_ptr + col_base).to(ACC)  # row 0, column 0 of channel c
         tile_shift = shift
-    count = tl.zeros([BLOCK_R, BLOCK_K], ACC)
+    # Full tiles (rows below r_full, columns below k_full): every lane sees one more value, so
+    # the count is one scalar and 1/n one reciprocal per tile, and no mask.
+    r_full = r_begin + (r_stop - r_begin) // BLOCK_R * BLOCK_R
+    k_full = k_begin + (tl.minimum(k_stop, n_cols) - k_begin) // BLOCK_K * BLOCK_K
+    n_full = tl.zeros([], ACC)
     mean = tl.zeros([BLOCK_R, BLOCK_K], ACC)
     m2 = tl.zeros([BLOCK_R, BLOCK_K], ACC)
-    for r0 in range(r_begin, r_stop, BLOCK_R):
-        for k0 in range(k_begin, k_stop, BLOCK_K):
-            offsets, mask = _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R, BLOCK_K)
-            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - tile_shift
-            count += mask.to(ACC)
-            delta = tl.where(mask, x - mean, 0.0)
-            mean += delta / tl.maximum(count, 1.0)
+    for r0 in range(r_begin, r_full, BLOCK_R):
+        for k0 in range(k_begin, k_full, BLOCK_K):
+            offsets, _ = _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R, BLOCK_K)
+            x = tl.load(x_ptr + offsets).to(ACC) - tile_shift
+            n_full += 1.0
+            delta = x - mean
+            mean += delta * (1.0 / n_full)
             m2 += delta * (x - mean)
-    if not CHANNELS_LAST:  # one channel: fold the columns too
-        mean, m2, count = _welford_merge(mean, m2, count, 1)
-    mean, m2, count = _welford_merge(mean, m2, count, 0)
+    # Folded to this program's per-channel values before the edge tiles, so that the edge loop
+    # does not carry the full tiles' summary in registers.
+    mean, m2, count = _fold_lanes(mean, m2, tl.zeros([BLOCK_R, BLOCK_K], ACC) + n_full, CHANNELS_LAST)
+    # Edge tiles (the columns past k_full, then the rows past r_full; a few per program at most):
+    # each summarised on its own (count, mean, M2 over the tile's valid lanes) and merged into
+    # the program's summary by Chan's formula, so that no per-lane state is carried.
+    for r0 in range(r_begin, r_stop, BLOCK_R):
+        for k0 in range(tl.where(r0 < r_full, k_full, k_begin), k_stop, BLOCK_K):
+            offsets, mask = _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R, BLOCK_K)
+            x = tl.where(mask, tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - tile_shift, 0.0)
+            tile_count = _reduce_tile(mask.to(ACC), CHANNELS_LAST)
+            tile_mean = _reduce_tile(x, CHANNELS_LAST) / tl.maximum(tile_count, 1.0)
+            if CHANNELS_LAST:
+                deviation = tl.where(mask, x - tile_mean[None, :], 0.0)
+            else:
+                deviation = tl.where(mask, x - tile_mean, 0.0)
+            tile_m2 = _reduce_tile(deviation * deviation, CHANNELS_LAST)
+            mean, m2, count = _welford_combine(mean, m2, count, tile_mean, tile_m2, tile_count)
     n_splits = tl.num_programs(1)
     _store_partial(_plane(partials_ptr, COUNT, n_splits, C), count, C, CHANNELS_LAST, BLOCK_K)
     _store_partial(_plane(partials_ptr, PART_MEAN, n_splits, C), mean, C, CHANNELS_LAST, BLOCK_K)

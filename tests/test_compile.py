@@ -40,11 +40,14 @@ def test_every_kernel_compiles_for_sm90_with_vector_accesses():
         assert want_loads in (None, loads) and want_stores in (None, stores), f"no 16-byte accesses: {' '.join(row)}"
         assert int(resident) >= 1 and float(per_element) >= 0, f"no SASS figures: {' '.join(row)}"
         # No barrier inside a data loop. Not data loops: the combine kernels' folds over splits (a
-        # cross-warp reduction per step). Known exceptions, the kernel-efficiency issue's work: the
-        # batch-norm statistics loop (per-lane Welford through shared memory) and the bf16 steps
-        # with fp32 master weights (4 BAR.SYNC per iteration, a layout conversion for the stores).
+        # cross-warp reduction per step). Known exception, the kernel-efficiency issue's work: the
+        # bf16 steps with fp32 master weights (4 BAR.SYNC per iteration, a layout conversion for
+        # the stores).
         combine = "_combine" in row[0]
-        if not combine and row[0] != "_stats_kernel" and "has_master" not in row[1]:
+        if not combine and "has_master" not in row[1]:
             assert barriers == "0", f"a barrier in the data loop: {' '.join(row)}"
+        if row[0].startswith("_stats_kernel"):  # one scalar count per full tile, no mask: ~70 per 8 elements
+            limit = 14.0 if row[1].startswith("FP64") else 10.5
+            assert float(per_element) <= limit, f"statistics loop: {' '.join(row)}"
     assert {"_adam_update", "_stats_kernel", "_normalize_kernel", "_backward_input_kernel", "_adam_update_f64",
             "_normalize_f64_kernel"} <= kernels_seen
