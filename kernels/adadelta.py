@@ -12,7 +12,8 @@ Bytes per element (fp32): read W, g, E[g²], E[Δ²]; write W, E[g²], E[Δ²] =
 import triton
 import triton.language as tl
 
-from ._multi_tensor import Algorithm, add_weight_decay, load_compute, load_grad, load_param, step_flags, store_as, store_param
+from ._multi_tensor import (Algorithm, add_weight_decay, load_compute, load_grad, load_param, step_flags, store_as,
+                            store_param)
 
 ROLES = ("param", "grad", "step", "square_avg", "acc_delta", "master")
 AdadeltaFlags = step_flags("AdadeltaFlags")

@@ -11,7 +11,8 @@ Bytes per element (fp32): read W, g, sum; write W, sum = 20.
 import triton
 import triton.language as tl
 
-from ._multi_tensor import Algorithm, add_weight_decay, load_compute, load_grad, load_param, step_flags, store_as, store_param
+from ._multi_tensor import (Algorithm, add_weight_decay, load_compute, load_grad, load_param, step_flags, store_as,
+                            store_param)
 
 ROLES = ("param", "grad", "step", "sum", "master")
 AdagradFlags = step_flags("AdagradFlags")

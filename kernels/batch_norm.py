@@ -35,7 +35,6 @@ backward reduction reads x and dẐ; backward input reads x and dẐ, writes ∂
 """
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch

@@ -13,7 +13,8 @@ Bytes per element (fp32, plain): read W, g, G; write W, G = 20.
 import triton
 import triton.language as tl
 
-from ._multi_tensor import Algorithm, add_weight_decay, load_compute, load_grad, load_param, step_flags, store_as, store_param
+from ._multi_tensor import (Algorithm, add_weight_decay, load_compute, load_grad, load_param, step_flags, store_as,
+                            store_param)
 
 ROLES = ("param", "grad", "step", "square_avg", "grad_avg", "momentum_buffer", "master")
 RMSpropFlags = step_flags("RMSpropFlags", "centered has_momentum eps_inside_sqrt")

@@ -14,7 +14,7 @@ advanced by the kernel, not by a skipped AMP step) is still 0.
 import triton
 import triton.language as tl
 
-from ._multi_tensor import Algorithm, add_weight_decay, load_compute, load_grad, load_param, step_flags, store_as, store_param
+from ._multi_tensor import Algorithm, add_weight_decay, load_grad, load_param, step_flags, store_as, store_param
 
 ROLES = ("param", "grad", "step", "momentum_buffer", "master")
 SGDFlags = step_flags("SGDFlags", "has_momentum has_step nesterov")
@@ -22,34 +22,35 @@ SGDFlags = step_flags("SGDFlags", "has_momentum has_step nesterov")
 
 @triton.jit
 def _sgd_buffer_in_use(step, lr, hyper, FLAGS: tl.constexpr):
-    """Per tensor: has a step written its momentum buffer? Not at its first step (new, or its
-    first step was skipped); without steps, not when the caller says ``first_step``."""
-    _, _, _, first_step = hyper
+    """Per tensor: has a step written its momentum buffer (not at its first step — new, or its
+    first step was skipped — or, without steps, when the caller says ``first_step``), and the
+    weight of d_p in the new buffer: 1 - dampening, or 1 for a new one."""
+    _, one_minus_dampening, _, first_step = hyper
     if FLAGS.has_step:
-        return (step != 1.0,)
+        in_use = step != 1.0
     else:
-        return (first_step == 0.0,)
+        in_use = first_step == 0.0
+    return in_use, tl.where(in_use, one_minus_dampening, 1.0)
 
 
 @triton.jit
 def _sgd_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, seed, FLAGS: tl.constexpr):
     param_ptr, grad_ptr, _, buf_ptr, master_ptr = ptrs
-    momentum, one_minus_dampening, weight_decay, _ = hyper
-    (in_use,) = scalars
+    momentum, _, weight_decay, _ = hyper
+    in_use, d_p_weight = scalars
     w = load_param(param_ptr, master_ptr, offsets, mask, FLAGS.has_master)
     d_p = add_weight_decay(load_grad(grad_ptr, offsets, mask, grad_scale_ptr, FLAGS.has_grad_scale, FLAGS.maximize),
                            w, weight_decay)
     if FLAGS.has_momentum:
         # A new buffer takes buf = d_p, written as μ·0 + 1·d_p: a read that a new buffer skips
         # (its lanes read 0; the mask is uniform over a full block, so the 16-byte loads stay)
-        # and a scalar choice of coefficient, rather than a branch around two copies of the
+        # and the per-tensor weight of d_p, rather than a branch around two copies of the
         # update, which made ptxas spill the bf16 master-weight step.
         if mask is None:
             read = tl.where(in_use, tl.full(offsets.shape, 1, tl.int1), tl.full(offsets.shape, 0, tl.int1))
         else:
             read = tl.where(in_use, mask, tl.full(offsets.shape, 0, tl.int1))
-        buf = (momentum * tl.load(buf_ptr + offsets, mask=read, other=0.0).to(d_p.dtype)
-               + tl.where(in_use, one_minus_dampening, 1.0) * d_p)
+        buf = momentum * tl.load(buf_ptr + offsets, mask=read, other=0.0).to(d_p.dtype) + d_p_weight * d_p
         store_as(buf_ptr + offsets, buf, mask)
         if FLAGS.nesterov:
             d_p = d_p + momentum * buf
