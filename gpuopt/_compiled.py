@@ -67,12 +67,7 @@ def traced_step(opt, closure=None, *, grad_scale=None, found_inf=None):
     standing in for their own master copy, step hooks."""
     if not all(_traceable(opt, group) for group in opt.param_groups):
         return opt._hooked_step(closure, grad_scale=grad_scale, found_inf=found_inf)
-    loss = None
-    if closure is not None:
-        with torch.enable_grad():
-            loss = closure()
-    grad_scale = getattr(opt, "grad_scale", None) if grad_scale is None else grad_scale
-    found_inf = getattr(opt, "found_inf", None) if found_inf is None else found_inf
+    loss, grad_scale, found_inf = opt._begin_step(closure, grad_scale, found_inf)
     spec = opt._algorithm
     for group in opt.param_groups:
         params = [p for p in group["params"] if p.grad is not None]

@@ -35,10 +35,6 @@ class StepArgs:
     def has_grad_scale(self) -> bool:
         return self.grad_scale is not None
 
-    @property
-    def has_found_inf(self) -> bool:
-        return self.found_inf is not None
-
     def lr_on_device(self, lr) -> bool:
         return isinstance(lr, torch.Tensor) and lr.device == self.device
 
@@ -518,13 +514,18 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     step.hooked = True  # tells torch.optim.Optimizer not to wrap it (it would on every call, hooks or not)
 
-    def _step(self, closure=None, *, grad_scale=None, found_inf=None):
+    def _begin_step(self, closure, grad_scale, found_inf):
+        """What every step starts with (eager or traced): the closure's loss, computed with grad
+        enabled, and AMP's tensors from the arguments or, as GradScaler sets them, the attributes."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = getattr(self, "grad_scale", None) if grad_scale is None else grad_scale
-        found_inf = getattr(self, "found_inf", None) if found_inf is None else found_inf
+        return (loss, getattr(self, "grad_scale", None) if grad_scale is None else grad_scale,
+                getattr(self, "found_inf", None) if found_inf is None else found_inf)
+
+    def _step(self, closure=None, *, grad_scale=None, found_inf=None):
+        loss, grad_scale, found_inf = self._begin_step(closure, grad_scale, found_inf)
         if type(self.state) is not _OptimizerState:  # `opt.state = ...` replaced it
             self._reset_host_caches()
         step_args = {}
