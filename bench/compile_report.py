@@ -11,7 +11,9 @@ time anything.
 """
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -131,19 +133,6 @@ def ptxas_report(ptx: str, arch: int):
     return (regs.group(1) if regs else "?"), (spill.group(1) if spill else "?")
 
 
-# H100 SXM per SM: 64K registers, 64 resident warps, 32 resident blocks, 228 KB shared memory.
-SM_REGISTERS, SM_WARPS, SM_BLOCKS, SM_SHARED = 65536, 64, 32, 233472
-
-
-def resident_programs(registers: int, num_warps: int, shared: int) -> int:
-    """Programs (CTAs) of a kernel resident on one H100 SM at once: registers are allocated per
-    warp in units of 256, so a warp holds ceil(32·regs / 256)·256 of them."""
-    per_warp = -(-32 * max(registers, 1) // 256) * 256
-    by_registers = (SM_REGISTERS // per_warp) // num_warps
-    by_shared = SM_SHARED // shared if shared else SM_BLOCKS
-    return max(0, min(SM_BLOCKS, SM_WARPS // num_warps, by_registers, by_shared))
-
-
 def sass_loops(cubin: bytes):
     """(instructions, barriers) of the kernel's data loop in its SASS (``cuobjdump -sass``), a loop
     being the span between a backward branch and its target. The data loop: of the innermost loops,
@@ -200,6 +189,153 @@ def decode(value, dtypes):
     return value
 
 
+def compile_record(r: dict, arch: int) -> dict:
+    """Compile one recorded launch signature; its figures (or the error) as a dict."""
+    import importlib
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+
+    from gpuopt._multi_tensor import GPU_BLOCK, GPU_WARPS
+    from gpuopt._runtime import resident_programs
+
+    dtypes = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
+    module = importlib.import_module(r["module"])
+    fn = getattr(module, r["kernel"])
+    constexprs = {k: decode(v, dtypes) for k, v in r["constexprs"].items()}
+    num_warps = r["num_warps"]
+    if "BLOCK" in constexprs:  # multi-tensor kernels: the interpreter used a small block
+        constexprs["BLOCK"] = GPU_BLOCK
+        num_warps = GPU_WARPS
+    # As a real launch specialises: pointers 16-byte aligned, ints equal to 1 constexpr, ints
+    # divisible by 16 marked so.
+    signature = dict(r["signature"])
+    for n, v in r.get("ints", {}).items():
+        if v == 1:
+            signature[n] = "constexpr"
+            constexprs[n] = 1
+    attrs = {}
+    for i, (n, t) in enumerate(signature.items()):
+        if t.startswith("*") or (t in ("i32", "i64") and r.get("ints", {}).get(n, 1) % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    flags = ",".join([k for k, v in constexprs.items() if v is True]
+                     + [f for f, v in getattr(constexprs.get("FLAGS"), "_asdict", dict)().items() if v is True])
+    if "*fp64" in signature.values():  # float64 data: its 16-byte accesses are v2
+        flags = "FP64," + flags
+    figures = dict(shown=r["shown"], flags=flags)
+    try:
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    except Exception as exc:  # report every failure, not just the first
+        return dict(figures, error=" | ".join(str(exc).splitlines()[:6])[:600])
+    ptx = k.asm["ptx"]
+    widest = lambda kind: max(re.findall(kind + r"\.global(?:\.\w+)*?\.(v\d)", ptx) or ["v1"])  # noqa: E731
+    nregs, spills = ptxas_report(ptx, arch)
+    # The compiled kernel's own figures: SASS instructions of its data loop per element a thread
+    # handles in one iteration, barriers in that loop, and programs resident per H100 SM.
+    instructions, barriers = sass_loops(k.asm["cubin"])
+    per_iteration = constexprs.get("BLOCK") or constexprs.get("BLOCK_R", 1) * constexprs.get("BLOCK_K", 1)
+    registers = k.n_regs if getattr(k, "n_regs", None) else int(nregs)
+    return dict(figures, regs=nregs, spills=spills, loads=widest("ld"), stores=widest("st"),
+                per_element=instructions / max(1, per_iteration / (32 * num_warps)), barriers=barriers,
+                resident=resident_programs(registers, num_warps, k.metadata.shared))
+
+
+def launch_record(kernel, args: tuple, constexprs: dict, num_warps: int) -> dict:
+    """A launch as the capture records it, from arguments given as dtypes (tensors), ints,
+    floats and Nones."""
+    import torch
+    import triton.language as tl
+
+    module = sys.modules[kernel.fn.__module__]
+    name = next(n for n, v in vars(module).items() if v is kernel)
+    signature, ints = {}, {}
+    for n, a in zip(kernel.arg_names, args):
+        if isinstance(a, torch.dtype):
+            signature[n] = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                                  torch.float64: "fp64"}[a]
+        elif a is None or isinstance(a, bool):
+            signature[n] = "constexpr"
+            constexprs = {**constexprs, n: a}
+        elif isinstance(a, int):
+            signature[n], ints[n] = ("i32" if -2**31 <= a < 2**31 else "i64"), a
+        else:
+            signature[n] = "fp64" if str(kernel.fn.__annotations__.get(n)) == "fp64" else "fp32"
+    signature.update((n, "constexpr") for n in constexprs)
+    encoded = {n: str(v) if isinstance(v, tl.dtype) else v for n, v in constexprs.items()}
+    return dict(module=module.__name__, kernel=name, shown=name, signature=signature, constexprs=encoded, ints=ints,
+                num_warps=num_warps)
+
+
+SUITE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+OPTIMIZER_CASES = ("GPT-2-medium", "ResNet-50", "flat 2^29")
+
+
+def batch_norm_suite_launches():
+    """``[(case, grid, [pass records])]``: every batch-norm configuration of the bench suite (shape ×
+    dtype × layout) on an H100, with the launches its four shared-grid passes make. Their tiles
+    differ from the small runs of the capture, so their occupancy is compiled separately."""
+    import math
+
+    import torch
+
+    from bench.bn_suite import SHAPES
+    from gpuopt._runtime import H100
+    from gpuopt.kernels import batch_norm as bn
+
+    cases = []
+    for shape in SHAPES:
+        N, C, S = shape[0], shape[1], math.prod(shape[2:])
+        for channels_last in ((True,) if len(shape) == 2 else (False, True)):
+            R, S_view = (N * S, 1) if channels_last else (N, S)
+            for dtype_name in SUITE_DTYPES:
+                dtype = getattr(torch, dtype_name)
+                grid = bn.make_grid(R, C, S_view, channels_last, dtype.itemsize, True, H100.count)
+                layout = "2-D" if len(shape) == 2 else ("NHWC" if channels_last else "NCHW")
+                case = ("×".join(map(str, shape)), SUITE_DTYPES[dtype_name], layout, (R, C, S_view, channels_last, dtype.itemsize))
+                cases.append((case, [launch_record(kernel, args, constexprs, grid.num_warps)
+                                     for kernel, args, constexprs in bn.shared_grid_passes(grid, dtype)]))
+    return cases
+
+
+def waves_tables(compiled_rows: list[dict], suite: list, figures_of) -> list[str]:
+    """The grids gpuopt launches on an H100 for the bench suite's shapes, from the compiled
+    occupancy, as it computes them on a GPU (``_launch.launch`` persistent, ``make_grid`` with
+    ``resident_per_sm``): waves, and *efficiency* — the work over what the grid's rounds of
+    programs could have done (1.0: every SM busy to the end; a straggler wave lowers it)."""
+    import math
+
+    from bench.shapes import gpt2_medium_shapes, resnet50_shapes
+    from gpuopt._multi_tensor import GPU_BLOCK
+    from gpuopt._runtime import H100
+    from gpuopt.kernels import batch_norm as bn
+
+    lines = [f"Waves on H100 ({H100.count} SMs), grids from the compiled occupancy"]
+    lines.append(f"{'kernels':12s} {'case':26s} {'per SM':>6s} {'blocks/regs':>11s} {'programs':>8s} {'waves':>6s}"
+                 f" {'efficiency':>10s}")
+    numels = {"GPT-2-medium": [math.prod(s) for s in gpt2_medium_shapes()],
+              "ResNet-50": [math.prod(s) for s in resnet50_shapes()], "flat 2^29": [1 << 29]}
+    for resident in sorted({row["resident"] for row in compiled_rows if "_update" in row["shown"]}):
+        for case in OPTIMIZER_CASES:
+            blocks = sum(-(-n // GPU_BLOCK) for n in numels[case])
+            programs = min(blocks, resident * H100.count)
+            efficiency = (blocks / programs) / -(-blocks // programs)
+            lines.append(f"{'optimizer':12s} {case:26s} {resident:6d} {blocks:11d} {programs:8d}"
+                         f" {programs / (resident * H100.count):6.2f} {efficiency:10.3f}")
+    for (shape, dtype, layout, (R, C, S, channels_last, element_size)), records in suite:
+        per_sm = min(figures_of(r)["resident"] for r in records)
+        g = bn.make_grid(R, C, S, channels_last, element_size, True, H100.count, per_sm)
+        wave, programs = per_sm * H100.count, g.channel_blocks * g.n_splits
+        tiles_per_split = (g.rows_per_split // g.block_r) * (g.cols_per_split // g.block_k)
+        all_tiles = g.channel_blocks * -(-R // g.block_r) * (1 if channels_last else -(-S // g.block_k))
+        efficiency = all_tiles / (-(-programs // wave) * wave * tiles_per_split)
+        regs = "/".join(str(figures_of(r)["regs"]) for r in records)
+        lines.append(f"{'batch norm':12s} {shape + ' ' + dtype + ' ' + layout:26s} {per_sm:6d} {regs:>11s}"
+                     f" {programs:8d} {programs / wave:6.2f} {efficiency:10.3f}")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
@@ -211,61 +347,32 @@ def main():
         subprocess.run([sys.executable, "-c", code, out], check=True)
         records = json.load(open(out))
     os.environ.pop("TRITON_INTERPRET", None)
-    import importlib
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench.*, as a script
+    suite = batch_norm_suite_launches()
+    # Each distinct signature compiled once, in parallel (forked workers: compiling is CPU-bound).
+    jobs = {}
+    for r in records + [r for _, rs in suite for r in rs]:
+        jobs.setdefault(json.dumps(r, sort_keys=True, default=str), r)
+    with concurrent.futures.ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("fork")) as pool:
+        figures = dict(zip(jobs, pool.map(compile_record, jobs.values(), [args.arch] * len(jobs))))
+    figures_of = lambda r: figures[json.dumps(r, sort_keys=True, default=str)]  # noqa: E731
 
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-
-    from gpuopt._multi_tensor import GPU_BLOCK, GPU_WARPS
-
-    dtypes = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
     print(f"{'kernel':26s} {'constexprs (flags on)':80s} {'regs':>4s} {'spill':>5s} {'loads':>14s} {'stores':>14s}"
           f" {'SASS/el':>7s} {'bars':>4s} {'per SM':>6s}")
-    failures = 0
+    failures = [f for f in figures.values() if "error" in f]
+    rows = []
     for r in records:
-        module = importlib.import_module(r["module"])
-        fn = getattr(module, r["kernel"])
-        constexprs = {k: decode(v, dtypes) for k, v in r["constexprs"].items()}
-        if "BLOCK" in constexprs:  # multi-tensor kernels: the interpreter used a small block
-            constexprs["BLOCK"] = GPU_BLOCK
-            r["num_warps"] = GPU_WARPS
-        # As a real launch specialises: pointers 16-byte aligned, ints equal to 1 constexpr, ints
-        # divisible by 16 marked so.
-        signature = dict(r["signature"])
-        for n, v in r.get("ints", {}).items():
-            if v == 1:
-                signature[n] = "constexpr"
-                constexprs[n] = 1
-        attrs = {}
-        for i, (n, t) in enumerate(signature.items()):
-            if t.startswith("*") or (t in ("i32", "i64") and r.get("ints", {}).get(n, 1) % 16 == 0):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        r["signature"] = signature
-        flags = ",".join([k for k, v in constexprs.items() if v is True]
-                         + [f for f, v in getattr(constexprs.get("FLAGS"), "_asdict", dict)().items() if v is True])
-        if "*fp64" in signature.values():  # float64 data: its 16-byte accesses are v2
-            flags = "FP64," + flags
-        try:
-            src = triton.compiler.ASTSource(fn=fn, signature=r["signature"], constexprs=constexprs, attrs=attrs)
-            k = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options={"num_warps": r["num_warps"]})
-        except Exception as exc:  # report every failure, not just the first
-            failures += 1
-            print(f"{r['shown']:26s} {flags:80s} COMPILE FAILED: {' | '.join(str(exc).splitlines()[:6])[:600]}")
+        f = figures_of(r)
+        if "error" in f:
+            print(f"{f['shown']:26s} {f['flags']:80s} COMPILE FAILED: {f['error']}")
             continue
-        ptx = k.asm["ptx"]
-        widest = lambda kind: max(re.findall(kind + r"\.global(?:\.\w+)*?\.(v\d)", ptx) or ["v1"])  # noqa: E731
-        nregs, spills = ptxas_report(ptx, args.arch)
-        # The compiled kernel's own figures: SASS instructions of its data loop per element a thread
-        # handles in one iteration, barriers in that loop, and programs resident per H100 SM.
-        instructions, barriers = sass_loops(k.asm["cubin"])
-        per_iteration = constexprs.get("BLOCK") or constexprs.get("BLOCK_R", 1) * constexprs.get("BLOCK_K", 1)
-        per_element = instructions / max(1, per_iteration / (32 * r["num_warps"]))
-        resident = resident_programs(k.n_regs if getattr(k, "n_regs", None) else int(nregs), r["num_warps"],
-                                     k.metadata.shared)
-        print(f"{r['shown']:26s} {flags:80s} {nregs!s:>4s} {spills!s:>5s} {widest('ld'):>14s} {widest('st'):>14s}"
-              f" {per_element:7.1f} {barriers:4d} {resident:6d}")
-    print(f"{len(records)} launch signatures compiled for sm_{args.arch}, {failures} failed")
+        rows.append(f)
+        print(f"{f['shown']:26s} {f['flags']:80s} {f['regs']!s:>4s} {f['spills']!s:>5s} {f['loads']:>14s}"
+              f" {f['stores']:>14s} {f['per_element']:7.1f} {f['barriers']:4d} {f['resident']:6d}")
+    if not failures:
+        print()
+        print("\n".join(waves_tables(rows, suite, figures_of)))
+    print(f"{len(jobs)} launch signatures compiled for sm_{args.arch}, {len(failures)} failed")
     sys.exit(1 if failures else 0)
 
 

@@ -60,6 +60,9 @@ class _NoLaunch:
     def run(self, *args, grid, warmup, **kwargs):
         return _NoCompiledKernel()
 
+    def warmup(self, *args, grid, **kwargs):
+        return _NoCompiledKernel()
+
 
 @contextlib.contextmanager
 def stubbed_launches():

@@ -8,24 +8,30 @@ import math
 
 import torch
 
-from ._runtime import ASSUMED_SM_COUNT, check_kernel_device, use_gpu_config
+from ._runtime import ASSUMED_SM_COUNT, check_kernel_device, multiprocessor, use_gpu_config
 from .kernels import batch_norm as kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-@functools.lru_cache(maxsize=64)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def grid_of(x: torch.Tensor, R: int, C: int, S: int, channels_last: bool) -> kernels.Grid:
     """The launch grid of the (R, C, S) view of ``x`` on its device (cached per shape)."""
     device = x.device
     if device.type == "cuda":
-        return kernels.make_grid(R, C, S, channels_last, x.element_size(), True,
-                                 _sm_count(device.index if device.index is not None else torch.cuda.current_device()))
+        return _cuda_grid(R, C, S, channels_last, x.dtype,
+                          device.index if device.index is not None else torch.cuda.current_device())
     return kernels.make_grid(R, C, S, channels_last, x.element_size(), use_gpu_config(device), ASSUMED_SM_COUNT)
+
+
+@functools.lru_cache(maxsize=256)
+def _cuda_grid(R: int, C: int, S: int, channels_last: bool, dtype: torch.dtype, device_index: int) -> kernels.Grid:
+    """Tiles first, then splits for whole waves of the passes' compiled occupancy on this device
+    (the first call of a shape compiles the four passes to read their registers)."""
+    element_size, sm_count = dtype.itemsize, multiprocessor(device_index).count
+    grid = kernels.make_grid(R, C, S, channels_last, element_size, True, sm_count)
+    with torch.cuda.device(device_index):
+        per_sm = kernels.resident_per_sm(grid, dtype)
+    return grid if per_sm is None else kernels.make_grid(R, C, S, channels_last, element_size, True, sm_count, per_sm)
 
 
 # ----------------------------------------------------------------------------- layout ---------

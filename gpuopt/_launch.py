@@ -15,16 +15,18 @@ more (a superset is safe, a subset is not):
   (floats are never specialised on their value);
 * the current CUDA device (Triton compiles and loads per device).
 
-A miss takes Triton's own path (``JITFunction.run``: it compiles or finds the kernel and
-launches it) and keeps what it returns. Through the interpreter (CPU) every launch takes Triton's
-path: there is no compiled kernel to keep.
+A miss asks Triton for the compiled kernel (``JITFunction.run`` with ``warmup=True``: it compiles
+or finds it, and launches nothing), keeps the compiled kernel's own launcher, and launches
+through it; a persistent launch's grid is fitted to the compiled kernel's occupancy there (one
+wave, see ``launch``). Through the interpreter (CPU) every launch takes Triton's path: there is
+no compiled kernel to keep.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._runtime import interpreter_enabled
+from ._runtime import interpreter_enabled, multiprocessor, resident_programs
 
 def _make_keyer(kinds: tuple):
     """A function of a launch's arguments (whose classes are ``kinds``) returning what Triton may
@@ -61,9 +63,15 @@ def _current_device() -> int:
     return torch.cuda.current_device()
 
 
-def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int) -> None:
+def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, *, persistent: bool = False) -> None:
     """``kernel[grid](*args, **constexprs, num_warps=num_warps)``: ``args`` are the kernel's
-    runtime arguments in signature order, ``constexprs`` the rest by name."""
+    runtime arguments in signature order, ``constexprs`` the rest by name.
+
+    ``persistent``: the kernel walks its work grid-stride along axis 0 (any number of programs
+    does all of it), and ``grid[0]`` is an upper bound, lowered to one *wave* of the compiled
+    kernel: as many programs as every SM keeps resident at once, from the kernel's registers,
+    warps and shared memory (``_runtime.resident_programs``). A grid just over a whole number of
+    waves would leave most SMs idle while the last few programs run."""
     if not _compiled_launches:
         kernel[grid](*args, **constexprs, num_warps=num_warps)
         return
@@ -74,14 +82,41 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int) -
     values = tuple(map(constexprs.__getitem__, names))
     key = (_current_device(), grid, num_warps, values, _argument_key(args))
     runner = launchers.get(key)
-    if runner is not None:
-        runner(*args, *values)
-        return
-    compiled = kernel.run(*args, grid=grid, warmup=False, **constexprs, num_warps=num_warps)  # compiles, launches
-    if compiled is not None and hasattr(compiled, "function") and not hasattr(compiled, "result"):
+    if runner is None:
+        compiled = kernel.run(*args, grid=grid, warmup=True, **constexprs, num_warps=num_warps)  # compiles only
+        if compiled is None or not hasattr(compiled, "function") or hasattr(compiled, "result"):
+            kernel[grid](*args, **constexprs, num_warps=num_warps)  # not a kernel to keep: Triton's own path
+            return
+        if persistent:
+            grid = (min(grid[0], one_wave(compiled, num_warps) or grid[0]), *grid[1:])
         if len(launchers) >= _MAX_KEPT:
             launchers.clear()
-        launchers[key] = compiled[grid]  # CompiledKernel's own launcher: stream, hooks, then the C launch
+        # CompiledKernel's own launcher (stream, hooks, then the C launch) takes a 3-D grid.
+        runner = launchers[key] = compiled[(*grid, 1, 1)[:3]]
+    runner(*args, *values)
+
+
+def one_wave(compiled, num_warps: int) -> int | None:
+    """Programs of ``compiled`` (a loaded CompiledKernel) resident on the whole current device at
+    once; None when the kernel does not say its registers (a stand-in)."""
+    registers = getattr(compiled, "n_regs", None)
+    if not registers:
+        return None
+    sm = multiprocessor(_current_device())
+    return sm.count * resident_programs(registers, num_warps, compiled.metadata.shared, sm)
+
+
+def resident_per_sm(kernel, args: tuple, constexprs: dict, num_warps: int) -> int | None:
+    """Programs of ``kernel`` compiled for these arguments (tensors, or their dtypes) resident on
+    one SM of the current device; None through the interpreter. Compiles, launches nothing."""
+    if not _compiled_launches:
+        return None
+    compiled = kernel.warmup(*args, grid=(1,), **constexprs, num_warps=num_warps)
+    if compiled is None or not hasattr(compiled, "function") or hasattr(compiled, "result"):
+        return None
+    compiled[(1, 1, 1)]  # loads it: the driver reports its registers
+    wave = one_wave(compiled, num_warps)
+    return wave and wave // multiprocessor(_current_device()).count
 
 
 def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_ptr=None, grad_scale=None,
@@ -101,7 +136,7 @@ def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_
            dict(UPDATE=algorithm.update, PER_TENSOR=algorithm.per_tensor or walk.step_only, FLAGS=flags,
                 N_ROLES=n_roles, N_HYPER=n_hyper, HAS_STEP=has_step, LR_ON_DEVICE=lr_ptr is not None,
                 HAS_FOUND_INF=found_inf is not None, ALIGNED=plan.aligned, BLOCK=plan.block),
-           plan.num_warps)
+           plan.num_warps, persistent=True)
 
 
 def launch_step(algorithm, plan, step_args, lr, hyperparameters: tuple, flags: dict, *, has_master,

@@ -62,7 +62,8 @@ class LaunchPlan:
         self.block_tensor = block_tensor.to(self.device)
         self.block_start = block_start.to(torch.int64).to(self.device)
         self.numel = torch.tensor(self.numels, dtype=torch.int64, device=self.device)
-        # Enough resident warps to keep every SM's memory pipeline full.
+        # At most every SM's thread slots full: the launch lowers this to one wave of the compiled
+        # kernel (its registers allow 3-6 programs per SM, not 8; ``_launch.launch``, persistent).
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
             programs = props.multi_processor_count * (props.max_threads_per_multi_processor // (32 * self.num_warps))

@@ -555,9 +555,38 @@ class Grid:
                     ACC=tl.float64 if self.float64 else tl.float32)
 
 
+def _split_tiles(row_tiles: int, col_tiles: int, wanted: int) -> tuple[int, int]:
+    """(row tiles, column tiles) per split for about ``wanted`` splits of a channel's tiles: rows
+    first, then (channels-first, when a channel has few rows of many values) columns."""
+    row_splits = min(row_tiles, wanted)
+    col_splits = min(col_tiles, _cdiv(wanted, row_splits))
+    return _cdiv(row_tiles, row_splits), _cdiv(col_tiles, col_splits)
+
+
+def _whole_wave_splits(channel_blocks: int, row_tiles: int, col_tiles: int, wave: int) -> tuple[int, int]:
+    """``_split_tiles`` for the split count whose ``channel_blocks × splits`` programs finish
+    soonest on a device running ``wave`` of them at a time: time ∝ rounds × tiles per split,
+    rounds = ceil(programs / wave). The fewest splits within 3% of the best (each adds a partial
+    to combine). One wave when the channel blocks fit in one (64 channels on 528 slots: 8 splits,
+    512 programs, not 9 and a second wave of 48); several whose last is nearly full when they do
+    not (2048 channels of 8 tiles on 396 slots: 4 splits, 21 rounds of 2 tiles, where 1 split
+    takes 6 rounds of 8)."""
+    best, choices = float("inf"), []
+    for wanted in range(1, max(1, min(row_tiles * col_tiles, _cdiv(16 * wave, channel_blocks))) + 1):
+        rows, cols = _split_tiles(row_tiles, col_tiles, wanted)
+        splits = _cdiv(row_tiles, rows) * _cdiv(col_tiles, cols)
+        time = _cdiv(channel_blocks * splits, wave) * rows * cols
+        choices.append((time, splits, rows, cols))
+        best = min(best, time)
+    return min((splits, rows, cols) for time, splits, rows, cols in choices if time <= best * 1.03)[1:]
+
+
 @functools.lru_cache(maxsize=256)
 def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gpu_config: bool,
-              sm_count: int) -> Grid:
+              sm_count: int, programs_per_sm: int = _GPU_PROGRAMS_PER_SM) -> Grid:
+    """The tiles (from the shape, layout and element size) and the splits of each channel block,
+    as many as fill whole waves of ``sm_count × programs_per_sm`` programs (``_whole_wave_splits``;
+    ``programs_per_sm``: the passes' compiled occupancy, see ``resident_per_sm``)."""
     if gpu_config:
         # float64 tiles hold half the elements over half the warps: 8 values per thread as in
         # fp32 (the statistics kernel's per-lane Welford state spilled at 2048 fp64 values).
@@ -566,7 +595,7 @@ def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gp
         tile = _INTERPRETER_TILE
     else:
         tile = min(_INTERPRETER_MAX_TILE, _next_power_of_2(R * C * S // 4))
-    target_programs = sm_count * _GPU_PROGRAMS_PER_SM if gpu_config else _INTERPRETER_PROGRAMS
+    wave = sm_count * programs_per_sm if gpu_config else _INTERPRETER_PROGRAMS
     n_cols = C if channels_last else S
     if channels_last:
         # A warp reads 32 × 16 bytes: one 128-channel fp32 run (256 for 16-bit types) per row.
@@ -576,14 +605,10 @@ def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gp
         block_k = _column_block(S, min(tile, 1024))
         channel_blocks = C
     block_r = max(1, tile // block_k)
-    # Spread each channel over enough splits to give every SM several programs: rows first, then
-    # (channels-first, when a channel has few rows of many values) columns.
-    wanted = max(1, _cdiv(target_programs, channel_blocks))
+    # Spread each channel over enough splits to fill whole waves.
     row_tiles, col_tiles = _cdiv(R, block_r), (1 if channels_last else _cdiv(S, block_k))
-    row_splits = min(row_tiles, wanted)
-    col_splits = min(col_tiles, _cdiv(wanted, row_splits))
-    rows_per_split = _cdiv(row_tiles, row_splits) * block_r
-    cols_per_split = _cdiv(col_tiles, col_splits) * block_k
+    row_tiles_per_split, col_tiles_per_split = _whole_wave_splits(channel_blocks, row_tiles, col_tiles, wave)
+    rows_per_split, cols_per_split = row_tiles_per_split * block_r, col_tiles_per_split * block_k
     row_splits = _cdiv(R, rows_per_split)
     # Channels-last columns are channel blocks (grid axis 0), never split.
     col_splits = 1 if channels_last else _cdiv(S, cols_per_split)
@@ -596,6 +621,31 @@ def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gp
     return Grid(R, C, S, channels_last, block_r, block_k, vec, channel_blocks, rows_per_split, cols_per_split,
                 col_splits, n_splits, (_GPU_WARPS * tile // _GPU_TILE) if gpu_config else 1,
                 min(_next_power_of_2(n_splits), 32 if gpu_config else 4), 4 if gpu_config else 1, element_size == 8)
+
+def shared_grid_passes(grid: Grid, dtype: torch.dtype) -> list[tuple]:
+    """``(kernel, arguments, constexprs)`` of the four passes launched on ``grid.grid`` for
+    ``dtype`` input — statistics, normalize, backward reduction, backward input — as a training
+    layer with fp32 affine parameters launches them (tensors given by their dtypes)."""
+    acc, f64 = grid.acc_dtype, grid.float64
+    affine = dict(TRAINING=True, EPS_INSIDE_SQRT=True, HAS_WEIGHT=True, **grid.constexprs)
+    return [(_stats_kernel, (dtype, acc, acc, *grid.args), grid.constexprs),
+            (_normalize_f64_kernel if f64 else _normalize_kernel,
+             (dtype, dtype, acc, None, None, torch.float32, torch.float32, 1e-5, *grid.args), dict(affine, HAS_BIAS=True)),
+            (_backward_reduce_kernel, (dtype, dtype, acc, None, acc, *grid.args), dict(TRAINING=True, **grid.constexprs)),
+            (_backward_input_f64_kernel if f64 else _backward_input_kernel,
+             (dtype, dtype, dtype, acc, None, torch.float32, acc, 1.0, 1e-5, *grid.args), affine)]
+
+
+def resident_per_sm(grid: Grid, dtype: torch.dtype) -> int | None:
+    """Programs per SM that every pass sharing ``grid``'s launch grid keeps resident on the
+    current device: the least over ``shared_grid_passes`` compiled (other variants of a pass
+    differ by a few registers). A grid sized for it is whole waves for the heaviest pass and one
+    partial wave at most for the lighter ones. None through the interpreter. Compiles the
+    kernels, launches nothing."""
+    counts = [_launch.resident_per_sm(kernel, args, constexprs, grid.num_warps)
+              for kernel, args, constexprs in shared_grid_passes(grid, dtype)]
+    return None if None in counts else min(counts)
+
 
 # ------------------------------------------------------------------------ launchers ----------
 # Plain tensors and numbers in, tensors out; ``grid`` (``make_grid``) says how the passes over the

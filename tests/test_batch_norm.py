@@ -631,3 +631,27 @@ def test_one_dimensional_empty_input_as_torch(device, training):
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         gpuopt.functional.batch_norm(torch.randn(5, device=device), torch.zeros(5, device=device),
                                      torch.ones(5, device=device))
+
+
+def test_splits_fill_whole_waves_of_the_compiled_occupancy():
+    """make_grid spreads each channel over the splits that run the layer in whole waves of
+    ``sm_count × programs_per_sm`` programs: one wave when the channel blocks fit in one, else
+    a last wave nearly full. (bench/compile_report.py shows it on every suite shape with the
+    compiled kernels' occupancy; tests/test_compile.py asserts it.)"""
+    from gpuopt.kernels.batch_norm import make_grid
+
+    for R, C, S, channels_last in [(256 * 3136, 64, 1, True), (256, 64, 3136, False), (256, 2048, 49, False),
+                                   (8192, 4096, 1, True), (128, 128, 784, False)]:
+        for per_sm in (2, 3, 4, 5, 6):
+            g = make_grid(R, C, S, channels_last, 4, True, 132, per_sm)
+            wave, programs = 132 * per_sm, g.channel_blocks * g.n_splits
+            rounds = -(-programs // wave)
+            tiles = g.channel_blocks * -(-R // g.block_r) * (1 if channels_last else -(-S // g.block_k))
+            per_program = (g.rows_per_split // g.block_r) * (g.cols_per_split // g.block_k)
+            # (128 channels of 50 tiles on 792 slots can do no better than 0.90: the tiles' granularity)
+            assert tiles / (rounds * wave * per_program) >= 0.88, (R, C, S, channels_last, per_sm, g)
+            if programs <= wave:  # one wave: not a program more than the slots, and most slots busy
+                assert programs >= 0.9 * wave or g.n_splits == -(-R // g.block_r) * (1 if channels_last else -(-S // g.block_k))
+    # 64 channels on 528 slots: 8 splits (512 programs), not 9 and a second wave of 48.
+    g = make_grid(256, 64, 3136, False, 4, True, 132, 4)
+    assert g.channel_blocks * g.n_splits == 512

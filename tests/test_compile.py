@@ -3,7 +3,8 @@
 The interpreter accepts code the compiler rejects (it once accepted role indices that were plain
 module globals, which the compiler refuses). bench/compile_report.py compiles every launch
 signature the optimizers and batch norm use with Triton's own LLVM and ptxas; this test fails if any does not
-compile, spills registers, or loses 16-byte global accesses."""
+compile, spills registers, loses 16-byte global accesses, has a barrier in a data loop, or would
+launch a grid of partial waves on the bench suite's shapes."""
 
 import os
 import subprocess
@@ -22,7 +23,9 @@ def test_every_kernel_compiles_for_sm90_with_vector_accesses():
     if "No module named" in res.stderr and "backends" in res.stderr:
         pytest.skip("this triton build has no NVIDIA backend")
     assert res.returncode == 0, res.stdout + res.stderr
-    rows = [line.split() for line in res.stdout.splitlines()[1:-1]]
+    lines = res.stdout.splitlines()
+    blank = lines.index("")  # the signatures' table, then the waves table
+    rows = [line.split() for line in lines[1:blank]]
     assert rows, res.stdout
     # Which global accesses must be 16 bytes wide: both for every pass over tensor data; loads only
     # for the batch-norm reductions (they store one partial per channel); none for the per-channel
@@ -51,3 +54,18 @@ def test_every_kernel_compiles_for_sm90_with_vector_accesses():
             assert float(per_element) <= limit, f"statistics loop: {' '.join(row)}"
     assert {"_adam_update", "_stats_kernel", "_normalize_kernel", "_backward_input_kernel", "_adam_update_f64",
             "_normalize_f64_kernel"} <= kernels_seen
+    # Grids on the bench suite's shapes, from the compiled occupancy: the optimizers' persistent
+    # grid is one wave with blocks spread evenly; batch norm's splits fill whole waves. Efficiency:
+    # the work over what the grid's rounds of resident programs could do (a straggler wave, or
+    # idle slots, lower it).
+    waves = [line.split() for line in lines[blank + 3:-1]]
+    assert {w[1] for w in waves if w[0] == "optimizer"} == {"GPT-2-medium", "ResNet-50", "flat"}, res.stdout
+    assert len([w for w in waves if w[0] == "batch"]) == 36, res.stdout  # 7 shapes × layouts × 3 dtypes
+    for w in waves:
+        per_sm, programs, n_waves, efficiency = int(w[-5]), int(w[-3]), float(w[-2]), float(w[-1])
+        assert per_sm >= 1 and programs >= 1, " ".join(w)
+        if w[0] == "optimizer":
+            assert n_waves <= 1.0 and efficiency >= 0.95, f"optimizer grid: {' '.join(w)}"
+        else:  # whole waves, or many with a nearly full last one; the tiles' granularity allows ~0.92
+            assert efficiency >= 0.92, f"batch-norm grid: {' '.join(w)}"
+            assert n_waves <= 1.0 or n_waves % 1 >= 0.9 or n_waves >= 6, f"batch-norm grid: {' '.join(w)}"

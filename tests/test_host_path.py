@@ -182,7 +182,7 @@ def test_kept_launch_is_keyed_by_everything_triton_specialises_on(monkeypatch):
 
     assert go() == "triton"
     assert go() == "kept"
-    assert kernel.log[0] == ("kept", (3,), (a, b, 8, 0.5, True, 128))
+    assert kernel.log[0] == ("kept", (3, 1, 1), (a, b, 8, 0.5, True, 128))  # 3-D: CompiledKernel reads grid[0..2]
     assert go(x=0.25) == "kept"  # floats are not specialised
     assert go(flag=False) == "triton"  # a constexpr
     assert go(n=16) == "triton"  # an int: divisibility by 16
@@ -280,3 +280,48 @@ def test_graphed_step_replays_the_eager_step(check):
         for p, t in zip(params, twins):
             assert torch.equal(p, t)
         assert step.captures == 2
+
+
+def test_a_persistent_launch_runs_one_wave_of_the_compiled_kernel(monkeypatch):
+    """On a GPU the walk's grid is what the compiled kernel keeps resident on every SM at once
+    (from its registers), not 8 programs per SM; the kept launcher gets a 3-D grid (Triton's
+    CompiledKernel launcher reads grid[0..2]) and the runtime arguments then the constexprs."""
+    from types import SimpleNamespace
+
+    from gpuopt import _launch, _runtime
+
+    launched, compiles = [], []
+
+    class Compiled:
+        function, n_regs, metadata = object(), 72, SimpleNamespace(shared=0)  # 72 registers, 8 warps: 3 per SM
+
+        def __getitem__(self, grid):
+            return lambda *args: launched.append((grid, args))
+
+    class Kernel:
+        arg_names = ["x_ptr", "n", "BLOCK"]
+
+        def run(self, *args, grid, warmup, **kwargs):
+            compiles.append(warmup)
+            return Compiled()
+
+    monkeypatch.setattr(_launch, "_compiled_launches", True)
+    monkeypatch.setattr(_launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(_launch, "multiprocessor", lambda index: _runtime.H100)
+    monkeypatch.setattr(_launch, "_kept", {})
+    x, kernel = torch.zeros(4), Kernel()
+    for blocks in (5000, 5000, 100):
+        _launch.launch(kernel, (blocks,), (x, 7), dict(BLOCK=2048), 8, persistent=True)
+    assert compiles == [True, True]  # compiled (not launched) once per grid, then the kept launcher
+    assert [grid for grid, _ in launched] == [(132 * 3, 1, 1), (132 * 3, 1, 1), (100, 1, 1)]
+    assert launched[0][1] == (x, 7, 2048)
+    _launch.launch(kernel, (64, 7), (x, 7), dict(BLOCK=2048), 8)  # not persistent: the grid as given
+    assert launched[-1][0] == (64, 7, 1)
+
+
+@pytest.mark.parametrize("registers,warps,shared,expected", [(32, 8, 0, 8), (64, 8, 0, 4), (72, 8, 0, 3),
+                                                             (128, 8, 0, 2), (255, 8, 0, 1), (40, 4, 100_000, 2)])
+def test_resident_programs_follow_registers_warps_and_shared_memory(registers, warps, shared, expected):
+    from gpuopt._runtime import resident_programs
+
+    assert resident_programs(registers, warps, shared) == expected
