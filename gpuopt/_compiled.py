@@ -15,6 +15,7 @@ import inspect
 
 import torch
 
+from ._distributed import any_dtensor
 from ._fused import run_functional
 from .kernels._multi_tensor import MAX_ROLES  # the operator has one list argument per role slot
 
@@ -64,7 +65,7 @@ def traced_step(opt, closure=None, *, grad_scale=None, found_inf=None):
     """``opt.step()`` as Dynamo traces it: per param group, the lists of its tensors and one call
     of the operator. Falls back to the eager step (a graph break) for what the operator cannot
     take: a state not made yet (the first step), an option given as a tensor, fp32 parameters
-    standing in for their own master copy, step hooks."""
+    standing in for their own master copy, DTensor parameters, step hooks."""
     if not all(_traceable(opt, group) for group in opt.param_groups):
         return opt._hooked_step(closure, grad_scale=grad_scale, found_inf=found_inf)
     loss, grad_scale, found_inf = opt._begin_step(closure, grad_scale, found_inf)
@@ -94,8 +95,8 @@ def traced_step(opt, closure=None, *, grad_scale=None, found_inf=None):
 
 def _traceable(opt, group) -> bool:
     options = opt._options(group)
-    if any(isinstance(value, torch.Tensor) for value in options.values()):
-        return False
+    if any(isinstance(value, torch.Tensor) for value in options.values()) or any_dtensor(group["params"]):
+        return False  # (a DTensor's step runs eagerly: the operator takes plain tensors)
     needed = opt._state_roles(group) + (("step",) if opt._uses_step(group) else ())
     for p in group["params"]:
         if p.grad is None:

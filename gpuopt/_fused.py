@@ -14,6 +14,7 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 
 from . import _launch
+from ._distributed import any_dtensor, check_sharded_pairs, is_dtensor, like_dtensor, local, local_roles
 from ._multi_tensor import PlanCache, plan_launches
 from ._validate import (check_params_and_grads, check_roles, follow_layout, like_param, matching_layout,
                         real_views)
@@ -103,9 +104,12 @@ def run_functional(name: str, algorithm, roles: dict, options: dict, *, lr, grad
     """The functional API's path: the caller's lists are new every call, so they are checked every
     call (params and grads, then every role), grads copied to their params' layout if needed,
     then one launch per (device, dtypes) group."""
-    params = roles["param"]
-    if not params:
+    if not roles["param"]:
         return
+    if any_dtensor(roles["param"]):  # DTensors: each rank updates its local shards
+        check_sharded_pairs(name, roles["param"], roles["grad"])
+        roles = local_roles(roles)
+    params = roles["param"]
     roles = dict(roles, grad=dense_grads(algorithm, roles["grad"], options.get("weight_decay", 0.0)))
     check_params_and_grads(name, params, roles["grad"])
     roles = dict(roles, grad=[matching_layout(g, p) for g, p in zip(roles["grad"], params)])
@@ -222,8 +226,8 @@ def _fingerprint(params, grads):
 def _address(t):
     if t is None:
         return -1
-    if t.layout is not torch.strided:
-        return object()  # equal to nothing: such a step is always validated (and refused)
+    if t.layout is not torch.strided or is_dtensor(t):  # sparse; a DTensor (no storage of its own)
+        return object()  # equal to nothing: such a step is always validated (refused, or made local)
     return t.data_ptr()
 
 
@@ -262,6 +266,7 @@ class _PreparedGroup:
     grad_copies: list | None = None  # gradients copied into their param's layout, for this step's launch
     options: tuple | None = None  # the group's options the launcher was made from (None: remake every step)
     launcher: object = None  # launch(plan, step_args, lr=, has_master=, stochastic_rounding=)
+    sharded: bool = False  # DTensor parameters: the fingerprint and launches are of their local tensors
 
     def same_storage(self) -> bool:
         """Every parameter and state is where it was validated (``p.data = ...`` and
@@ -476,7 +481,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     state[key] = step.to(device=p.device, dtype=torch.float32, copy=True)
                 elif isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
                     dtype = torch.float32 if key == "master_param" else self._state_dtype(p, group)
-                    state[key] = like_param(value.to(p.device), p, dtype)
+                    state[key] = like_param(like_dtensor(value, p).to(p.device), p, dtype)
             self._after_load(state, p, group)
         self._reset_host_caches()
 
@@ -556,9 +561,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         row. Anything else is validated again (``_prepare``)."""
         params = group["params"]
         grads = list(map(_GRAD, params))
+        prepared = self._prepared.get(index)
+        if prepared is not None and prepared.sharded:
+            grads = list(map(local, grads))
         fingerprint = _fingerprint(params, grads)
         options = tuple(map(group.get, self._option_names))
-        prepared = self._prepared.get(index)
         if prepared is not None and not prepared.same_options(options):
             if prepared.structure == self._structure(group):  # new hyperparameters, the same tensors
                 prepared.set_options(options, self._launcher(group))
@@ -567,6 +574,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if (prepared is None or prepared.generation != self._generation.value or not prepared.same_storage()
                 or (prepared.fingerprint != fingerprint and not prepared.move_grads(fingerprint, grads))):
             prepared = self._prepare(index, group, params, grads, fingerprint, options)
+            if prepared.sharded:
+                grads = list(map(local, grads))
         return prepared, grads
 
     def _graph_key(self) -> tuple:
@@ -592,22 +601,31 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _prepare(self, index, group, params, grads, fingerprint, options) -> _PreparedGroup:
         """The slow path: validate the group's tensors, make missing states, and plan its launches."""
         name = type(self).__name__
+        sharded = any_dtensor(params)
+        if sharded:  # DTensors (FSDP2, tensor parallel): each rank updates its local shards
+            check_sharded_pairs(name, params, grads)
+            grads = [local(g) for g in grads]
+            fingerprint = _fingerprint(params, grads)
         chosen = [i for i, g in enumerate(grads) if g is not None]
         every_grad = len(chosen) == len(params)
-        params = [params[i] for i in chosen]
+        params = [params[i] for i in chosen]  # the states' keys
+        local_params = [local(p) for p in params] if sharded else params
         grads = [grads[i] for i in chosen]
         densified = dense_grads(self._algorithm, grads, group.get("weight_decay", 0.0))
         launches, touched, copies = [], (), None
         if params:
-            check_params_and_grads(name, params, densified)  # before any state is made for them
-            matched = [matching_layout(g, p) for g, p in zip(densified, params)]
+            check_params_and_grads(name, local_params, densified)  # before any state is made for them
+            matched = [matching_layout(g, p) for g, p in zip(densified, local_params)]
             if densified is not grads or any(m is not g for m, g in zip(matched, grads)):
                 copies = matched  # new every step: this preparation is never reused
             for p in params:
                 state = self.state[p]
-                self._complete_state(state, p, group)
-                self._follow_layout(state, p)
+                self._complete_state(state, p, group)  # a DTensor parameter's states are DTensors like it
+                if not sharded:  # (a DTensor's local tensor is laid out by its owner: FSDP2's are contiguous)
+                    self._follow_layout(state, p)
             roles = self._roles(group, params, matched)
+            if sharded:
+                roles = local_roles(roles)
             launches = [(plan, has_master, sr, [chosen[i] for i in positions])
                         for plan, has_master, sr, positions in prepare_launches(
                             name, roles, self._algorithm.roles, self._plans, index, group["stochastic_rounding"])]
@@ -618,6 +636,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                   _grad_layout(grads) if reusable and every_grad and launches else None,
                                   touched, tuple(map(_ADDRESS, touched)), copies)
         prepared.set_options(options, self._launcher(group))
+        prepared.sharded = sharded
         self._prepared[index] = prepared
         return prepared
 

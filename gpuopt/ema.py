@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _launch
+from ._distributed import any_dtensor, like_dtensor, local
 from ._fused import prepare_launches
 from ._multi_tensor import PlanCache
 from ._runtime import check_kernel_device
@@ -57,7 +58,9 @@ class EMA:
             check_kernel_device(p, "an EMA parameter")
         self.decay = decay
         self.num_updates = 0
+        # A DTensor parameter's average is a DTensor placed like it (FSDP2: each rank averages its shard).
         self.averages = [p.detach().clone(memory_format=torch.preserve_format) for p in self.params]
+        self._sharded = any_dtensor(self.params)
         self._plans = PlanCache()
         self._prepared = None  # (fingerprint, launch plans) while the tensors stay where they were
 
@@ -74,7 +77,10 @@ class EMA:
         is new or moved; otherwise the step is an address compare and the launches."""
         t = self.num_updates + 1
         gamma = self.gamma(t)
-        fingerprint = (tuple(map(_ADDRESS, self.params)), tuple(map(_ADDRESS, self.averages)))
+        params, averages = self.params, self.averages
+        if self._sharded:
+            params, averages = map(local, params), map(local, averages)
+        fingerprint = (tuple(map(_ADDRESS, params)), tuple(map(_ADDRESS, averages)))
         if self._prepared is None or self._prepared[0] != fingerprint:
             self._prepared = (fingerprint, self._prepare())
         hyperparameters, flags = ema_kernel.AVERAGE.hyperparameters(gamma=gamma)
@@ -85,11 +91,13 @@ class EMA:
     def _prepare(self):
         """Validate and plan: averages follow a parameter whose memory layout changed (values kept);
         0-element parameters are skipped."""
-        self.averages = [follow_layout(average, p) for average, p in zip(self.averages, self.params)]
-        chosen = [i for i, p in enumerate(self.params) if p.numel()]
+        if not self._sharded:  # (a DTensor's local tensor is laid out by its owner)
+            self.averages = [follow_layout(average, p) for average, p in zip(self.averages, self.params)]
+        params, averages = [local(p) for p in self.params], [local(a) for a in self.averages]
+        chosen = [i for i, p in enumerate(params) if p.numel()]
         if not chosen:
             return []
-        roles = {"average": [self.averages[i] for i in chosen], "value": [self.params[i].detach() for i in chosen]}
+        roles = {"average": [averages[i] for i in chosen], "value": [params[i].detach() for i in chosen]}
         return [plan for plan, *_ in prepare_launches("EMA", roles, ema_kernel.AVERAGE.roles, self._plans, "ema", False)]
 
     @torch.no_grad()
@@ -120,6 +128,6 @@ class EMA:
         if int(num_updates) != num_updates or num_updates < 0:
             raise ValueError(f"Invalid num_updates: {num_updates} (a count, >= 0)")
         for mine, theirs in zip(self.averages, averages):
-            mine.copy_(theirs)
+            mine.copy_(like_dtensor(theirs, mine))
         self.decay = decay
         self.num_updates = int(num_updates)

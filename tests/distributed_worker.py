@@ -1,0 +1,222 @@
+"""The body of tests/test_distributed.py's processes: each rank of a gloo process group (CPU,
+kernels through Triton's interpreter) runs one scenario and raises on any mismatch; the
+parent's ``torch.multiprocessing.spawn`` re-raises it with the rank's traceback.
+
+Every comparison is against torch on the same sharding: the same model, the same data, the
+same FSDP2 ``fully_shard`` (or DDP, or ZeRO) with ``torch.optim`` instead of gpuopt.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor, init_device_mesh
+
+import gpuopt
+
+# Every optimizer, with options that touch every state role.
+OPTIMIZERS = [("AdamW", dict(lr=1e-2, weight_decay=0.1)), ("Adam", dict(lr=1e-2, amsgrad=True)),
+              ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+              ("RMSprop", dict(lr=1e-2, momentum=0.5, centered=True)), ("Adagrad", dict(lr=0.1)),
+              ("Adadelta", dict(lr=1.0))]
+
+
+def close(actual, expected, what, rtol=2e-5, atol=1e-6):
+    actual = actual.full_tensor() if isinstance(actual, DTensor) else actual
+    expected = expected.full_tensor() if isinstance(expected, DTensor) else expected
+    if not torch.allclose(actual.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True):
+        worst = (actual.double() - expected.double()).abs().max().item()
+        raise AssertionError(f"rank {dist.get_rank()}: {what}: differs by up to {worst:.3g}")
+
+
+def model_and_data(seed=0):
+    """An MLP whose layers shard unevenly over 2 and 3 ranks (5 and 7 rows), plus a batch of
+    data that differs per rank (as a data-parallel loader's would)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 5), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 3))
+    torch.manual_seed(100 + dist.get_rank())
+    return model, torch.randn(8, 6), torch.randn(8, 3)
+
+
+def sharded(model):
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def train(model, opt, x, y, steps, clip=None):
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if clip is not None:
+            clip(model.parameters())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def fsdp_optimizers(tmp):
+    """FSDP2 + every gpuopt optimizer = FSDP2 + torch.optim, states are DTensors placed like their
+    parameters, and clip_grad_norm_ inside the loop equals torch's."""
+    for name, kwargs in OPTIMIZERS:
+        base, x, y = model_and_data()
+        ours, theirs = sharded(copy.deepcopy(base)), sharded(copy.deepcopy(base))
+        opt = getattr(gpuopt, name)(ours.parameters(), **kwargs)
+        ref = getattr(torch.optim, name)(theirs.parameters(), **kwargs)
+        train(ours, opt, x, y, 3, clip=lambda ps: gpuopt.clip_grad_norm_(ps, 0.5))
+        train(theirs, ref, x, y, 3, clip=lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5))
+        for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            assert isinstance(p, DTensor)
+            close(p, q, f"{name}: {n}")
+            for key, value in opt.state[p].items():
+                if key != "step":
+                    assert isinstance(value, DTensor) and value.placements == p.placements, (name, key)
+                    close(value, ref.state[q][key], f"{name}: state {key} of {n}", rtol=1e-4, atol=1e-5)
+
+
+def fsdp_checkpoint(tmp):
+    """torch.distributed.checkpoint saves gpuopt's sharded state and loads it into a fresh run,
+    both ways between torch.optim.AdamW and gpuopt.AdamW: the continuations are identical."""
+    for source, target in (("gpuopt", "torch"), ("torch", "gpuopt"), ("gpuopt", "gpuopt")):
+        base, x, y = model_and_data()
+        model = sharded(copy.deepcopy(base))
+        make = {"gpuopt": gpuopt.AdamW, "torch": torch.optim.AdamW}
+        opt = make[source](model.parameters(), lr=1e-2, weight_decay=0.1)
+        train(model, opt, x, y, 2)
+        path = os.path.join(tmp, f"ckpt-{source}-{target}")
+        dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+        train(model, opt, x, y, 2)  # the run continued as it was
+
+        resumed = sharded(copy.deepcopy(base))
+        resumed_opt = make[target](resumed.parameters(), lr=1e-2, weight_decay=0.1)
+        state = {"model": resumed.state_dict(), "optim": get_optimizer_state_dict(resumed, resumed_opt)}
+        # A torch.optim checkpoint lacks gpuopt's own group options (state_dtype, master_weights,
+        # ...): DCP's strict default load needs allow_partial_load (they keep their defaults).
+        dcp.load(state, checkpoint_id=path,
+                 planner=dcp.DefaultLoadPlanner(allow_partial_load=(source, target) == ("torch", "gpuopt")))
+        resumed.load_state_dict(state["model"])
+        set_optimizer_state_dict(resumed, resumed_opt, state["optim"])
+        train(resumed, resumed_opt, x, y, 2)
+        for (n, p), q in zip(resumed.named_parameters(), model.parameters()):
+            close(p, q, f"checkpoint {source} -> {target}: {n}")
+
+
+def clip_norms(tmp):
+    """clip_grad_norm_ on FSDP2's sharded gradients and on plain ones equals torch's, for the
+    2-norm, the 1-norm, a 3-norm and the max norm, and a non-finite gradient gives a non-finite
+    norm on every rank (error_if_nonfinite raises)."""
+    for norm_type in (2.0, 1.0, 3.0, math.inf):
+        base, x, y = model_and_data()
+        models = [sharded(copy.deepcopy(base)) for _ in range(2)]
+        for m in models:
+            torch.nn.functional.mse_loss(m(x), y).backward()
+        ours = gpuopt.clip_grad_norm_(models[0].parameters(), 0.1, norm_type)
+        theirs = torch.nn.utils.clip_grad_norm_(models[1].parameters(), 0.1, norm_type)
+        # torch returns the norm as a DTensor, Replicate (the max norm: Partial(max), still to reduce);
+        # gpuopt's is reduced already: Replicate, the full norm on every rank.
+        assert isinstance(ours, DTensor) and all(p.is_replicate() for p in ours.placements), ours
+        close(ours, theirs, f"total {norm_type}-norm")
+        for p, q in zip(*(m.parameters() for m in models)):
+            close(p.grad, q.grad, f"clipped gradient ({norm_type}-norm)")
+    # A NaN on one rank's shard: every rank's norm is NaN, and error_if_nonfinite raises everywhere.
+    base, x, y = model_and_data()
+    model = sharded(copy.deepcopy(base))
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    weight = next(model.parameters())
+    if dist.get_rank() == dist.get_world_size() - 1:
+        weight.grad._local_tensor.view(-1)[0] = float("nan")
+    norm = gpuopt.get_total_norm([p.grad for p in model.parameters()])
+    assert torch.isnan(norm.full_tensor() if isinstance(norm, DTensor) else norm), "NaN lost in the norm"
+    try:
+        gpuopt.clip_grad_norm_(model.parameters(), 1.0, error_if_nonfinite=True)
+    except RuntimeError as error:
+        assert "non-finite" in str(error)
+    else:
+        raise AssertionError("error_if_nonfinite did not raise")
+
+
+def tensor_parallel_and_ema(tmp):
+    """DTensors placed by hand on a 1-D mesh (Shard on either dimension): a step equals torch's,
+    EMA averages them shard by shard, and a Partial gradient is refused before anything changes."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    full = [torch.randn(7, 5), torch.randn(4, 9)]
+    grads = [torch.randn_like(t) for t in full]
+    params = [torch.nn.Parameter(distribute_tensor(t, mesh, [Shard(d)])) for d, t in enumerate(full)]
+    reference = [torch.nn.Parameter(distribute_tensor(t, mesh, [Shard(d)])) for d, t in enumerate(full)]
+    for ps in (params, reference):
+        for p, g, d in zip(ps, grads, range(2)):
+            p.grad = distribute_tensor(g, mesh, [Shard(d)])
+    ema = gpuopt.EMA(params, decay=0.9)
+    gpuopt.Adam(params, lr=0.1).step()
+    torch.optim.Adam(reference, lr=0.1).step()
+    for p, q in zip(params, reference):
+        close(p, q, "Adam on hand-placed DTensors")
+    ema.update()
+    for average, p, start in zip(ema.averages, params, full):
+        assert isinstance(average, DTensor) and average.placements == p.placements
+        close(average, 0.9 * start + 0.1 * p.full_tensor(), "EMA of DTensors")
+    from torch.distributed.tensor import Partial
+
+    opt = gpuopt.SGD(params, lr=0.1)
+    before = [p.full_tensor().clone() for p in params]
+    params[0].grad = DTensor.from_local(torch.randn(7, 5), mesh, [Partial()], run_check=False)
+    try:
+        opt.step()
+    except RuntimeError as error:
+        assert "Partial" in str(error), error
+    else:
+        raise AssertionError("a Partial gradient was used")
+    for p, b in zip(params, before):
+        close(p, b, "parameters after a refused step", rtol=0, atol=0)
+
+
+def ddp_and_zero(tmp):
+    """DDP with gpuopt.SGD, and ZeroRedundancyOptimizer(optimizer_class=gpuopt.AdamW), equal DDP
+    with torch's optimizers; ZeRO's consolidated state_dict round-trips."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for kind in ("ddp", "zero"):
+        base, x, y = model_and_data()
+        ours, theirs = DDP(copy.deepcopy(base)), DDP(copy.deepcopy(base))
+        if kind == "ddp":
+            opt = gpuopt.SGD(ours.parameters(), lr=0.05, momentum=0.9)
+            ref = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9)
+        else:
+            opt = ZeroRedundancyOptimizer(ours.parameters(), optimizer_class=gpuopt.AdamW, lr=1e-2)
+            ref = ZeroRedundancyOptimizer(theirs.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-2)
+        train(ours, opt, x, y, 3)
+        train(theirs, ref, x, y, 3)
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            close(p, q, kind)
+        if kind == "zero":
+            opt.consolidate_state_dict(to=0)
+            if dist.get_rank() == 0:
+                saved = opt.state_dict()
+                assert saved["state"] and all("exp_avg" in s for s in saved["state"].values())
+
+
+SCENARIOS = {f.__name__: f for f in (fsdp_optimizers, fsdp_checkpoint, clip_norms, tensor_parallel_and_ema,
+                                     ddp_and_zero)}
+
+
+def run(rank, world, port, tmp, names):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for name in names:
+            SCENARIOS[name](tmp)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
