@@ -16,6 +16,7 @@ import torch.optim.optimizer as _torch_optimizer
 from . import _launch
 from ._distributed import any_dtensor, check_sharded_pairs, is_dtensor, like_dtensor, local, local_roles
 from ._multi_tensor import PlanCache, plan_launches
+from .clip import get_total_norm
 from ._validate import (check_params_and_grads, check_roles, follow_layout, like_param, matching_layout,
                         real_views)
 
@@ -519,15 +520,37 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     step.hooked = True  # tells torch.optim.Optimizer not to wrap it (it would on every call, hooks or not)
 
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False):
+        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's parameters, fused into the next
+        step: the total norm of their gradients (``gpuopt.get_total_norm``, DTensors included) is
+        returned now, and the next ``step()`` multiplies each gradient by
+        ``min(1, max_norm / (norm + 1e-6))`` as its kernel reads it — the gradients are read once
+        for the norm, once by the step, and never rewritten. A non-finite norm skips that step
+        on the device (as AMP's ``found_inf`` does), where torch would step with NaN gradients."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = get_total_norm(grads, norm_type, error_if_nonfinite)
+        self._pending_clip = (float(max_norm), local(norm))
+        return norm
+
     def _begin_step(self, closure, grad_scale, found_inf):
         """What every step starts with (eager or traced): the closure's loss, computed with grad
-        enabled, and AMP's tensors from the arguments or, as GradScaler sets them, the attributes."""
+        enabled, and AMP's tensors from the arguments or, as GradScaler sets them, the attributes,
+        with a pending ``clip_grad_norm_`` folded in (its divisor into the scale, a non-finite
+        norm into found_inf)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        return (loss, getattr(self, "grad_scale", None) if grad_scale is None else grad_scale,
-                getattr(self, "found_inf", None) if found_inf is None else found_inf)
+        grad_scale = getattr(self, "grad_scale", None) if grad_scale is None else grad_scale
+        found_inf = getattr(self, "found_inf", None) if found_inf is None else found_inf
+        clip, self._pending_clip = getattr(self, "_pending_clip", None), None
+        if clip is not None:
+            max_norm, norm = clip
+            divisor = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)  # g / divisor = g · torch's coefficient
+            grad_scale = divisor if grad_scale is None else grad_scale * divisor.to(grad_scale.device)
+            skipped = (~torch.isfinite(norm)).float()
+            found_inf = skipped if found_inf is None else torch.maximum(found_inf, skipped.to(found_inf.device))
+        return loss, grad_scale, found_inf
 
     def _step(self, closure=None, *, grad_scale=None, found_inf=None):
         loss, grad_scale, found_inf = self._begin_step(closure, grad_scale, found_inf)

@@ -45,6 +45,11 @@ class GraphedStep:
 
     def __call__(self) -> None:
         opt = self.optimizer
+        if getattr(opt, "_pending_clip", None) is not None:
+            opt._pending_clip = None
+            raise RuntimeError("graphed_step: opt.clip_grad_norm_ hands the next step a new norm tensor, which a "
+                               "graph cannot follow; clip in place with gpuopt.clip_grad_norm_(params, ...) "
+                               "before the graphed step")
         if self.graph is not None and (not self.check or self._same(opt._graph_key())):
             self.graph.replay()
             return

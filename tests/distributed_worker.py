@@ -66,13 +66,15 @@ def train(model, opt, x, y, steps, clip=None):
 
 def fsdp_optimizers(tmp):
     """FSDP2 + every gpuopt optimizer = FSDP2 + torch.optim, states are DTensors placed like their
-    parameters, and clip_grad_norm_ inside the loop equals torch's."""
-    for name, kwargs in OPTIMIZERS:
+    parameters, and clipping inside the loop (in place, or fused into the step) equals torch's."""
+    for index, (name, kwargs) in enumerate(OPTIMIZERS):
         base, x, y = model_and_data()
         ours, theirs = sharded(copy.deepcopy(base)), sharded(copy.deepcopy(base))
         opt = getattr(gpuopt, name)(ours.parameters(), **kwargs)
         ref = getattr(torch.optim, name)(theirs.parameters(), **kwargs)
-        train(ours, opt, x, y, 3, clip=lambda ps: gpuopt.clip_grad_norm_(ps, 0.5))
+        # Clipping in place (gpuopt.clip_grad_norm_), or fused into the step (opt.clip_grad_norm_).
+        clip = (lambda ps: gpuopt.clip_grad_norm_(ps, 0.5)) if index % 2 else (lambda ps: opt.clip_grad_norm_(0.5))
+        train(ours, opt, x, y, 3, clip=clip)
         train(theirs, ref, x, y, 3, clip=lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5))
         for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
             assert isinstance(p, DTensor)
