@@ -100,6 +100,12 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
                 y = gpuopt.functional.batch_norm(x, torch.zeros(8), torch.ones(8), w, b, training=training,
                                                  eps_inside_sqrt=eps_inside_sqrt)
                 y.backward(torch.ones_like(y))
+# SyncBatchNorm's combine: a rank's summary, then the fold of the ranks' (here one rank's own).
+from gpuopt._batch_norm import grid_of, view_of
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    x, R, C, S, channels_last = view_of(torch.randn(2, 8, 16, 16).to(dtype))
+    bn.forward_training(x, grid_of(x, R, C, S, channels_last), None, None, torch.zeros(C), torch.ones(C), None, 0.1,
+                        1e-5, True, exchange=lambda summary: summary.view(3, 1, -1))
 for extra in CAPTURE_EXTRA:
     exec(extra)
 seen, unique = set(), []

@@ -85,7 +85,7 @@ def same_layout(t: torch.Tensor, like: torch.Tensor, channels_last: bool) -> tor
 
 
 def check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum,
-                          num_batches_tracked, eps):
+                          num_batches_tracked, eps, *, synchronised=False):
     """Every check that PyTorch makes (and a few it leaves to a crash), before any kernel runs."""
     if training and not eps > 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
@@ -122,7 +122,7 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
     if training:
         size = input.size()
         values_per_channel = size[0] * math.prod(size[2:])
-        if values_per_channel == 1:
+        if values_per_channel == 1 and not synchronised:  # (SyncBatchNorm: the group's count is what counts)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
         if running_mean is not None and momentum is None:
             if num_batches_tracked is None:
@@ -181,6 +181,92 @@ def _backward(ctx, grad_output):
         need_input=ctx.needs_input_grad[0], need_weight=weight is not None and ctx.needs_input_grad[1],
         need_bias=ctx.bias_dtype is not None and ctx.needs_input_grad[2], bias_dtype=ctx.bias_dtype)
     return dx, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Batch norm over the batches of every rank of a process group (``gpuopt.nn.SyncBatchNorm``
+    in training). Forward: each rank's split reduction folded to a per-channel summary (count, μ,
+    M2), one all-gather of the summaries, and their fold on the device with Chan's formula into
+    the group's statistics (and running statistics). Backward: each rank's Σ dẐ and Σ dẐ(Z-μ),
+    one all-reduce, then the closed form with the group's count. ∂L/∂G and ∂L/∂B are this rank's,
+    as torch's SyncBatchNorm returns them (DDP averages them). No host synchronisation: counts
+    stay on the device. A rank with an empty batch takes part with a zero count."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                eps_inside_sqrt, process_group, world_size):
+        C = input.shape[1]
+        counts = []
+
+        def exchange(summary):  # [3, C] → every rank's, [3, ranks, C]
+            gathered = summary.new_empty(world_size * 3, C)  # ranks' [3, C] stacked on dim 0, as NCCL and gloo fill it
+            torch.distributed.all_gather_into_tensor(gathered, summary.contiguous(), group=process_group)
+            gathered = gathered.view(world_size, 3, C)
+            counts.append(gathered[:, int(kernels.COUNT.value), 0].sum())
+            return gathered.transpose(0, 1).contiguous()
+
+        empty = input.numel() == 0
+        if empty:
+            x, g = input, grid_of(input, 1, C, 1, True)  # (the combine's settings, for C channels)
+            statistics = torch.zeros(kernels.N_STATISTICS * C, dtype=g.acc_dtype, device=input.device)
+            summaries = exchange(torch.zeros(3, C, dtype=g.acc_dtype, device=input.device))
+            kernels.fold_statistics(g, summaries, world_size, statistics, running_mean, running_var,
+                                    num_batches_tracked, momentum, eps, eps_inside_sqrt)
+            y = input.clone()
+        else:
+            x, R, C, S, channels_last = view_of(input)
+            g = grid_of(x, R, C, S, channels_last)
+            y, statistics = kernels.forward_training(x, g, weight, bias, running_mean, running_var, num_batches_tracked,
+                                                     momentum, eps, eps_inside_sqrt, exchange=exchange)
+        ctx.save_for_backward(x, weight, statistics, counts[0])
+        ctx.grid, ctx.empty, ctx.eps, ctx.eps_inside_sqrt = g, empty, eps, eps_inside_sqrt
+        ctx.process_group, ctx.bias_dtype = process_group, None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    @torch.compiler.disable
+    def backward(ctx, grad_output):
+        x, weight, statistics, count = ctx.saved_tensors
+        g, C = ctx.grid, x.shape[1]
+        need_input = ctx.needs_input_grad[0]
+        need_weight = weight is not None and ctx.needs_input_grad[1]
+        need_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+        if ctx.empty:
+            sums = torch.zeros(2 * C, dtype=g.acc_dtype, device=x.device)
+            grad_weight = torch.zeros_like(weight) if need_weight else None
+            grad_bias = torch.zeros(C, dtype=ctx.bias_dtype, device=x.device) if need_bias else None
+        else:
+            dy = same_layout(grad_output, x, g.channels_last)
+            sums, grad_weight, grad_bias = kernels.backward_sums(
+                x, dy, g, weight, statistics, None, None, ctx.eps, ctx.eps_inside_sqrt, need_weight=need_weight,
+                need_bias=need_bias, bias_dtype=ctx.bias_dtype)
+        dx = None
+        if need_input:
+            group_sums = sums[:2 * C]
+            torch.distributed.all_reduce(group_sums, group=ctx.process_group)
+            if ctx.empty:
+                dx = torch.empty_like(grad_output)
+            else:
+                # The kernel divides the sums by this rank's count (R·S); the group's sums are divided
+                # by the group's count.
+                group_sums.mul_((g.R * g.S) / count)
+                dx = kernels.backward_input(x, dy, g, weight, statistics, None, sums, ctx.eps, ctx.eps_inside_sqrt)
+        return dx, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, eps_inside_sqrt,
+                    num_batches_tracked, process_group, world_size):
+    """Training batch norm synchronised over ``process_group`` (``world_size`` ranks): see
+    ``SyncBatchNormFunction``. Checked as ``batch_norm``."""
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, True, momentum, num_batches_tracked, eps,
+                          synchronised=True)
+    stats = (running_mean, running_var)
+    running_mean, running_var = per_channel(running_mean), per_channel(running_var)
+    out = SyncBatchNormFunction.apply(input, per_channel(weight), per_channel(bias), running_mean, running_var,
+                                      num_batches_tracked, momentum, float(eps), bool(eps_inside_sqrt), process_group,
+                                      world_size)
+    write_back(stats, (running_mean, running_var))
+    return out
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,

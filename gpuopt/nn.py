@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ._batch_norm import sync_batch_norm
 from .functional import batch_norm
 
 
@@ -38,6 +39,57 @@ class _GpuoptBatchNorm:
     def extra_repr(self) -> str:
         text = super().extra_repr()
         return text if self.eps_inside_sqrt else text + ", eps_inside_sqrt=False"
+
+
+class SyncBatchNorm(_GpuoptBatchNorm, torch.nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` on gpuopt's kernels: in training, the statistics of the whole
+    process group's batch (``process_group``, default the world), with one all-gather per forward
+    and one all-reduce per backward and no host synchronisation (torch's waits on the host for
+    the gathered counts, and reads ``num_batches_tracked`` with ``.item()`` for momentum=None).
+    Same constructor, parameters, buffers and state_dict as torch's; unequal batch sizes across
+    ranks and a rank with an empty batch work as in torch. Outside training, or in a group of one,
+    it is gpuopt's plain batch norm. Unlike torch's, it runs on the CPU too (Triton's interpreter,
+    a gloo group)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        if self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
+            group = self.process_group or torch.distributed.group.WORLD
+            world_size = torch.distributed.get_world_size(group)
+            if world_size > 1:
+                tracking = self.track_running_stats
+                if tracking:
+                    self.num_batches_tracked.add_(1)
+                return sync_batch_norm(input, self.running_mean if tracking else None,
+                                       self.running_var if tracking else None, self.weight, self.bias,
+                                       self.momentum, self.eps, self.eps_inside_sqrt,
+                                       self.num_batches_tracked if tracking else None, group, world_size)
+        return super().forward(input)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None, *,
+                               eps_inside_sqrt: bool | None = None) -> torch.nn.Module:
+        """``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: every batch-norm layer of ``module``
+        (torch's or gpuopt's) replaced by a ``gpuopt.nn.SyncBatchNorm`` sharing its parameters and
+        buffers. ``eps_inside_sqrt``: kept from a gpuopt layer, True (torch's) otherwise, unless given."""
+        output = module
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+            keep = getattr(module, "eps_inside_sqrt", True)
+            output = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                         process_group, eps_inside_sqrt=keep if eps_inside_sqrt is None else eps_inside_sqrt)
+            if module.affine:
+                with torch.no_grad():
+                    output.weight, output.bias = module.weight, module.bias
+            output.running_mean, output.running_var = module.running_mean, module.running_var
+            output.num_batches_tracked = module.num_batches_tracked
+            output.training = module.training
+            if hasattr(module, "qconfig"):
+                output.qconfig = module.qconfig
+        for name, child in module.named_children():
+            output.add_module(name, cls.convert_sync_batchnorm(child, process_group, eps_inside_sqrt=eps_inside_sqrt))
+        del module
+        return output
 
 
 class BatchNorm1d(_GpuoptBatchNorm, torch.nn.BatchNorm1d):
@@ -90,4 +142,4 @@ def convert_batchnorm(module: torch.nn.Module, *, eps_inside_sqrt: bool = True) 
     return output
 
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert_batchnorm"]

@@ -293,9 +293,9 @@ def _inverse_std(var, eps, EPS_INSIDE_SQRT: tl.constexpr):
 
 @triton.jit
 def _stats_combine_kernel(partials_ptr, stats_ptr, n_splits, C, running_mean_ptr, running_var_ptr, batches_ptr,
-                          momentum, eps, EPS_INSIDE_SQRT: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
-                          CUMULATIVE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
-                          ACC: tl.constexpr):
+                          momentum, eps, summary_ptr, EPS_INSIDE_SQRT: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+                          CUMULATIVE: tl.constexpr, SUMMARY: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+                          BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """Fold the partials of ``BLOCK_C`` channels into μ, 1/s (and σ for the seed's backward), and
     update the running statistics as torch.nn.BatchNorm does::
 
@@ -304,7 +304,11 @@ def _stats_combine_kernel(partials_ptr, stats_ptr, n_splits, C, running_mean_ptr
 
     m is ``momentum``, or 1/t with t = ``num_batches_tracked`` (already counting this batch) for
     the cumulative average (the seed's γ_t = (t-1)/t), read on the device: no host sync.
-    ``momentum`` and ``eps`` are used in ACC (float64 input: the float64 variant gets them exactly)."""
+    ``momentum`` and ``eps`` are used in ACC (float64 input: the float64 variant gets them exactly).
+
+    ``SUMMARY`` (SyncBatchNorm): store the channel's (count, μ, M2) in ``summary_ptr`` instead (one
+    "split" of partials: planes COUNT, PART_MEAN, PART_M2 of C values), for the ranks' summaries to
+    be gathered and folded by this kernel again, as ``n_splits`` partials with a zero shift."""
     momentum, eps = tl.full([], momentum, ACC), tl.full([], eps, ACC)
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_range = channels < C
@@ -321,7 +325,12 @@ def _stats_combine_kernel(partials_ptr, stats_ptr, n_splits, C, running_mean_ptr
             tl.load(_plane(partials_ptr, COUNT, n_splits, C) + offsets, mask=mask, other=0.0), 0)
         mean, m2, count = _welford_combine(mean, m2, count, part_mean, part_m2, part_count)
     mean += tl.load(stats_ptr + SHIFT * C + channels, mask=in_range, other=0.0)  # un-shift, once merged
-    var = m2 / tl.maximum(count, 1.0)  # (count is 0 only in masked-off channels)
+    if SUMMARY:
+        tl.store(_plane(summary_ptr, COUNT, 1, C) + channels, count, mask=in_range)
+        tl.store(_plane(summary_ptr, PART_MEAN, 1, C) + channels, mean, mask=in_range)
+        tl.store(_plane(summary_ptr, PART_M2, 1, C) + channels, m2, mask=in_range)
+        return
+    var = m2 / tl.maximum(count, 1.0)  # (count is 0 only in masked-off channels, and on ranks of no batch)
     tl.store(stats_ptr + MEAN * C + channels, mean, mask=in_range)
     tl.store(stats_ptr + INVSTD * C + channels, _inverse_std(var, eps, EPS_INSIDE_SQRT), mask=in_range)
     if not EPS_INSIDE_SQRT:  # the seed's backward also needs σ
@@ -653,24 +662,50 @@ def resident_per_sm(grid: Grid, dtype: torch.dtype) -> int | None:
 
 
 def forward_training(x, grid: Grid, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                     eps_inside_sqrt):
+                     eps_inside_sqrt, *, exchange=None):
     """Statistics (split reduction + combine, running stats updated) then normalize: three
     launches. Returns ``(y, statistics)``: μ, 1/s, σ, shift of each channel (``MEAN`` ...) in
-    the accumulation dtype, what the backward needs."""
+    the accumulation dtype, what the backward needs.
+
+    ``exchange`` (SyncBatchNorm): a function from this rank's summary — (count, μ, M2) per channel,
+    ``[3, C]`` — to every rank's, ``[3, ranks, C]`` (one all-gather); the statistics are then the
+    fold of those, the whole group's batch."""
     g, device = grid, x.device
     partials = torch.empty(3 * g.n_splits * g.C, dtype=g.acc_dtype, device=device)
     statistics = torch.empty(N_STATISTICS * g.C, dtype=g.acc_dtype, device=device)
     _launch.launch(_stats_kernel, g.grid, (x, partials, statistics, *g.args), g.constexprs, g.num_warps)
+    if exchange is None:
+        fold_statistics(g, partials, g.n_splits, statistics, running_mean, running_var, num_batches_tracked,
+                        momentum, eps, eps_inside_sqrt)
+    else:
+        summary = torch.empty(3 * g.C, dtype=g.acc_dtype, device=device)
+        fold_statistics(g, partials, g.n_splits, statistics, None, None, None, momentum, eps, eps_inside_sqrt,
+                        summary=summary)
+        summaries = exchange(summary.view(3, g.C))
+        shift = int(SHIFT.value)
+        statistics[shift * g.C:(shift + 1) * g.C].zero_()  # the summaries' means are un-shifted already
+        fold_statistics(g, summaries, summaries.shape[1], statistics, running_mean, running_var,
+                        num_batches_tracked, momentum, eps, eps_inside_sqrt)
+    return _normalize(x, g, statistics, None, None, weight, bias, eps, eps_inside_sqrt), statistics
+
+
+def fold_statistics(grid: Grid, partials, n_splits: int, statistics, running_mean, running_var, num_batches_tracked,
+                    momentum, eps, eps_inside_sqrt, *, summary=None) -> None:
+    """The combine launch: ``partials`` (planes count, mean, M2 of ``n_splits × C`` values) folded
+    into ``statistics`` (μ, 1/s, σ; the running statistics updated when given), or, with
+    ``summary``, into the channel's (count, μ, M2) only. ``grid``: the layer's (its C, dtype and
+    combine settings; the splits' count is ``n_splits``)."""
+    g = grid
     update = running_mean is not None
     cumulative = update and momentum is None
+    block_splits = g.combine_block_splits if n_splits == g.n_splits else min(_next_power_of_2(n_splits), 32)
     _launch.launch(_stats_combine_f64_kernel if g.float64 else _stats_combine_kernel, g.combine_grid,
-                   (partials, statistics, g.n_splits, g.C, running_mean, running_var,
+                   (partials, statistics, n_splits, g.C, running_mean, running_var,
                     num_batches_tracked if cumulative else None, 0.0 if momentum is None else float(momentum),
-                    float(eps)),
+                    float(eps), summary),
                    dict(EPS_INSIDE_SQRT=eps_inside_sqrt, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-                        **g.combine_constexprs),
+                        SUMMARY=summary is not None, **dict(g.combine_constexprs, BLOCK_SPLITS=block_splits)),
                    g.combine_warps)
-    return _normalize(x, g, statistics, None, None, weight, bias, eps, eps_inside_sqrt), statistics
 
 
 def forward_eval(x, grid: Grid, weight, bias, running_mean, running_var, eps, eps_inside_sqrt):
@@ -693,26 +728,44 @@ def backward(x, dy, grid: Grid, weight, statistics, running_mean, running_var, e
     """``(∂L/∂Z, ∂L/∂G, ∂L/∂B)`` (None where not needed): reduction (Σ dẐ, Σ dẐ(Z-μ)) + combine,
     then the closed-form input gradient. With ``statistics`` (a training forward's) the batch's
     μ and s are used; without, the running statistics (constants: ∂L/∂Z = (G/s) dẐ)."""
+    sums, grad_weight, grad_bias = None, None, None
+    if need_weight or need_bias or (need_input and statistics is not None):
+        sums, grad_weight, grad_bias = backward_sums(x, dy, grid, weight, statistics, running_mean, running_var, eps,
+                                                     eps_inside_sqrt, need_weight=need_weight, need_bias=need_bias,
+                                                     bias_dtype=bias_dtype)
+    dx = None
+    if need_input:
+        dx = backward_input(x, dy, grid, weight, statistics, running_var, sums, eps, eps_inside_sqrt)
+    return dx, grad_weight, grad_bias
+
+
+def backward_sums(x, dy, grid: Grid, weight, statistics, running_mean, running_var, eps, eps_inside_sqrt, *,
+                  need_weight, need_bias, bias_dtype=None):
+    """``(sums, ∂L/∂G, ∂L/∂B)``: the reduction and its combine. ``sums[:2C]`` holds Σ dẐ and
+    Σ dẐ(Z-μ) per channel (SyncBatchNorm all-reduces them before ``backward_input``)."""
     g, device = grid, x.device
     training = statistics is not None
     grad_weight = torch.empty_like(weight) if need_weight else None
     grad_bias = torch.empty(g.C, dtype=bias_dtype, device=device) if need_bias else None
-    sums = None
-    if need_weight or need_bias or (need_input and training):
-        sums = torch.empty((2 + 2 * g.n_splits) * g.C, dtype=g.acc_dtype, device=device)  # sums, then partials
-        _launch.launch(_backward_reduce_kernel, g.grid, (x, dy, statistics, running_mean, sums, *g.args),
-                       dict(TRAINING=training, **g.constexprs), g.num_warps)
-        _launch.launch(_backward_combine_f64_kernel if g.float64 else _backward_combine_kernel, g.combine_grid,
-                       (sums, g.n_splits, g.C, statistics, running_var, float(eps), grad_weight, grad_bias),
-                       dict(TRAINING=training, EPS_INSIDE_SQRT=eps_inside_sqrt, GRAD_WEIGHT=need_weight,
-                            GRAD_BIAS=need_bias, **g.combine_constexprs),
-                       g.combine_warps)
-    dx = None
-    if need_input:
-        dx = torch.empty_like(x)
-        _launch.launch(_backward_input_f64_kernel if g.float64 else _backward_input_kernel, g.grid,
-                       (x, dy, dx, statistics, running_var, weight, sums, float(g.R * g.S), float(eps), *g.args),
-                       dict(TRAINING=training, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_WEIGHT=weight is not None,
-                            **g.constexprs),
-                       g.num_warps)
-    return dx, grad_weight, grad_bias
+    sums = torch.empty((2 + 2 * g.n_splits) * g.C, dtype=g.acc_dtype, device=device)  # sums, then partials
+    _launch.launch(_backward_reduce_kernel, g.grid, (x, dy, statistics, running_mean, sums, *g.args),
+                   dict(TRAINING=training, **g.constexprs), g.num_warps)
+    _launch.launch(_backward_combine_f64_kernel if g.float64 else _backward_combine_kernel, g.combine_grid,
+                   (sums, g.n_splits, g.C, statistics, running_var, float(eps), grad_weight, grad_bias),
+                   dict(TRAINING=training, EPS_INSIDE_SQRT=eps_inside_sqrt, GRAD_WEIGHT=need_weight,
+                        GRAD_BIAS=need_bias, **g.combine_constexprs),
+                   g.combine_warps)
+    return sums, grad_weight, grad_bias
+
+
+def backward_input(x, dy, grid: Grid, weight, statistics, running_var, sums, eps, eps_inside_sqrt):
+    """∂L/∂Z, elementwise: the closed form with the batch's ``statistics`` and ``sums`` (divided by
+    this layer's count of values per channel, R·S), or the running statistics' constants."""
+    g = grid
+    dx = torch.empty_like(x)
+    _launch.launch(_backward_input_f64_kernel if g.float64 else _backward_input_kernel, g.grid,
+                   (x, dy, dx, statistics, running_var, weight, sums, float(g.R * g.S), float(eps), *g.args),
+                   dict(TRAINING=statistics is not None, EPS_INSIDE_SQRT=eps_inside_sqrt,
+                        HAS_WEIGHT=weight is not None, **g.constexprs),
+                   g.num_warps)
+    return dx

@@ -208,8 +208,58 @@ def ddp_and_zero(tmp):
                 assert saved["state"] and all("exp_avg" in s for s in saved["state"].values())
 
 
+def sync_batch_norm(tmp):
+    """gpuopt.nn.SyncBatchNorm on each rank's batch = torch.nn.BatchNorm on the concatenated global
+    batch: outputs, input gradients, weight/bias gradients (summed over ranks, as DDP would),
+    running statistics; unequal batches, a rank with an empty batch (3 ranks), a rank with one
+    value per channel, channels-last, momentum=None, the seed's ε placement forward."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cases = [((3, 2, 0)[:world] if world == 3 else (3, 2), (5, 3, 4), torch.contiguous_format, 0.1),
+             ((2, 4, 1)[:world], (5, 3, 3), torch.channels_last, None),
+             ((4, 1, 3)[:world], (6,), torch.contiguous_format, 0.1)]
+    for sizes, shape, layout, momentum in cases:
+        torch.manual_seed(7)  # every rank makes the whole batch, then takes its part
+        xs = [torch.randn(n, *shape) * 3 + 1 for n in sizes]
+        dys = [torch.randn(n, *shape) for n in sizes]
+        ours = gpuopt.nn.SyncBatchNorm(shape[0], momentum=momentum)
+        reference = (torch.nn.BatchNorm2d if len(shape) == 3 else torch.nn.BatchNorm1d)(shape[0], momentum=momentum)
+        with torch.no_grad():
+            for m in (ours, reference):
+                m.weight.copy_(torch.linspace(0.5, 1.5, shape[0]))
+                m.bias.copy_(torch.linspace(-1, 1, shape[0]))
+        for _ in range(2):  # two steps: the running statistics' update is checked twice
+            x = xs[rank].clone().contiguous(memory_format=layout if len(shape) == 3 else torch.contiguous_format)
+            x.requires_grad_()
+            y = ours(x)
+            y.backward(dys[rank])
+            for p in (ours.weight, ours.bias):
+                dist.all_reduce(p.grad)  # as DDP would (it averages; the sum is the global batch's)
+            full = torch.cat(xs).requires_grad_()
+            expected = reference(full)
+            expected.backward(torch.cat(dys))
+            start = sum(sizes[:rank])
+            what = f"SyncBatchNorm {sizes} {shape}"
+            close(y, expected[start:start + sizes[rank]], f"{what}: output", rtol=1e-4, atol=1e-5)
+            close(x.grad, full.grad[start:start + sizes[rank]], f"{what}: input gradient", rtol=1e-4, atol=1e-5)
+            close(ours.weight.grad, reference.weight.grad, f"{what}: weight gradient", rtol=1e-4, atol=1e-5)
+            close(ours.bias.grad, reference.bias.grad, f"{what}: bias gradient", rtol=1e-4, atol=1e-5)
+            close(ours.running_mean, reference.running_mean, f"{what}: running mean")
+            close(ours.running_var, reference.running_var, f"{what}: running var")
+            assert int(ours.num_batches_tracked) == int(reference.num_batches_tracked)
+            for m in (ours, reference):
+                m.zero_grad()
+    # convert_sync_batchnorm: torch's and gpuopt's layers, shared parameters and buffers
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), gpuopt.nn.BatchNorm2d(4,
+                                eps_inside_sqrt=False))
+    weight = model[1].weight
+    converted = gpuopt.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert all(type(m) is gpuopt.nn.SyncBatchNorm for m in list(converted)[1:])
+    assert converted[1].weight is weight and converted[2].eps_inside_sqrt is False
+    converted(torch.randn(2, 3, 6, 6)).sum().backward()
+
+
 SCENARIOS = {f.__name__: f for f in (fsdp_optimizers, fsdp_checkpoint, clip_norms, tensor_parallel_and_ema,
-                                     ddp_and_zero)}
+                                     ddp_and_zero, sync_batch_norm)}
 
 
 def run(rank, world, port, tmp, names):

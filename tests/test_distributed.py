@@ -25,10 +25,10 @@ def _spawn(world, names, tmp_path):
     mp.spawn(distributed_worker.run, args=(world, _free_port(), str(tmp_path), names), nprocs=world, join=True)
 
 
-def test_fsdp2_ddp_zero_checkpoint_and_clipping_match_torch_on_two_ranks(tmp_path):
+def test_fsdp2_ddp_zero_checkpoint_clipping_and_sync_batch_norm_match_torch_on_two_ranks(tmp_path):
     _spawn(2, list(distributed_worker.SCENARIOS), tmp_path)
 
 
-def test_fsdp2_with_uneven_shards_on_three_ranks(tmp_path):
-    _spawn(3, ["fsdp_optimizers", "clip_norms", "tensor_parallel_and_ema"], tmp_path)
+def test_uneven_shards_and_batches_on_three_ranks(tmp_path):
+    _spawn(3, ["fsdp_optimizers", "clip_norms", "tensor_parallel_and_ema", "sync_batch_norm"], tmp_path)
 
