@@ -183,6 +183,10 @@ def _backward(ctx, grad_output):
     return dx, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
+# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single (absent in 2.11)
+_all_gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """Batch norm over the batches of every rank of a process group (``gpuopt.nn.SyncBatchNorm``
     in training). Forward: each rank's split reduction folded to a per-channel summary (count, μ,
@@ -200,7 +204,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
         def exchange(summary):  # [3, C] → every rank's, [3, ranks, C]
             gathered = summary.new_empty(world_size * 3, C)  # ranks' [3, C] stacked on dim 0, as NCCL and gloo fill it
-            torch.distributed.all_gather_into_tensor(gathered, summary.contiguous(), group=process_group)
+            _all_gather(gathered, summary.contiguous(), group=process_group)
             gathered = gathered.view(world_size, 3, C)
             counts.append(gathered[:, int(kernels.COUNT.value), 0].sum())
             return gathered.transpose(0, 1).contiguous()

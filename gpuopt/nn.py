@@ -41,7 +41,7 @@ class _GpuoptBatchNorm:
         return text if self.eps_inside_sqrt else text + ", eps_inside_sqrt=False"
 
 
-class SyncBatchNorm(_GpuoptBatchNorm, torch.nn.SyncBatchNorm):
+class SyncBatchNorm(_GpuoptBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
     """``torch.nn.SyncBatchNorm`` on gpuopt's kernels: in training, the statistics of the whole
     process group's batch (``process_group``, default the world), with one all-gather per forward
     and one all-reduce per backward and no host synchronisation (torch's waits on the host for
@@ -49,7 +49,23 @@ class SyncBatchNorm(_GpuoptBatchNorm, torch.nn.SyncBatchNorm):
     Same constructor, parameters, buffers and state_dict as torch's; unequal batch sizes across
     ranks and a rank with an empty batch work as in torch. Outside training, or in a group of one,
     it is gpuopt's plain batch norm. Unlike torch's, it runs on the CPU too (Triton's interpreter,
-    a gloo group)."""
+    a gloo group). It is not a subclass of ``torch.nn.SyncBatchNorm``: DDP refuses a CPU module
+    holding one, and gpuopt's runs there."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
+                 eps_inside_sqrt: bool = True, **kwargs):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         eps_inside_sqrt=eps_inside_sqrt, **kwargs)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input):
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)

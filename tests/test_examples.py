@@ -45,3 +45,25 @@ def test_cuda_graph_step_example():
     assert "optimizer steps taken (counted on the device): 203" in out  # 3 warm-up steps + 200 replays
     losses = [float(line.split("loss")[1]) for line in out.splitlines() if line.startswith("replay")]
     assert losses[-1] < losses[0]
+
+
+def run_with_torchrun(name, *args, timeout=600):
+    env = dict(os.environ)
+    if not HAS_GPU:
+        env["TRITON_INTERPRET"] = "1"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          os.path.join(ROOT, "examples", name), *args], capture_output=True, text=True, env=env,
+                         timeout=timeout, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
+def test_fsdp2_train_example_resumes_from_its_checkpoint_exactly():
+    out = run_with_torchrun("fsdp2_train.py", "--steps", "3")
+    assert "exp_avg is a DTensor placed (Shard(dim=0),)" in out
+    assert "largest parameter difference 0" in out
+
+
+def test_ddp_syncbn_digits_example_matches_one_process_on_the_global_batch():
+    out = run_with_torchrun("ddp_syncbn_digits.py", "--batches", "4")
+    assert "ranks' batches [48, 16]" in out and "training-set accuracy" in out
