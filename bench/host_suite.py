@@ -14,6 +14,10 @@ such medians taken alternately with the reference (``interleaved``), gpuopt and 
 * gradients kept in place (``zero_grad(set_to_none=False)``) or at new addresses every step
   (``set_to_none=True`` may give them: here two gradient sets alternate);
 * AdamW and SGD with momentum;
+* the same AdamW steps on DTensor parameters and gradients, as FSDP2 makes them (``Shard(0)`` on
+  a 1-rank gloo mesh, no other process): gpuopt updates the local shards; torch's fused step is
+  stubbed at ``torch._fused_adamw_`` itself, before DTensor's dispatch, so its row leaves out the
+  per-op DTensor cost torch pays on a real run (a lower bound for torch);
 * ``gpuopt.nn.BatchNorm2d`` forward + backward per layer against an empty ``autograd.Function``
   with the same inputs (the floor any autograd op pays).
 
@@ -112,9 +116,32 @@ def _shape_lists():
             ("GPT-2-medium (292 tensors)", [capped(s) for s in gpt2_medium_shapes()])]
 
 
-def optimizer_step_us(library: str, algorithm: str, shapes, moved: bool, steps: int) -> float:
+@contextlib.contextmanager
+def one_rank_group():
+    """A 1-rank gloo process group for the block (unless one exists): DTensor parameters as FSDP2
+    makes them, Shard(0), without other processes."""
+    import torch.distributed as dist
+
+    made = not dist.is_initialized()
+    if made:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        if made:
+            dist.destroy_process_group()
+
+
+def optimizer_step_us(library: str, algorithm: str, shapes, moved: bool, steps: int, sharded: bool = False) -> float:
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     grad_sets = [[torch.randn_like(p) for p in params] for _ in range(2 if moved else 1)]
+    if sharded:  # FSDP2's DTensors (Shard(0) on a 1-rank mesh), gradients likewise
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (1,))
+        params = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in params]
+        grad_sets = [[distribute_tensor(g, mesh, [Shard(0)]) for g in grads] for grads in grad_sets]
     kwargs = dict(lr=1e-3) if algorithm == "AdamW" else dict(lr=0.1, momentum=0.9)
     if library == "gpuopt":
         import gpuopt
@@ -178,6 +205,14 @@ def run(quick: bool = False, log=print) -> list[dict]:
                                      grads="moved" if moved else "kept", gpuopt_us=us["gpuopt"],
                                      torch_us=us["torch"], reference="torch fused=True"))
                     log(f"  {rows[-1]}")
+        for case, shapes in _shape_lists():
+            for moved in (False, True):
+                with one_rank_group():
+                    us = interleaved({lib: (lambda lib=lib: optimizer_step_us(lib, "AdamW", shapes, moved, steps, True))
+                                      for lib in ("gpuopt", "torch")}, rounds)
+                rows.append(dict(case=case.split(" (")[0] + " DTensor", op="AdamW", grads="moved" if moved else "kept",
+                                 gpuopt_us=us["gpuopt"], torch_us=us["torch"], reference="torch fused=True"))
+                log(f"  {rows[-1]}")
         bn = interleaved({impl: (lambda impl=impl: batch_norm_us(impl, steps)) for impl in ("gpuopt", "empty")},
                          rounds)
         rows.append(dict(case="BatchNorm2d (2, 64, 4, 4)", op="forward+backward", grads="-", gpuopt_us=bn["gpuopt"],

@@ -204,6 +204,7 @@ def _plain_state(items):
 
 
 _GRAD = operator.attrgetter("grad")
+_LOCAL_TENSOR = operator.attrgetter("_local_tensor")  # a DTensor's local shard (see _distributed.local)
 _ADDRESS, _STRIDE = torch.Tensor.data_ptr, torch.Tensor.stride
 
 
@@ -586,7 +587,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         grads = list(map(_GRAD, params))
         prepared = self._prepared.get(index)
         if prepared is not None and prepared.sharded:
-            grads = list(map(local, grads))
+            try:  # C-level attribute reads; a missing gradient (None) takes the general path
+                grads = list(map(_LOCAL_TENSOR, grads))
+            except AttributeError:
+                grads = list(map(local, grads))
         fingerprint = _fingerprint(params, grads)
         options = tuple(map(group.get, self._option_names))
         if prepared is not None and not prepared.same_options(options):

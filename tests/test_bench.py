@@ -52,4 +52,8 @@ def test_host_suite_runs_with_launches_stubbed_and_restores_them(monkeypatch):
     assert walk._step_kernel is kernel and torch._fused_adamw_ is fused
     assert {(r["op"], r["grads"]) for r in rows} >= {("AdamW", "kept"), ("AdamW", "moved"),
                                                     ("SGD momentum", "kept"), ("SGD momentum", "moved")}
+    assert {r["case"] for r in rows if r["op"] == "AdamW"} >= {"tiny", "tiny DTensor"}  # FSDP2's DTensors too
     assert all(r["gpuopt_us"] > 0 and r["torch_us"] > 0 for r in rows)
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the DTensor rows' 1-rank group is gone
