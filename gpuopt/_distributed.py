@@ -8,12 +8,14 @@ of each state — no communication. The states are made from the parameter with 
 ``state_dict()`` is sharded exactly as torch's optimizers' is (``torch.distributed.checkpoint``
 saves and loads it). What cannot be updated locally is refused: a gradient whose placement is
 ``Partial`` (a sum not reduced yet) or differs from its parameter's, a DTensor paired with a plain
-tensor.
+tensor, and (on a GPU machine) DTensors that FSDP2's CPU offload keeps on the CPU.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ._runtime import interpreter_enabled
 
 try:  # torch.distributed may be left out of a build
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
@@ -54,6 +56,11 @@ def check_sharded_pairs(name: str, params, grads) -> None:
                                "both must be DTensors (FSDP2, tensor parallel) or both plain tensors")
         if not is_dtensor(p):
             continue
+        if p.device.type == "cpu" and not interpreter_enabled():
+            raise RuntimeError(f"{name}: parameter {index} is a DTensor on the CPU: FSDP2's CPUOffloadPolicy keeps the "
+                               "sharded parameters, gradients and optimizer states there, where gpuopt's kernels "
+                               "cannot run. Step offloaded parameters with torch.optim (its CPU step), or drop the "
+                               "offload policy to keep them on the GPU")
         if any(placement.is_partial() for placement in g.placements):
             raise RuntimeError(f"{name}: the gradient of parameter {index} has placements {g.placements}: a "
                                "Partial gradient is a sum not reduced yet; reduce it (g.redistribute(...) or let "

@@ -180,6 +180,43 @@ def tensor_parallel_and_ema(tmp):
         raise AssertionError("a Partial gradient was used")
     for p, b in zip(params, before):
         close(p, b, "parameters after a refused step", rtol=0, atol=0)
+    # FSDP2's CPU offload on a GPU machine (DTensors on the CPU, no interpreter): a clear error.
+    from gpuopt import _distributed
+
+    params[0].grad = distribute_tensor(grads[0], mesh, [Shard(0)])
+    interpreter = _distributed.interpreter_enabled
+    _distributed.interpreter_enabled = lambda: False
+    try:
+        gpuopt.AdamW(params, lr=0.1).step()
+    except RuntimeError as error:
+        assert "CPUOffloadPolicy" in str(error), error
+    else:
+        raise AssertionError("offloaded DTensors were stepped on a GPU machine")
+    finally:
+        _distributed.interpreter_enabled = interpreter
+
+
+def fsdp_mixed_precision(tmp):
+    """FSDP2 with MixedPrecisionPolicy (bf16 compute, fp32 sharded parameters and reduced
+    gradients): gpuopt.AdamW steps the fp32 shards as torch.optim.AdamW does."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    base, x, y = model_and_data()
+    models = []
+    for _ in range(2):
+        model = copy.deepcopy(base)
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mp_policy=policy)
+        models.append(fully_shard(model, mp_policy=policy))
+    opt = gpuopt.AdamW(models[0].parameters(), lr=1e-2)
+    ref = torch.optim.AdamW(models[1].parameters(), lr=1e-2)
+    for model, optimizer in zip(models, (opt, ref)):
+        train(model, optimizer, x.bfloat16(), y.bfloat16(), 3)
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert p.dtype == torch.float32 and isinstance(p, DTensor)
+        close(p, q, "AdamW under MixedPrecisionPolicy")
 
 
 def ddp_and_zero(tmp):
@@ -214,13 +251,16 @@ def sync_batch_norm(tmp):
     running statistics; unequal batches, a rank with an empty batch (3 ranks), a rank with one
     value per channel, channels-last, momentum=None, the seed's ε placement forward."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    cases = [((3, 2, 0)[:world] if world == 3 else (3, 2), (5, 3, 4), torch.contiguous_format, 0.1),
-             ((2, 4, 1)[:world], (5, 3, 3), torch.channels_last, None),
-             ((4, 1, 3)[:world], (6,), torch.contiguous_format, 0.1)]
-    for sizes, shape, layout, momentum in cases:
+    cases = [((3, 2, 0)[:world] if world == 3 else (3, 2), (5, 3, 4), torch.contiguous_format, 0.1, torch.float32),
+             ((2, 4, 1)[:world], (5, 3, 3), torch.channels_last, None, torch.float32),
+             ((4, 1, 3)[:world], (6,), torch.contiguous_format, 0.1, torch.float32),
+             ((3, 2, 2)[:world], (4, 2, 5), torch.channels_last, 0.1, torch.bfloat16)]
+    for sizes, shape, layout, momentum, dtype in cases:
         torch.manual_seed(7)  # every rank makes the whole batch, then takes its part
-        xs = [torch.randn(n, *shape) * 3 + 1 for n in sizes]
-        dys = [torch.randn(n, *shape) for n in sizes]
+        xs = [(torch.randn(n, *shape) * 3 + 1).to(dtype) for n in sizes]
+        dys = [torch.randn(n, *shape).to(dtype) for n in sizes]
+        # bf16 input: the reference normalizes the same bf16 values in fp32; gpuopt stores bf16
+        tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
         ours = gpuopt.nn.SyncBatchNorm(shape[0], momentum=momentum)
         reference = (torch.nn.BatchNorm2d if len(shape) == 3 else torch.nn.BatchNorm1d)(shape[0], momentum=momentum)
         with torch.no_grad():
@@ -234,15 +274,15 @@ def sync_batch_norm(tmp):
             y.backward(dys[rank])
             for p in (ours.weight, ours.bias):
                 dist.all_reduce(p.grad)  # as DDP would (it averages; the sum is the global batch's)
-            full = torch.cat(xs).requires_grad_()
+            full = torch.cat(xs).float().requires_grad_()
             expected = reference(full)
-            expected.backward(torch.cat(dys))
+            expected.backward(torch.cat(dys).float())
             start = sum(sizes[:rank])
             what = f"SyncBatchNorm {sizes} {shape}"
-            close(y, expected[start:start + sizes[rank]], f"{what}: output", rtol=1e-4, atol=1e-5)
-            close(x.grad, full.grad[start:start + sizes[rank]], f"{what}: input gradient", rtol=1e-4, atol=1e-5)
-            close(ours.weight.grad, reference.weight.grad, f"{what}: weight gradient", rtol=1e-4, atol=1e-5)
-            close(ours.bias.grad, reference.bias.grad, f"{what}: bias gradient", rtol=1e-4, atol=1e-5)
+            close(y, expected[start:start + sizes[rank]], f"{what}: output", **tolerance)
+            close(x.grad, full.grad[start:start + sizes[rank]], f"{what}: input gradient", **tolerance)
+            close(ours.weight.grad, reference.weight.grad, f"{what}: weight gradient", **tolerance)
+            close(ours.bias.grad, reference.bias.grad, f"{what}: bias gradient", **tolerance)
             close(ours.running_mean, reference.running_mean, f"{what}: running mean")
             close(ours.running_var, reference.running_var, f"{what}: running var")
             assert int(ours.num_batches_tracked) == int(reference.num_batches_tracked)
@@ -258,8 +298,8 @@ def sync_batch_norm(tmp):
     converted(torch.randn(2, 3, 6, 6)).sum().backward()
 
 
-SCENARIOS = {f.__name__: f for f in (fsdp_optimizers, fsdp_checkpoint, clip_norms, tensor_parallel_and_ema,
-                                     ddp_and_zero, sync_batch_norm)}
+SCENARIOS = {f.__name__: f for f in (fsdp_optimizers, fsdp_mixed_precision, fsdp_checkpoint, clip_norms,
+                                     tensor_parallel_and_ema, ddp_and_zero, sync_batch_norm)}
 
 
 def run(rank, world, port, tmp, names):
