@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import gpuopt
 
+from . import cupy_baseline
 from .common import Row
 
 SHAPES = [(256, 64, 56, 56), (256, 256, 14, 14), (256, 2048, 7, 7), (128, 128, 28, 28), (8, 64, 16, 64, 64),
@@ -70,6 +71,9 @@ def run(timer, copy_gbps: float, gpu: bool, quick: bool, log=print, compile=True
                 backend = torch_backend(x, w, b, rm, rv)
                 implementations = [("gpuopt", gpuopt.functional.batch_norm, ""),
                                    (f"torch F.batch_norm ({backend})", F.batch_norm, "")]
+                if cupy_baseline.available(gpu) and cupy_baseline.supports(dtype):
+                    implementations.append(("CuPy Elementwise/ReductionKernel", cupy_baseline.batch_norm,
+                                            "hand-written CUDA C, 2 reductions + 1 elementwise each way"))
                 if gpu and compile:
                     start = time.perf_counter()
                     compiled = torch.compile(F.batch_norm, dynamic=False)
@@ -79,6 +83,8 @@ def run(timer, copy_gbps: float, gpu: bool, quick: bool, log=print, compile=True
                                             f"compile {time.perf_counter() - start:.1f} s, not in the time"))
                 for op, passes in PASSES.items():
                     for impl, fn, note in implementations:
+                        if impl.startswith("CuPy") and op == "eval fwd":
+                            continue  # (the baseline is the training batch norm)
                         rows.append(Row("bn", "×".join(map(str, shape)), op, str(dtype).replace("torch.", ""),
                                         layout_name, impl, _time(timer, op, fn, x, dy, w, b, rm, rv),
                                         passes * numel * x.element_size(), copy_gbps, note))

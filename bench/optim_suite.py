@@ -12,6 +12,7 @@ import torch
 
 import gpuopt
 
+from . import cupy_baseline
 from .common import Row
 from .shapes import gpt2_medium_shapes, resnet50_shapes
 
@@ -136,6 +137,11 @@ def _time_algorithm(timer, row, algorithm, params, master, gpu, compile):
     if gpu:
         opt = getattr(gpuopt, name)(params, **kwargs, **extra, capturable=True)
         out.append(row("gpuopt, CUDA graph", timer(_graphed(opt.step)), "capturable=True, graph.replay()"))
+        del opt
+
+    if algorithm == "AdamW" and not master and cupy_baseline.available(gpu) and cupy_baseline.supports(params[0].dtype):
+        opt = cupy_baseline.AdamW(params, **kwargs)
+        out.append(row("CuPy ElementwiseKernel", timer(opt.step), "hand-written CUDA C, one launch per tensor"))
         del opt
 
     # torch: on fp32 master copies when the params are bf16 (what a torch user writes), then a

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _launch
+from ._arrays import as_array, as_tensor, caller_stream, is_array, kind_of
 from ._distributed import any_dtensor, like_dtensor, local
 from ._fused import prepare_launches
 from ._multi_tensor import PlanCache
@@ -47,11 +48,19 @@ class EMA:
         if isinstance(params, torch.nn.Module):
             params = params.parameters()
         self.params = [p for p in params]
+        # Arrays (NumPy, CuPy: gpuopt._arrays) are averaged through torch views of their memory; the
+        # averages are then arrays of the same kind. _params/_averages: the tensors the kernel sees.
+        kinds = {kind_of(p) for p in self.params if is_array(p)}
+        if len(kinds) > 1 or (kinds and not all(map(is_array, self.params))):
+            raise TypeError("EMA: pass torch tensors, or arrays of one library (NumPy or CuPy), not a mix")
+        self._kind = kinds.pop() if kinds else None
+        self._params = [as_tensor(p, f"EMA parameter {i}", written=False) for i, p in enumerate(self.params)] \
+            if self._kind else self.params
         if not self.params:
             raise ValueError("EMA got an empty parameter list")
         if decay is not None and not 0.0 <= decay < 1.0:
             raise ValueError(f"Invalid decay value: {decay} (must be in [0, 1), or None for the exact mean)")
-        for p in self.params:
+        for p in self._params:
             if not isinstance(p, torch.Tensor) or not (p.is_floating_point()):
                 raise TypeError(f"EMA averages floating-point tensors, got {type(p).__name__} "
                                 f"{getattr(p, 'dtype', '')}")
@@ -59,8 +68,9 @@ class EMA:
         self.decay = decay
         self.num_updates = 0
         # A DTensor parameter's average is a DTensor placed like it (FSDP2: each rank averages its shard).
-        self.averages = [p.detach().clone(memory_format=torch.preserve_format) for p in self.params]
-        self._sharded = any_dtensor(self.params)
+        self._averages = [p.detach().clone(memory_format=torch.preserve_format) for p in self._params]
+        self.averages = [as_array(a, self._kind) for a in self._averages] if self._kind else self._averages
+        self._sharded = any_dtensor(self._params)
         self._plans = PlanCache()
         self._prepared = None  # (fingerprint, launch plans) while the tensors stay where they were
 
@@ -77,23 +87,24 @@ class EMA:
         is new or moved; otherwise the step is an address compare and the launches."""
         t = self.num_updates + 1
         gamma = self.gamma(t)
-        params, averages = self.params, self.averages
+        params, averages = self._params, self._averages
         if self._sharded:
             params, averages = map(local, params), map(local, averages)
         fingerprint = (tuple(map(_ADDRESS, params)), tuple(map(_ADDRESS, averages)))
         if self._prepared is None or self._prepared[0] != fingerprint:
             self._prepared = (fingerprint, self._prepare())
         hyperparameters, flags = ema_kernel.AVERAGE.hyperparameters(gamma=gamma)
-        for plan in self._prepared[1]:
-            _launch.launch_update(ema_kernel.AVERAGE, plan, hyperparameters, flags)
+        with caller_stream(self._kind):
+            for plan in self._prepared[1]:
+                _launch.launch_update(ema_kernel.AVERAGE, plan, hyperparameters, flags)
         self.num_updates = t  # only once the launches are made: a failed update changes nothing
 
     def _prepare(self):
         """Validate and plan: averages follow a parameter whose memory layout changed (values kept);
         0-element parameters are skipped."""
-        if not self._sharded:  # (a DTensor's local tensor is laid out by its owner)
-            self.averages = [follow_layout(average, p) for average, p in zip(self.averages, self.params)]
-        params, averages = [local(p) for p in self.params], [local(a) for a in self.averages]
+        if not self._sharded and not self._kind:  # (a DTensor's or an array's layout is its owner's)
+            self.averages = self._averages = [follow_layout(average, p) for average, p in zip(self._averages, self.params)]
+        params, averages = [local(p) for p in self._params], [local(a) for a in self._averages]
         chosen = [i for i, p in enumerate(params) if p.numel()]
         if not chosen:
             return []
@@ -103,10 +114,11 @@ class EMA:
     @torch.no_grad()
     def copy_to(self, params=None) -> None:
         """Copy the averages into ``params`` (default: the tracked parameters)."""
-        params = self.params if params is None else list(params.parameters() if isinstance(params, torch.nn.Module) else params)
-        if len(params) != len(self.averages):
-            raise ValueError(f"copy_to got {len(params)} tensors for {len(self.averages)} averages")
-        for p, average in zip(params, self.averages):
+        params = self._params if params is None else list(params.parameters() if isinstance(params, torch.nn.Module) else params)
+        if len(params) != len(self._averages):
+            raise ValueError(f"copy_to got {len(params)} tensors for {len(self._averages)} averages")
+        params = [as_tensor(p, f"copy_to's {i}", written=True) if is_array(p) else p for i, p in enumerate(params)]
+        for p, average in zip(params, self._averages):
             p.copy_(average)
 
     def state_dict(self) -> dict:
@@ -117,9 +129,10 @@ class EMA:
         """Load averages (copied into this EMA's tensors, in their layout), decay and count; the
         whole state_dict is checked before anything changes."""
         averages, decay, num_updates = state_dict["averages"], state_dict["decay"], state_dict["num_updates"]
-        if len(averages) != len(self.averages):
-            raise ValueError(f"state_dict holds {len(averages)} averages, this EMA tracks {len(self.averages)}")
-        for i, (mine, theirs) in enumerate(zip(self.averages, averages)):
+        if len(averages) != len(self._averages):
+            raise ValueError(f"state_dict holds {len(averages)} averages, this EMA tracks {len(self._averages)}")
+        averages = [as_tensor(a, f"average {i}", written=False) if is_array(a) else a for i, a in enumerate(averages)]
+        for i, (mine, theirs) in enumerate(zip(self._averages, averages)):
             if not isinstance(theirs, torch.Tensor) or mine.shape != theirs.shape:
                 raise ValueError(f"average {i} of shape {tuple(getattr(theirs, 'shape', ()))} does not fit "
                                  f"{tuple(mine.shape)}")
@@ -127,7 +140,7 @@ class EMA:
             raise ValueError(f"Invalid decay value: {decay} (must be in [0, 1), or None for the exact mean)")
         if int(num_updates) != num_updates or num_updates < 0:
             raise ValueError(f"Invalid num_updates: {num_updates} (a count, >= 0)")
-        for mine, theirs in zip(self.averages, averages):
+        for mine, theirs in zip(self._averages, averages):
             mine.copy_(like_dtensor(theirs, mine))
         self.decay = decay
         self.num_updates = int(num_updates)

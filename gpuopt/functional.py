@@ -12,10 +12,16 @@ Common keyword arguments:
 Every call checks every tensor against what the kernel assumes (``gpuopt._validate``): states
 with their parameter's shape, strides, device and a floating-point dtype, nothing misaligned,
 nothing written twice. Errors are raised before anything is modified.
+
+Arrays work as well as tensors: CuPy arrays on a GPU, NumPy arrays on the CPU (through Triton's
+interpreter), anything ``torch.from_dlpack`` views. They are updated in place, with no copy, on
+the caller's current CuPy stream, and ``batch_norm`` returns an array of the caller's kind
+(``gpuopt._arrays``).
 """
 
 from __future__ import annotations
 
+from ._arrays import accepts_arrays
 from ._batch_norm import batch_norm as _batch_norm
 from ._fused import run_functional
 from .kernels import adadelta as adadelta_kernel
@@ -25,6 +31,7 @@ from .kernels import rmsprop as rmsprop_kernel
 from .kernels import sgd as sgd_kernel
 
 
+@accepts_arrays(read=("grads", "grad_scale", "found_inf", "lr"))
 def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, amsgrad=False,
          beta1=0.9, beta2=0.999, lr=1e-3, weight_decay=0.0, eps=1e-8, maximize=False,
          eps_inside_sqrt=False, decoupled_weight_decay=False, master_params=None,
@@ -39,12 +46,14 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, 
                    grad_scale=grad_scale, found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding)
 
 
+@accepts_arrays(read=("grads", "grad_scale", "found_inf", "lr"))
 def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, weight_decay=1e-2, **kwargs):
     """One AdamW step (decoupled weight decay); see :class:`gpuopt.AdamW`."""
     adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, weight_decay=weight_decay,
          decoupled_weight_decay=True, **kwargs)
 
 
+@accepts_arrays(read=("grads", "grad_scale", "found_inf", "lr"))
 def sgd(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
         nesterov=False, maximize=False, first_step=False, state_steps=None, master_params=None,
         stochastic_rounding=False, grad_scale=None, found_inf=None, seed=0):
@@ -62,6 +71,7 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0, wei
                    seed=seed, stochastic_rounding=stochastic_rounding)
 
 
+@accepts_arrays(read=("grads", "grad_scale", "found_inf", "lr"))
 def rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, *, lr=1e-2, alpha=0.99,
             eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False, eps_inside_sqrt=False,
             master_params=None, stochastic_rounding=False, grad_scale=None, found_inf=None, seed=0):
@@ -76,6 +86,7 @@ def rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps
                    found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding)
 
 
+@accepts_arrays(read=("grads", "grad_scale", "found_inf", "lr"))
 def adagrad(params, grads, state_sums, state_steps, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
             maximize=False, master_params=None, stochastic_rounding=False, grad_scale=None, found_inf=None,
             seed=0):
@@ -86,6 +97,7 @@ def adagrad(params, grads, state_sums, state_steps, *, lr=1e-2, lr_decay=0.0, we
                    found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding)
 
 
+@accepts_arrays(read=("grads", "grad_scale", "found_inf", "lr"))
 def adadelta(params, grads, square_avgs, acc_deltas, state_steps, *, lr=1.0, rho=0.9, eps=1e-6,
              weight_decay=0.0, maximize=False, master_params=None, stochastic_rounding=False,
              grad_scale=None, found_inf=None, seed=0):
@@ -97,6 +109,7 @@ def adadelta(params, grads, square_avgs, acc_deltas, state_steps, *, lr=1.0, rho
                    found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding)
 
 
+@accepts_arrays(read=("input", "weight", "bias"))
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
                *, eps_inside_sqrt=True, num_batches_tracked=None):
     """``torch.nn.functional.batch_norm`` on gpuopt's kernels, differentiable (closed-form backward).

@@ -1,4 +1,4 @@
-"""The seed's equations (appendix B, "Optimizing Neural Networks") as plain float64 NumPy.
+"""The seed's equations (appendix B, "Optimizing Neural Networks") as plain float64 NumPy — or CuPy.
 
 This module is the oracle for the tests and the bench, and a page to read beside the seed. It is
 deliberately slow and literal: one function per equation, in the seed's notation, no fusion.
@@ -12,6 +12,13 @@ Layout and notation follow the seed:
 Functions named after a PyTorch class (``torch_sgd_step``, ``torch_adam_step``, ...) follow that
 class's documented algorithm exactly, so the tests can hold the kernels to both conventions.
 Every function returns new arrays and never modifies its inputs.
+
+**On the GPU, through CuPy.** Give the functions CuPy arrays and they compute in float64 on the
+GPU and return CuPy arrays: ``_f64`` keeps a CuPy array a CuPy array, NumPy's functions hand CuPy
+arrays to CuPy (NEP 13/18: ``np.sqrt``, ``np.where``, ``np.zeros_like`` ... dispatch on their
+arguments' type), and the few arrays made from a shape are made ``like=`` an input. The same
+equations then check the kernels at GPU sizes (355M parameters, a (256, 64, 56, 56) batch norm),
+where the NumPy oracle would take minutes (``tests/test_cupy.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ import numpy as np
 
 
 def _f64(x) -> np.ndarray:
+    """A float64 copy of ``x``: a NumPy array, or a CuPy array (on its GPU) for a CuPy one."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        return x.astype("float64", copy=True)
     return np.array(x, dtype=np.float64, copy=True)
 
 
@@ -54,7 +64,7 @@ def running_average(cs, gamma=None):
     ``C_T = Σ_t γ^{T-t} (1-γ) c_t``; ``gamma=None`` uses ``γ_t = (t-1)/t``, the exact mean.
     """
     cs = _f64(cs)
-    C = np.zeros(cs.shape[1:], dtype=np.float64)
+    C = np.zeros_like(cs[0])
     out = np.empty_like(cs)
     for t in range(1, cs.shape[0] + 1):
         g = exact_mean_gamma(t) if gamma is None else float(gamma)
@@ -348,8 +358,8 @@ def batch_norm_forward(Z, G=None, B=None, eps=1e-5, eps_inside_sqrt=True):
     if Z.ndim != 2:
         raise ValueError(f"Z must be (n, K), got shape {Z.shape}")
     n, K = Z.shape
-    G = np.ones(n) if G is None else _f64(G)
-    B = np.zeros(n) if B is None else _f64(B)
+    G = np.ones(n, like=Z) if G is None else _f64(G)
+    B = np.zeros(n, like=Z) if B is None else _f64(B)
     mu = Z.mean(axis=1)
     sigma = np.sqrt(((Z - mu[:, None]) ** 2).mean(axis=1))
     Z_bar = (Z - mu[:, None]) / _bn_denominator(sigma, eps, eps_inside_sqrt)[:, None]
@@ -382,7 +392,7 @@ def batch_norm_backward(dZ_hat, cache: BatchNormCache, G=None):
     """
     dY = _f64(dZ_hat)
     n, K = dY.shape
-    G = np.ones(n) if G is None else _f64(G)
+    G = np.ones(n, like=dY) if G is None else _f64(G)
     sigma, eps, Z_bar = cache.sigma, cache.eps, cache.Z_bar
     s = _bn_denominator(sigma, eps, cache.eps_inside_sqrt)
     if cache.eps_inside_sqrt:
@@ -402,7 +412,7 @@ def batch_norm_backward_sum_form(dZ_hat, cache: BatchNormCache, G=None):
     Kept to show the closed form above is the seed's equation, term by term."""
     dY = _f64(dZ_hat)
     n, K = dY.shape
-    G = np.ones(n) if G is None else _f64(G)
+    G = np.ones(n, like=dY) if G is None else _f64(G)
     Z_bar, sigma = cache.Z_bar, cache.sigma
     dZ = np.zeros_like(dY)
     for i in range(n):
@@ -423,8 +433,8 @@ def batch_norm_eval(Z, running_mean, running_var, G=None, B=None, eps=1e-5, eps_
     """
     Z = _f64(Z)
     n = Z.shape[0]
-    G = np.ones(n) if G is None else _f64(G)
-    B = np.zeros(n) if B is None else _f64(B)
+    G = np.ones(n, like=Z) if G is None else _f64(G)
+    B = np.zeros(n, like=Z) if B is None else _f64(B)
     s = _bn_denominator(np.sqrt(_f64(running_var)), eps, eps_inside_sqrt)
     return G[:, None] * (Z - _f64(running_mean)[:, None]) / s[:, None] + B[:, None]
 
@@ -445,7 +455,7 @@ def batch_norm_running_stats(running_mean, running_var, Z, num_batches_tracked, 
     t = num_batches_tracked + 1
     m = 1.0 / t if momentum is None else float(momentum)
     mu = Z.mean(axis=1)
-    var_unbiased = Z.var(axis=1, ddof=1) if K > 1 else np.full(Z.shape[0], np.nan)
+    var_unbiased = Z.var(axis=1, ddof=1) if K > 1 else np.full(Z.shape[0], np.nan, like=Z)
     gamma = 1.0 - m
     new_mean = running_average_step(running_mean, mu, gamma)
     new_var = running_average_step(running_var, var_unbiased, gamma)

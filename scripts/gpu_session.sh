@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What a session with an H100/H200 runs, in steps that each fit the device tool's 10-minute limit:
 #
-#   bash scripts/gpu_session.sh tests     # install, every gpu-marked test, then the whole suite
-#   bash scripts/gpu_session.sh optim     # python -m bench --suite optim (torch.compile rows included)
+#   bash scripts/gpu_session.sh tests     # install, every gpu-marked test (tests/test_cupy.py's CuPy arrays
+#                                         # and GPU-size oracle among them), then the whole suite
+#   bash scripts/gpu_session.sh optim     # python -m bench --suite optim (torch.compile and CuPy rows included)
 #   bash scripts/gpu_session.sh bn        # python -m bench --suite bn --no-compile
 #   bash scripts/gpu_session.sh bn-compile  # the torch.compile'd batch-norm rows (slow: one compile per shape)
 #

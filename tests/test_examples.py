@@ -67,3 +67,18 @@ def test_fsdp2_train_example_resumes_from_its_checkpoint_exactly():
 def test_ddp_syncbn_digits_example_matches_one_process_on_the_global_batch():
     out = run_with_torchrun("ddp_syncbn_digits.py", "--batches", "4")
     assert "ranks' batches [48, 16]" in out and "training-set accuracy" in out
+
+
+def test_cupy_adam_example_trains_an_mlp_written_in_arrays():
+    out = run_example("cupy_adam.py")
+    kind = "cupy" if HAS_GPU and _has_cupy() else "numpy"
+    assert f"{kind} arrays: 75 Adam steps" in out and f"weights still {kind} arrays" in out
+    assert float(out.split("training accuracy ")[1].split(",")[0]) >= 0.9
+
+
+def _has_cupy():
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
