@@ -82,7 +82,7 @@ def _convert(value, name: str, written: bool, kinds: set):
 def accepts_arrays(read=("grads",)):
     """Decorate a functional-API function so that its array arguments (lists of arrays, or
     arrays) reach it as torch tensors on the same memory, it runs on the caller's CuPy stream,
-    and a tensor it returns goes back as an array of the caller's kind. ``read``: the arguments
+    and the tensors it returns (alone or in a tuple) go back as arrays of the caller's kind. ``read``: the arguments
     it only reads (the others must be writable arrays)."""
 
     def decorate(fn):
@@ -107,6 +107,8 @@ def accepts_arrays(read=("grads",)):
             kind = kinds.pop()
             with caller_stream(kind):
                 result = fn(*bound.args, **bound.kwargs)
+            if isinstance(result, tuple):
+                return tuple(as_array(r, kind) if isinstance(r, torch.Tensor) else r for r in result)
             return as_array(result, kind) if isinstance(result, torch.Tensor) else result
 
         return wrapper

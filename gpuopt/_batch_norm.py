@@ -307,6 +307,61 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return out
 
 
+@torch.no_grad()
+def batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, eps_inside_sqrt,
+                       num_batches_tracked):
+    """See :func:`gpuopt.functional.batch_norm_forward`."""
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, num_batches_tracked,
+                          eps)
+    C = input.shape[1] if input.dim() > 1 else 0
+    if input.numel() == 0:
+        return input.clone(), (input.new_zeros(kernels.N_STATISTICS, C, dtype=_statistics_dtype(input))
+                                if training else None)
+    x, R, C, S, channels_last = view_of(input)
+    g = grid_of(x, R, C, S, channels_last)
+    stats = (running_mean, running_var)
+    running_mean, running_var = per_channel(running_mean), per_channel(running_var)
+    if not training:
+        return kernels.forward_eval(x, g, per_channel(weight), per_channel(bias), running_mean, running_var, eps,
+                                    eps_inside_sqrt), None
+    y, statistics = kernels.forward_training(x, g, per_channel(weight), per_channel(bias), running_mean, running_var,
+                                             num_batches_tracked, momentum, eps, eps_inside_sqrt)
+    write_back(stats, (running_mean, running_var))
+    return y, statistics.view(kernels.N_STATISTICS, C)
+
+
+@torch.no_grad()
+def batch_norm_backward(grad_output, input, weight, statistics, running_mean, running_var, eps, eps_inside_sqrt,
+                        output_mask):
+    """See :func:`gpuopt.functional.batch_norm_backward`."""
+    if grad_output.shape != input.shape:
+        raise ValueError(f"batch_norm_backward: grad_output has shape {tuple(grad_output.shape)}, the input "
+                         f"{tuple(input.shape)}")
+    training = statistics is not None
+    check_batch_norm_args(input, running_mean, running_var, weight, None, training, 0.1, None, eps,
+                          synchronised=True)
+    C = input.shape[1]
+    if training and (statistics.numel() != kernels.N_STATISTICS * C or statistics.dtype != _statistics_dtype(input)):
+        raise ValueError(f"batch_norm_backward: statistics must be batch_norm_forward's ({kernels.N_STATISTICS}, {C}) "
+                         f"{_statistics_dtype(input)} values for this input, got {tuple(statistics.shape)} "
+                         f"{statistics.dtype}")
+    need_input, need_weight, need_bias = output_mask
+    need_weight = need_weight and weight is not None
+    parameter_dtype = weight.dtype if weight is not None else torch.float32
+    if input.numel() == 0:
+        return (torch.empty_like(grad_output) if need_input else None,
+                torch.zeros_like(weight) if need_weight else None,
+                torch.zeros(C, dtype=parameter_dtype, device=input.device) if need_bias else None)
+    x, R, C, S, channels_last = view_of(input)
+    g = grid_of(x, R, C, S, channels_last)
+    return kernels.backward(x, same_layout(grad_output, x, channels_last), g, per_channel(weight),
+                            statistics.reshape(-1) if training else None,
+                            None if training else per_channel(running_mean),
+                            None if training else per_channel(running_var), eps, eps_inside_sqrt,
+                            need_input=need_input, need_weight=need_weight, need_bias=need_bias,
+                            bias_dtype=parameter_dtype)
+
+
 def write_back(theirs, ours):
     """Running statistics updated in contiguous copies (``per_channel``) go back to the caller's."""
     for their, our in zip(theirs, ours):

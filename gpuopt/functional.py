@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from ._arrays import accepts_arrays
 from ._batch_norm import batch_norm as _batch_norm
+from ._batch_norm import batch_norm_backward as _batch_norm_backward
+from ._batch_norm import batch_norm_forward as _batch_norm_forward
 from ._fused import run_functional
 from .kernels import adadelta as adadelta_kernel
 from .kernels import adagrad as adagrad_kernel
@@ -129,3 +131,27 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     """
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        eps_inside_sqrt=eps_inside_sqrt, num_batches_tracked=num_batches_tracked)
+
+
+@accepts_arrays(read=("input", "weight", "bias"))
+def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                       eps=1e-5, *, eps_inside_sqrt=True, num_batches_tracked=None):
+    """``batch_norm``'s forward as a plain function (no autograd): ``(output, statistics)``, for
+    callers that run the backward themselves (CuPy and NumPy arrays, hand-written training loops;
+    as ``torch.ops.aten.native_batch_norm``). Same arguments as ``batch_norm``. ``statistics``:
+    in training, the batch's per-channel values the backward needs — a ``(4, C)`` array in the
+    accumulation dtype (rows: μ, 1/s, σ, the shift the sums used); ``None`` in evaluation."""
+    return _batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                               eps_inside_sqrt, num_batches_tracked)
+
+
+@accepts_arrays(read=("grad_output", "input", "weight", "statistics", "running_mean", "running_var"))
+def batch_norm_backward(grad_output, input, weight, statistics, running_mean=None, running_var=None, eps=1e-5, *,
+                        eps_inside_sqrt=True, output_mask=(True, True, True)):
+    """The closed-form backward as a plain function: ``(∂L/∂Z, ∂L/∂G, ∂L/∂B)`` given ∂L/∂Ẑ
+    (``grad_output``), the forward's ``input``, ``weight`` and ``statistics`` (training), or the
+    running statistics the forward normalized with (``statistics=None``: evaluation, ∂L/∂Z = (G/s)
+    ∂L/∂Ẑ). ``eps``/``eps_inside_sqrt`` as in the forward; ``output_mask`` says which of the three
+    to compute (the others are ``None``), as ``torch.ops.aten.native_batch_norm_backward``."""
+    return _batch_norm_backward(grad_output, input, weight, statistics, running_mean, running_var, eps,
+                                eps_inside_sqrt, tuple(output_mask))

@@ -105,3 +105,38 @@ def test_array_errors_are_clear_and_change_nothing():
         F.sgd(strided, [np.ones((4, 3), np.float32)], [None], lr=0.1)
     with pytest.raises(TypeError, match="not a mix"):
         gpuopt.EMA([np.zeros(3, np.float32), torch.zeros(3)])
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("eps_inside_sqrt", [True, False])
+def test_batch_norm_forward_and_backward_as_plain_functions_on_arrays(training, eps_inside_sqrt):
+    """batch_norm_forward / batch_norm_backward (no autograd, arrays in and out) give what the
+    differentiable batch_norm gives on tensors; output_mask leaves out what is not asked for."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((5, 4, 3, 3)) * 2 - 1).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    weight, bias = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    mean, var = np.full(4, 0.5, np.float32), np.full(4, 2.0, np.float32)
+    running = (torch.tensor(mean), torch.tensor(var))
+    y, statistics = F.batch_norm_forward(x, mean, var, weight, bias, training=training,
+                                         eps_inside_sqrt=eps_inside_sqrt)
+    assert type(y) is np.ndarray and (statistics is None) == (not training)
+    if training:
+        assert type(statistics) is np.ndarray and statistics.shape == (4, 4)
+    xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, weight, bias))
+    expected = F.batch_norm(xt, *running, wt, bt, training=training, eps_inside_sqrt=eps_inside_sqrt)
+    expected.backward(torch.tensor(dy))
+    assert_close(torch.tensor(y), expected, rtol=1e-5, atol=1e-5, name="output")
+    assert_close(torch.tensor(mean), running[0], name="running mean")
+    dx, dw, db = F.batch_norm_backward(dy, x, weight, statistics, None if training else mean,
+                                       None if training else var, eps_inside_sqrt=eps_inside_sqrt)
+    for got, want, name in ((dx, xt.grad, "grad input"), (dw, wt.grad, "grad weight"), (db, bt.grad, "grad bias")):
+        assert type(got) is np.ndarray
+        assert_close(torch.tensor(got), want, rtol=1e-4, atol=1e-5, name=name)
+    dx, dw, db = F.batch_norm_backward(dy, x, weight, statistics, None if training else mean,
+                                       None if training else var, eps_inside_sqrt=eps_inside_sqrt,
+                                       output_mask=(True, False, False))
+    assert dw is None and db is None and type(dx) is np.ndarray
+    if training:
+        with pytest.raises(ValueError, match="statistics must be"):
+            F.batch_norm_backward(dy, x, weight, statistics[:2])
