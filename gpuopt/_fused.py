@@ -584,13 +584,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         fingerprint compare and an address compare. Gradients that alone moved rewrite one table
         row. Anything else is validated again (``_prepare``)."""
         params = group["params"]
-        grads = list(map(_GRAD, params))
+        grads = given = list(map(_GRAD, params))
         prepared = self._prepared.get(index)
         if prepared is not None and prepared.sharded:
             try:  # C-level attribute reads; a missing gradient (None) takes the general path
-                grads = list(map(_LOCAL_TENSOR, grads))
+                grads = list(map(_LOCAL_TENSOR, given))
             except AttributeError:
-                grads = list(map(local, grads))
+                grads = list(map(local, given))
         fingerprint = _fingerprint(params, grads)
         options = tuple(map(group.get, self._option_names))
         if prepared is not None and not prepared.same_options(options):
@@ -600,9 +600,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 prepared = None
         if (prepared is None or prepared.generation != self._generation.value or not prepared.same_storage()
                 or (prepared.fingerprint != fingerprint and not prepared.move_grads(fingerprint, grads))):
-            prepared = self._prepare(index, group, params, grads, fingerprint, options)
-            if prepared.sharded:
-                grads = list(map(local, grads))
+            prepared = self._prepare(index, group, params, given, fingerprint, options)  # (DTensors as given)
+            grads = list(map(local, given)) if prepared.sharded else given
         return prepared, grads
 
     def _graph_key(self) -> tuple:

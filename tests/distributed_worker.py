@@ -76,6 +76,15 @@ def fsdp_optimizers(tmp):
         clip = (lambda ps: gpuopt.clip_grad_norm_(ps, 0.5)) if index % 2 else (lambda ps: opt.clip_grad_norm_(0.5))
         train(ours, opt, x, y, 3, clip=clip)
         train(theirs, ref, x, y, 3, clip=lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5))
+        # A loaded state_dict (every group validated again, from DTensor gradients) and a step in
+        # which one parameter has no gradient.
+        opt.load_state_dict(opt.state_dict())
+        ref.load_state_dict(ref.state_dict())
+        for model, optimizer in ((ours, opt), (theirs, ref)):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            next(model.parameters()).grad = None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
             assert isinstance(p, DTensor)
             close(p, q, f"{name}: {n}")
