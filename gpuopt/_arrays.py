@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 
 import torch
 
@@ -79,6 +80,16 @@ def _convert(value, name: str, written: bool, kinds: set):
     return value
 
 
+_PLAIN = (torch.Tensor, type(None), bool, int, float, str, torch.dtype)
+
+
+def _no_array(value) -> bool:
+    """Nothing to convert: a tensor, a number, None..., or a list of those."""
+    if isinstance(value, _PLAIN):
+        return True
+    return isinstance(value, (list, tuple)) and all(map(isinstance, value, itertools.repeat(_PLAIN)))
+
+
 def accepts_arrays(read=("grads",)):
     """Decorate a functional-API function so that its array arguments (lists of arrays, or
     arrays) reach it as torch tensors on the same memory, it runs on the caller's CuPy stream,
@@ -90,9 +101,8 @@ def accepts_arrays(read=("grads",)):
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            if not any(is_array(v) or (isinstance(v, (list, tuple)) and any(map(is_array, v)))
-                       for v in (*args, *kwargs.values())):
-                return fn(*args, **kwargs)  # torch tensors: nothing to do
+            if all(map(_no_array, args)) and all(map(_no_array, kwargs.values())):
+                return fn(*args, **kwargs)  # torch tensors (the common case: C-level checks only)
             bound = signature.bind(*args, **kwargs)
             kinds: set = set()
             for name, value in bound.arguments.items():
