@@ -140,7 +140,7 @@ def ptxas_report(ptx: str, arch: int):
 
 
 def sass_loops(cubin: bytes):
-    """(instructions, barriers) of the kernel's data loop in its SASS (``cuobjdump -sass``), a loop
+    """(instructions, barriers, local-memory accesses) of the kernel's data loop in its SASS (``cuobjdump -sass``), a loop
     being the span between a backward branch and its target. The data loop: of the innermost loops,
     the one with the most 16-byte global loads, the leanest if several (the batch-norm statistics
     kernel's edge-tile loops, which see a few tiles per program, load as wide as its main loop);
@@ -170,14 +170,15 @@ def sass_loops(cubin: bytes):
         body = [t for a, t in code if start <= a <= end]
         wide = sum("LDG" in t and ".128" in t for t in body)
         barriers = sum("BAR.SYNC" in t or "BAR.ARV" in t or t.startswith("BAR ") for t in body)
-        loops.append((wide, -len(body), len(body), barriers))
+        local = sum(t.startswith(("STL", "LDL")) for t in body)  # spilled registers' traffic
+        loops.append((wide, -len(body), len(body), barriers, local))
     if not loops:
-        return 0, 0
+        return 0, 0, 0
     if max(loop[0] for loop in loops) == 0:  # no 16-byte loads: the largest loop
-        _, _, size, barriers = max(loops, key=lambda loop: loop[2])
-        return size, barriers
-    _, _, size, barriers = max(loops)
-    return size, barriers
+        _, _, size, barriers, local = max(loops, key=lambda loop: loop[2])
+        return size, barriers, local
+    _, _, size, barriers, local = max(loops)
+    return size, barriers, local
 
 
 def decode(value, dtypes):
@@ -240,11 +241,12 @@ def compile_record(r: dict, arch: int) -> dict:
     nregs, spills = ptxas_report(ptx, arch)
     # The compiled kernel's own figures: SASS instructions of its data loop per element a thread
     # handles in one iteration, barriers in that loop, and programs resident per H100 SM.
-    instructions, barriers = sass_loops(k.asm["cubin"])
+    instructions, barriers, local = sass_loops(k.asm["cubin"])
     per_iteration = constexprs.get("BLOCK") or constexprs.get("BLOCK_R", 1) * constexprs.get("BLOCK_K", 1)
     registers = k.n_regs if getattr(k, "n_regs", None) else int(nregs)
     return dict(figures, regs=nregs, spills=spills, loads=widest("ld"), stores=widest("st"),
                 per_element=instructions / max(1, per_iteration / (32 * num_warps)), barriers=barriers,
+                loop_spills=local,
                 resident=resident_programs(registers, num_warps, k.metadata.shared))
 
 
@@ -364,7 +366,7 @@ def main():
     figures_of = lambda r: figures[json.dumps(r, sort_keys=True, default=str)]  # noqa: E731
 
     print(f"{'kernel':26s} {'constexprs (flags on)':80s} {'regs':>4s} {'spill':>5s} {'loads':>14s} {'stores':>14s}"
-          f" {'SASS/el':>7s} {'bars':>4s} {'per SM':>6s}")
+          f" {'SASS/el':>7s} {'bars':>4s} {'per SM':>6s} {'loop lmem':>9s}")
     failures = [f for f in figures.values() if "error" in f]
     rows = []
     for r in records:
@@ -374,7 +376,7 @@ def main():
             continue
         rows.append(f)
         print(f"{f['shown']:26s} {f['flags']:80s} {f['regs']!s:>4s} {f['spills']!s:>5s} {f['loads']:>14s}"
-              f" {f['stores']:>14s} {f['per_element']:7.1f} {f['barriers']:4d} {f['resident']:6d}")
+              f" {f['stores']:>14s} {f['per_element']:7.1f} {f['barriers']:4d} {f['resident']:6d} {f['loop_spills']:9d}")
     if not failures:
         print()
         print("\n".join(waves_tables(rows, suite, figures_of)))

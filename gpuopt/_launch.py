@@ -125,7 +125,13 @@ def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_
     ``plan``, through the shared walk (``_step_kernel``, or its float64 variant for float64
     tensors). ``hyperparameters``: the update's floats; ``flags``: its constexpr namedtuple;
     ``lr_ptr``: a device tensor the kernel reads ``lr`` from (capturable steps), else ``lr`` by
-    value; ``has_step``: the ``step`` role (index 2) is read and advanced."""
+    value; ``has_step``: the ``step`` role (index 2) is read and advanced.
+
+    ``RUN``: with fp32 master weights beside 16-bit tensors, every access is 4 elements per
+    thread. Left alone, Triton gives the 16-bit accesses 8 per thread (16 bytes) but caps each
+    fp32 store at 4 (16 bytes), and converts the master's new value between the two layouts
+    through shared memory: 4 barriers per iteration (compile report). With 4 throughout the fp32
+    streams keep 16-byte accesses, the 16-bit ones take 8-byte ones, and no conversion is left."""
     from .kernels import _multi_tensor as walk  # looked up per launch: the host bench swaps it
 
     bases = plan.bases()
@@ -135,7 +141,8 @@ def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_
             *hyperparameters, *(0.0,) * (walk.MAX_HYPER - n_hyper), grad_scale, found_inf, seed),
            dict(UPDATE=algorithm.update, PER_TENSOR=algorithm.per_tensor or walk.step_only, FLAGS=flags,
                 N_ROLES=n_roles, N_HYPER=n_hyper, HAS_STEP=has_step, LR_ON_DEVICE=lr_ptr is not None,
-                HAS_FOUND_INF=found_inf is not None, ALIGNED=plan.aligned, BLOCK=plan.block),
+                HAS_FOUND_INF=found_inf is not None, ALIGNED=plan.aligned, BLOCK=plan.block,
+                RUN=4 if getattr(flags, "has_master", False) else 0),
            plan.num_warps, persistent=True)
 
 

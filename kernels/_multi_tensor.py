@@ -316,7 +316,7 @@ def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_bl
                  grad_scale_ptr, found_inf_ptr, seed,
                  UPDATE: tl.constexpr, PER_TENSOR: tl.constexpr, FLAGS: tl.constexpr, N_ROLES: tl.constexpr,
                  N_HYPER: tl.constexpr, HAS_STEP: tl.constexpr, LR_ON_DEVICE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr, RUN: tl.constexpr):
     """One update of every tensor of a launch group: ``UPDATE`` on each block of the schedule (a
     full block unmasked, a tensor's last block masked), each tensor's ``step`` advanced once all
     programs have read it (``advance_steps``), nothing written when AMP's ``found_inf`` is set."""
@@ -330,6 +330,8 @@ def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_bl
     if not skipped:
         for i in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
             t, offsets, full, numel = schedule_entry(i, block_tensor_ptr, block_start_ptr, numel_ptr, BLOCK)
+            if RUN:  # elements a thread accesses contiguously (see launch_update)
+                offsets = tl.max_contiguous(offsets, RUN)
             if HAS_STEP:
                 step_ptr = tensor_ptr(base_2, offsets_ptr, STEP_ROLE, t, n_tensors, ALIGNED)
                 step = tl.load(step_ptr).to(lr.dtype) + 1.0
