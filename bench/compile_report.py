@@ -281,9 +281,10 @@ OPTIMIZER_CASES = ("GPT-2-medium", "ResNet-50", "flat 2^29")
 
 
 def batch_norm_suite_launches():
-    """``[(case, grid, [pass records])]``: every batch-norm configuration of the bench suite (shape ×
-    dtype × layout) on an H100, with the launches its four shared-grid passes make. Their tiles
-    differ from the small runs of the capture, so their occupancy is compiled separately."""
+    """``[(case, [pass records], [combine records])]``: every batch-norm configuration of the bench
+    suite (shape × dtype × layout) on an H100, with the launches its four shared-grid passes and
+    its two combine kernels make. Their tiles differ from the small runs of the capture, so their
+    occupancy (passes) and registers (combine tiles) are compiled too."""
     import math
 
     import torch
@@ -303,7 +304,9 @@ def batch_norm_suite_launches():
                 layout = "2-D" if len(shape) == 2 else ("NHWC" if channels_last else "NCHW")
                 case = ("×".join(map(str, shape)), SUITE_DTYPES[dtype_name], layout, (R, C, S_view, channels_last, dtype.itemsize))
                 cases.append((case, [launch_record(kernel, args, constexprs, grid.num_warps)
-                                     for kernel, args, constexprs in bn.shared_grid_passes(grid, dtype)]))
+                                     for kernel, args, constexprs in bn.shared_grid_passes(grid, dtype)],
+                              [launch_record(kernel, args, constexprs, grid.combine_warps)
+                               for kernel, args, constexprs in bn.combine_launches(grid)]))
     return cases
 
 
@@ -331,7 +334,7 @@ def waves_tables(compiled_rows: list[dict], suite: list, figures_of) -> list[str
             efficiency = (blocks / programs) / -(-blocks // programs)
             lines.append(f"{'optimizer':12s} {case:26s} {resident:6d} {blocks:11d} {programs:8d}"
                          f" {programs / (resident * H100.count):6.2f} {efficiency:10.3f}")
-    for (shape, dtype, layout, (R, C, S, channels_last, element_size)), records in suite:
+    for (shape, dtype, layout, (R, C, S, channels_last, element_size)), records, _ in suite:
         per_sm = min(figures_of(r)["resident"] for r in records)
         g = bn.make_grid(R, C, S, channels_last, element_size, True, H100.count, per_sm)
         wave, programs = per_sm * H100.count, g.channel_blocks * g.n_splits
@@ -357,9 +360,13 @@ def main():
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench.*, as a script
     suite = batch_norm_suite_launches()
+    # The suite's combine launches join the signatures' table (and its checks): their tiles grow
+    # with the splits, which the capture's small inputs never have many of.
+    records = list({json.dumps(r, sort_keys=True, default=str): r
+                    for r in records + [r for _, _, combines in suite for r in combines]}.values())
     # Each distinct signature compiled once, in parallel (forked workers: compiling is CPU-bound).
     jobs = {}
-    for r in records + [r for _, rs in suite for r in rs]:
+    for r in records + [r for _, rs, _ in suite for r in rs]:
         jobs.setdefault(json.dumps(r, sort_keys=True, default=str), r)
     with concurrent.futures.ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("fork")) as pool:
         figures = dict(zip(jobs, pool.map(compile_record, jobs.values(), [args.arch] * len(jobs))))

@@ -493,7 +493,11 @@ _backward_input_f64_kernel = float64_variant(_backward_input_kernel, ("count", "
 # runs), larger ones a few tiles of up to 16384, so that a small model trains in seconds per epoch.
 _GPU_TILE, _GPU_WARPS, _GPU_PROGRAMS_PER_SM = 2048, 8, 4
 _INTERPRETER_TILE, _INTERPRETER_MAX_TILE, _INTERPRETER_PROGRAMS = 64, 16384, 3
-_COMBINE_BLOCK_C = 64
+# The combine kernels fold a [BLOCK_SPLITS, BLOCK_C] tile of partials per iteration. On a GPU the
+# channel blocks are narrow (C/16 channels, 4 to 64), so that a layer of 64 channels is folded by
+# 16 programs rather than one, and the split blocks wide (up to 2048 values a tile), so that a few
+# hundred splits take one or two iterations rather than a serial loop of 16.
+_COMBINE_TILE, _INTERPRETER_COMBINE_BLOCK_C = 2048, 64
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -531,6 +535,7 @@ class Grid:
     n_splits: int
     num_warps: int
     combine_block_splits: int  # the combine kernels fold this many splits at a time
+    combine_block_c: int  # ... of this many channels, one program per channel block
     combine_warps: int
     float64: bool  # accumulate in float64 (float64 input), else float32
 
@@ -543,7 +548,7 @@ class Grid:
 
     @functools.cached_property
     def combine_grid(self):
-        return (_cdiv(self.C, _COMBINE_BLOCK_C),)
+        return (_cdiv(self.C, self.combine_block_c),)
 
     @functools.cached_property
     def acc_dtype(self):
@@ -551,7 +556,7 @@ class Grid:
 
     @functools.cached_property
     def combine_constexprs(self):
-        return dict(BLOCK_SPLITS=self.combine_block_splits, BLOCK_C=_COMBINE_BLOCK_C,
+        return dict(BLOCK_SPLITS=self.combine_block_splits, BLOCK_C=self.combine_block_c,
                     ACC=tl.float64 if self.float64 else tl.float32)
 
     @functools.cached_property
@@ -627,9 +632,16 @@ def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gp
     while n_cols % vec:
         vec //= 2
     n_splits = row_splits * col_splits
+    if gpu_config:
+        combine_block_c = min(64, max(4, _next_power_of_2(C) // 16))
+        combine_block_splits = min(_next_power_of_2(n_splits),
+                                   _COMBINE_TILE // combine_block_c // (2 if element_size == 8 else 1))
+    else:  # the interpreter: a few splits per iteration, so that the loop runs
+        combine_block_c, combine_block_splits = _INTERPRETER_COMBINE_BLOCK_C, min(_next_power_of_2(n_splits), 4)
     return Grid(R, C, S, channels_last, block_r, block_k, vec, channel_blocks, rows_per_split, cols_per_split,
-                col_splits, n_splits, (_GPU_WARPS * tile // _GPU_TILE) if gpu_config else 1,
-                min(_next_power_of_2(n_splits), 32 if gpu_config else 4), 4 if gpu_config else 1, element_size == 8)
+                col_splits, n_splits, (_GPU_WARPS * tile // _GPU_TILE) if gpu_config else 1, combine_block_splits,
+                combine_block_c, 4 if gpu_config else 1, element_size == 8)
+
 
 def shared_grid_passes(grid: Grid, dtype: torch.dtype) -> list[tuple]:
     """``(kernel, arguments, constexprs)`` of the four passes launched on ``grid.grid`` for
@@ -643,6 +655,20 @@ def shared_grid_passes(grid: Grid, dtype: torch.dtype) -> list[tuple]:
             (_backward_reduce_kernel, (dtype, dtype, acc, None, acc, *grid.args), dict(TRAINING=True, **grid.constexprs)),
             (_backward_input_f64_kernel if f64 else _backward_input_kernel,
              (dtype, dtype, dtype, acc, None, torch.float32, acc, 1.0, 1e-5, *grid.args), affine)]
+
+
+def combine_launches(grid: Grid) -> list[tuple]:
+    """``(kernel, arguments, constexprs)`` of the two combine launches of a training layer on
+    ``grid`` (tensors given by their dtypes), for the compile report: their tiles grow with the
+    splits."""
+    acc, f64 = grid.acc_dtype, grid.float64
+    common = dict(EPS_INSIDE_SQRT=True, **grid.combine_constexprs)
+    return [(_stats_combine_f64_kernel if f64 else _stats_combine_kernel,
+             (acc, acc, grid.n_splits, grid.C, torch.float32, torch.float32, None, 0.1, 1e-5, None),
+             dict(common, UPDATE_RUNNING=True, CUMULATIVE=False, SUMMARY=False)),
+            (_backward_combine_f64_kernel if f64 else _backward_combine_kernel,
+             (acc, grid.n_splits, grid.C, acc, None, 1e-5, torch.float32, torch.float32),
+             dict(common, TRAINING=True, GRAD_WEIGHT=True, GRAD_BIAS=True))]
 
 
 def resident_per_sm(grid: Grid, dtype: torch.dtype) -> int | None:
@@ -698,7 +724,8 @@ def fold_statistics(grid: Grid, partials, n_splits: int, statistics, running_mea
     g = grid
     update = running_mean is not None
     cumulative = update and momentum is None
-    block_splits = g.combine_block_splits if n_splits == g.n_splits else min(_next_power_of_2(n_splits), 32)
+    block_splits = g.combine_block_splits if n_splits == g.n_splits else min(_next_power_of_2(n_splits),
+                                                                              _COMBINE_TILE // g.combine_block_c)
     _launch.launch(_stats_combine_f64_kernel if g.float64 else _stats_combine_kernel, g.combine_grid,
                    (partials, statistics, n_splits, g.C, running_mean, running_var,
                     num_batches_tracked if cumulative else None, 0.0 if momentum is None else float(momentum),
