@@ -212,8 +212,9 @@ def compile_record(r: dict, arch: int) -> dict:
     fn = getattr(module, r["kernel"])
     constexprs = {k: decode(v, dtypes) for k, v in r["constexprs"].items()}
     num_warps = r["num_warps"]
-    if "BLOCK" in constexprs:  # multi-tensor kernels: the interpreter used a small block
-        constexprs["BLOCK"] = GPU_BLOCK
+    if "BLOCK" in constexprs:  # multi-tensor kernels: the interpreter used a small block; a GPU's
+        # LaunchPlan takes GPU_BLOCK, half of it for float64 tensors
+        constexprs["BLOCK"] = GPU_BLOCK // 2 if "*fp64" in r["signature"].values() else GPU_BLOCK
         num_warps = GPU_WARPS
     # As a real launch specialises: pointers 16-byte aligned, ints equal to 1 constexpr, ints
     # divisible by 16 marked so.

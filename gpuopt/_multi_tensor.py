@@ -50,7 +50,10 @@ class LaunchPlan:
         self.float64 = first[0].dtype == torch.float64  # launch the kernel's float64 variant
         self.numels = tuple(t.numel() for t in first)
         gpu_config = use_gpu_config(self.device)
-        self.block = block or (GPU_BLOCK if gpu_config else interpreter_block(self.numels))
+        # float64 blocks hold half the elements (4 per thread): fp64 SGD with AMP's scale took 114
+        # registers at 8 (2 programs per SM), 64 at 4, as batch norm's fp64 tiles are halved too.
+        gpu_block = GPU_BLOCK // 2 if self.float64 else GPU_BLOCK
+        self.block = block or (gpu_block if gpu_config else interpreter_block(self.numels))
         self.num_warps = GPU_WARPS if gpu_config else 4
         counts = [max(1, _cdiv(n, self.block)) for n in self.numels]  # a 0-element tensor still
         # gets one (fully masked) block, so per-tensor bookkeeping such as `step` sees it.
