@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ._batch_norm import batch_norm  # (the functional API's, minus its array conversion: modules hold tensors)
 from ._batch_norm import sync_batch_norm
+from .functional import batch_norm
 
 
 class _GpuoptBatchNorm:
