@@ -64,10 +64,10 @@ def train(model, opt, x, y, steps, clip=None):
         opt.zero_grad(set_to_none=True)
 
 
-def fsdp_optimizers(tmp):
+def fsdp_optimizers(tmp, optimizers=OPTIMIZERS):
     """FSDP2 + every gpuopt optimizer = FSDP2 + torch.optim, states are DTensors placed like their
     parameters, and clipping inside the loop (in place, or fused into the step) equals torch's."""
-    for index, (name, kwargs) in enumerate(OPTIMIZERS):
+    for index, (name, kwargs) in enumerate(optimizers):
         base, x, y = model_and_data()
         ours, theirs = sharded(copy.deepcopy(base)), sharded(copy.deepcopy(base))
         opt = getattr(gpuopt, name)(ours.parameters(), **kwargs)
@@ -307,8 +307,14 @@ def sync_batch_norm(tmp):
     converted(torch.randn(2, 3, 6, 6)).sum().backward()
 
 
+def fsdp_adamw_and_sgd(tmp):
+    """fsdp_optimizers for two of them (the 3-rank run: uneven shards, 3 + 3 + 1 rows)."""
+    fsdp_optimizers(tmp, [OPTIMIZERS[0], OPTIMIZERS[2]])
+
+
 SCENARIOS = {f.__name__: f for f in (fsdp_optimizers, fsdp_mixed_precision, fsdp_checkpoint, clip_norms,
                                      tensor_parallel_and_ema, ddp_and_zero, sync_batch_norm)}
+SCENARIOS["fsdp_adamw_and_sgd"] = fsdp_adamw_and_sgd
 
 
 def run(rank, world, port, tmp, names):

@@ -22,6 +22,7 @@ def _free_port() -> int:
 
 
 def _spawn(world, names, tmp_path):
+    # (the 2-rank run takes every scenario; the 3-rank one those where a third rank changes things)
     mp.spawn(distributed_worker.run, args=(world, _free_port(), str(tmp_path), names), nprocs=world, join=True)
 
 
@@ -30,5 +31,5 @@ def test_fsdp2_ddp_zero_checkpoint_clipping_and_sync_batch_norm_match_torch_on_t
 
 
 def test_uneven_shards_and_batches_on_three_ranks(tmp_path):
-    _spawn(3, ["fsdp_optimizers", "clip_norms", "tensor_parallel_and_ema", "sync_batch_norm"], tmp_path)
+    _spawn(3, ["fsdp_adamw_and_sgd", "clip_norms", "tensor_parallel_and_ema", "sync_batch_norm"], tmp_path)
 

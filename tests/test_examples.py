@@ -65,7 +65,7 @@ def test_fsdp2_train_example_resumes_from_its_checkpoint_exactly():
 
 
 def test_ddp_syncbn_digits_example_matches_one_process_on_the_global_batch():
-    out = run_with_torchrun("ddp_syncbn_digits.py", "--batches", "4")
+    out = run_with_torchrun("ddp_syncbn_digits.py", "--batches", "2")
     assert "ranks' batches [48, 16]" in out and "training-set accuracy" in out
 
 
