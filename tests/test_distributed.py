@@ -5,7 +5,6 @@ the same sharding. The scenarios are in tests/distributed_worker.py."""
 import socket
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
