@@ -51,7 +51,7 @@ def run_with_torchrun(name, *args, timeout=600):
     env = dict(os.environ)
     if not HAS_GPU:
         env["TRITON_INTERPRET"] = "1"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           os.path.join(ROOT, "examples", name), *args], capture_output=True, text=True, env=env,
                          timeout=timeout, cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
