@@ -94,18 +94,23 @@ class SyncBatchNorm(_GpuoptBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
             keep = getattr(module, "eps_inside_sqrt", True)
             output = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                          process_group, eps_inside_sqrt=keep if eps_inside_sqrt is None else eps_inside_sqrt)
-            if module.affine:
-                with torch.no_grad():
-                    output.weight, output.bias = module.weight, module.bias
-            output.running_mean, output.running_var = module.running_mean, module.running_var
-            output.num_batches_tracked = module.num_batches_tracked
-            output.training = module.training
-            if hasattr(module, "qconfig"):
-                output.qconfig = module.qconfig
+            _take_over(output, module)
         for name, child in module.named_children():
             output.add_module(name, cls.convert_sync_batchnorm(child, process_group, eps_inside_sqrt=eps_inside_sqrt))
         del module
         return output
+
+
+def _take_over(new: torch.nn.Module, old: torch.nn.Module) -> None:
+    """``new`` (a batch norm replacing ``old``) takes ``old``'s very Parameter and buffer objects,
+    mode and qconfig: an optimizer built on the old model, and anything else holding them, keeps
+    working."""
+    new.weight, new.bias = old.weight, old.bias
+    new.running_mean, new.running_var = old.running_mean, old.running_var
+    new.num_batches_tracked = old.num_batches_tracked
+    new.training = old.training
+    if hasattr(old, "qconfig"):
+        new.qconfig = old.qconfig
 
 
 class BatchNorm1d(_GpuoptBatchNorm, torch.nn.BatchNorm1d):
@@ -131,14 +136,7 @@ def _replacement(module: torch.nn.Module, eps_inside_sqrt: bool) -> torch.nn.Mod
         if type(module) is torch_cls:
             new = gpuopt_cls(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats, eps_inside_sqrt=eps_inside_sqrt)
-            # The same Parameter and buffer objects: an optimizer built on the old model, and
-            # anything else holding them, keeps working.
-            new.weight, new.bias = module.weight, module.bias
-            new.running_mean, new.running_var = module.running_mean, module.running_var
-            new.num_batches_tracked = module.num_batches_tracked
-            new.training = module.training
-            if hasattr(module, "qconfig"):
-                new.qconfig = module.qconfig
+            _take_over(new, module)
             # Hooks registered on the old module (forward, backward, state_dict, ...) keep firing,
             # and their handles keep removing them: the same hook dictionaries, shared.
             for name, value in vars(module).items():
