@@ -534,7 +534,7 @@ class Grid:
     col_splits: int
     n_splits: int
     num_warps: int
-    combine_block_splits: int  # the combine kernels fold this many splits at a time
+    combine_split_cap: int  # the combine kernels fold at most this many splits at a time
     combine_block_c: int  # ... of this many channels, one program per channel block
     combine_warps: int
     float64: bool  # accumulate in float64 (float64 input), else float32
@@ -554,9 +554,14 @@ class Grid:
     def acc_dtype(self):
         return torch.float64 if self.float64 else torch.float32
 
+    def combine_block_splits(self, n_splits: int) -> int:
+        """Splits a combine kernel folds per step when it folds ``n_splits`` partials (the layer's
+        splits, or SyncBatchNorm's ranks)."""
+        return min(_next_power_of_2(n_splits), self.combine_split_cap)
+
     @functools.cached_property
     def combine_constexprs(self):
-        return dict(BLOCK_SPLITS=self.combine_block_splits, BLOCK_C=self.combine_block_c,
+        return dict(BLOCK_SPLITS=self.combine_block_splits(self.n_splits), BLOCK_C=self.combine_block_c,
                     ACC=tl.float64 if self.float64 else tl.float32)
 
     @functools.cached_property
@@ -634,12 +639,11 @@ def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gp
     n_splits = row_splits * col_splits
     if gpu_config:
         combine_block_c = min(64, max(4, _next_power_of_2(C) // 16))
-        combine_block_splits = min(_next_power_of_2(n_splits),
-                                   _COMBINE_TILE // combine_block_c // (2 if element_size == 8 else 1))
+        combine_split_cap = _COMBINE_TILE // combine_block_c // (2 if element_size == 8 else 1)
     else:  # the interpreter: a few splits per iteration, so that the loop runs
-        combine_block_c, combine_block_splits = _INTERPRETER_COMBINE_BLOCK_C, min(_next_power_of_2(n_splits), 4)
+        combine_block_c, combine_split_cap = _INTERPRETER_COMBINE_BLOCK_C, 4
     return Grid(R, C, S, channels_last, block_r, block_k, vec, channel_blocks, rows_per_split, cols_per_split,
-                col_splits, n_splits, (_GPU_WARPS * tile // _GPU_TILE) if gpu_config else 1, combine_block_splits,
+                col_splits, n_splits, (_GPU_WARPS * tile // _GPU_TILE) if gpu_config else 1, combine_split_cap,
                 combine_block_c, 4 if gpu_config else 1, element_size == 8)
 
 
@@ -724,14 +728,13 @@ def fold_statistics(grid: Grid, partials, n_splits: int, statistics, running_mea
     g = grid
     update = running_mean is not None
     cumulative = update and momentum is None
-    block_splits = g.combine_block_splits if n_splits == g.n_splits else min(_next_power_of_2(n_splits),
-                                                                              _COMBINE_TILE // g.combine_block_c)
     _launch.launch(_stats_combine_f64_kernel if g.float64 else _stats_combine_kernel, g.combine_grid,
                    (partials, statistics, n_splits, g.C, running_mean, running_var,
                     num_batches_tracked if cumulative else None, 0.0 if momentum is None else float(momentum),
                     float(eps), summary),
                    dict(EPS_INSIDE_SQRT=eps_inside_sqrt, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-                        SUMMARY=summary is not None, **dict(g.combine_constexprs, BLOCK_SPLITS=block_splits)),
+                        SUMMARY=summary is not None,
+                        **dict(g.combine_constexprs, BLOCK_SPLITS=g.combine_block_splits(n_splits))),
                    g.combine_warps)
 
 
