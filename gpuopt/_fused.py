@@ -17,8 +17,8 @@ from . import _launch
 from ._distributed import any_dtensor, check_sharded_pairs, is_dtensor, like_dtensor, local, local_roles
 from ._multi_tensor import PlanCache, plan_launches
 from .clip import get_total_norm
-from ._validate import (check_params_and_grads, check_roles, follow_layout, like_param, matching_layout,
-                        real_views)
+from ._validate import (check_params_and_grads, check_roles, follow_layout, layout_check, like_param,
+                        matching_layout, real_views)
 
 _FUNCTIONAL_PLANS = PlanCache()  # for the functional API, whose callers keep no plans
 
@@ -205,24 +205,23 @@ def _plain_state(items):
 
 _GRAD = operator.attrgetter("grad")
 _LOCAL_TENSOR = operator.attrgetter("_local_tensor")  # a DTensor's local shard (see _distributed.local)
-_ADDRESS, _STRIDE = torch.Tensor.data_ptr, torch.Tensor.stride
+_ADDRESS = torch.Tensor.data_ptr
 
 
-def _fingerprint(params, grads):
-    """What a group's launch reads through ``param_groups`` and ``.grad``: the parameters (by
-    identity: their addresses are checked with the states, see ``_PreparedGroup.same_storage``),
-    the gradients' addresses and strides (-1 / None where a parameter has no gradient), and
-    whether every gradient is an ordinary strided tensor. Cheap: C-level maps over the lists.
-
-    A gradient's address alone is not enough: after ``zero_grad(set_to_none=True)`` the
-    allocator may hand the next gradient the same address, and a gradient assigned by hand may be
-    a view with other strides there (``p.grad = g.t()``, or an expanded tensor whose storage is
-    smaller than the parameter). torch's ``.grad`` setter fixes its size, dtype and device; the
-    strides are what is left to compare."""
+def _grad_addresses(grads) -> tuple[tuple, list]:
+    """``(addresses, present)``: the gradients' addresses (-1 where a parameter has none) and the
+    gradients there are. Cheap when every parameter has an ordinary strided gradient: one C-level
+    map, and ``present`` is ``grads`` itself."""
     try:
-        return tuple(map(id, params)), tuple(map(_ADDRESS, grads)), tuple(map(_STRIDE, grads)), True
+        return tuple(map(_ADDRESS, grads)), grads
     except (TypeError, RuntimeError):  # a missing gradient, or a tensor without storage (sparse)
-        return tuple(map(id, params)), tuple(map(_address, grads)), tuple(map(_strides, grads)), False
+        return tuple(map(_address, grads)), [g for g in grads if g is not None]
+
+
+def _fingerprint(params, grads) -> tuple:
+    """What a captured step (``gpuopt.graphed_step``) read through ``param_groups`` and ``.grad``:
+    the parameters by identity, the gradients' addresses and strides."""
+    return tuple(map(id, params)), _grad_addresses(grads)[0], tuple(map(_strides, grads))
 
 
 def _address(t):
@@ -237,17 +236,6 @@ def _strides(t):
     return None if t is None or t.layout is not torch.strided else t.stride()
 
 
-_NUMEL, _DEVICE_INDEX = torch.Tensor.numel, torch.Tensor.get_device
-_DTYPE = operator.attrgetter("dtype")
-
-
-def _grad_layout(grads):
-    """What the kernel assumed of the gradients besides their strides (in the fingerprint):
-    element counts (with the validated strides, these keep every read inside the gradient's
-    storage span), dtypes and devices."""
-    return tuple(map(_NUMEL, grads)), tuple(map(_DTYPE, grads)), tuple(map(_DEVICE_INDEX, grads))
-
-
 @dataclass
 class _PreparedGroup:
     """One param group's validated launches, reused by every step while nothing changed.
@@ -256,24 +244,44 @@ class _PreparedGroup:
     ``zero_grad(set_to_none=True)`` is freed (the plans point at the current ones only during a
     step's launches), while the parameters and states, which the optimizer keeps anyway, are held
     with their addresses at validation, so that one compare tells that none of them was moved
-    through ``.data`` (which bumps no generation)."""
+    through ``.data`` (which bumps no generation). Of the gradients it keeps their addresses and
+    a layout check (``_validate.layout_check``: sizes, strides, dtypes, devices, no reference).
 
-    fingerprint: tuple | None  # None: cannot be reused (a gradient had to be copied to its param's layout)
+    A gradient's address alone is not enough: after ``zero_grad(set_to_none=True)`` the
+    allocator may hand the next gradient the same address, and a gradient assigned by hand may be
+    a view there with other strides (``p.grad = g.t()``, or an expanded tensor whose storage is
+    smaller than the parameter)."""
+
+    params: tuple  # the group's parameters (compared by identity; DTensors as given)
+    grad_addresses: tuple | None  # None: cannot be reused (a gradient had to be copied to its param's layout)
+    grad_layout: object  # layout_check of the gradients present at validation (when reusable)
     generation: int
     structure: tuple
     launches: list  # [(plan, has_master, stochastic_rounding, positions in the group's param list)]
-    grad_layout: tuple | None = None  # when every parameter had a gradient: see _grad_layout
+    movable: bool = False  # every parameter had a gradient: moved gradients rewrite one table row
     touched: tuple = ()  # params, states, master copies of the launches (not grads)
     touched_addresses: tuple = ()
     grad_copies: list | None = None  # gradients copied into their param's layout, for this step's launch
     options: tuple | None = None  # the group's options the launcher was made from (None: remake every step)
     launcher: object = None  # launch(plan, step_args, lr=, has_master=, stochastic_rounding=)
-    sharded: bool = False  # DTensor parameters: the fingerprint and launches are of their local tensors
+    sharded: bool = False  # DTensor parameters: the addresses and launches are of their local tensors
 
-    def same_storage(self) -> bool:
-        """Every parameter and state is where it was validated (``p.data = ...`` and
-        ``state.data = ...`` move a tensor without telling anyone)."""
-        return tuple(map(_ADDRESS, self.touched)) == self.touched_addresses
+    def same_tensors(self, params, grads) -> bool:
+        """The fast path's check: the same parameters, every parameter and state where it was
+        validated (``p.data = ...`` and ``state.data = ...`` move a tensor without telling
+        anyone), and the gradients where they were with the validated layout — or moved
+        elsewhere with it (``move_grads``)."""
+        if (self.grad_addresses is None or len(params) != len(self.params)
+                or not all(map(operator.is_, params, self.params))
+                or tuple(map(_ADDRESS, self.touched)) != self.touched_addresses):
+            return False
+        addresses, present = _grad_addresses(grads)
+        kept = addresses == self.grad_addresses
+        if not (kept or (self.movable and present is grads)):  # a gradient appeared or vanished, ...
+            return False
+        if not self.grad_layout.check(*present):  # (the validated count of gradients, by now)
+            return False
+        return kept or self.move_grads(addresses)
 
     def same_options(self, options) -> bool:
         """The group's options are the very objects the launcher was made from (held here, so
@@ -286,25 +294,21 @@ class _PreparedGroup:
         self.options = None if any(map(_holds_tensor, options)) else options
         self.launcher = launcher
 
-    def move_grads(self, fingerprint, grads) -> bool:
-        """The gradients alone moved (``zero_grad(set_to_none=True)`` and a new backward): if
-        they are what the kernel assumed — sizes, strides, dtypes, devices as validated, aligned —
-        rewrite the gradient row of each plan's table and return True; else False (validate all)."""
-        if (self.grad_layout is None or self.fingerprint is None or not fingerprint[3]
-                or fingerprint[0] != self.fingerprint[0] or fingerprint[2] != self.fingerprint[2]
-                or _grad_layout(grads) != self.grad_layout):
-            return False
-        addresses = np.array(fingerprint[1], dtype=np.int64)
+    def move_grads(self, addresses) -> bool:
+        """The gradients alone moved (``zero_grad(set_to_none=True)`` and a new backward), with
+        the validated layout, every parameter having one (both checked by the caller): if they
+        are aligned, rewrite the gradient row of each plan's table and return True; else False
+        (validate all)."""
+        kept, addresses = addresses, np.array(addresses, dtype=np.int64)
         moves = []
         for plan, _, _, index in self.launches:
-            whole = len(index) == len(addresses)
-            mine = addresses if whole else addresses[index]
+            mine = addresses if len(index) == len(addresses) else addresses[index]
             if (mine % plan.element_size(GRAD_ROLE)).any():  # misaligned: the slow path explains it
                 return False
             moves.append((plan, mine, not (mine % 16).any()))
         for plan, mine, aligned in moves:
             plan.move_role(GRAD_ROLE, mine, aligned)
-        self.fingerprint = fingerprint
+        self.grad_addresses = kept
         return True
 
 
@@ -332,7 +336,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     assumes is validated (``gpuopt._validate``) when a group is new or anything changed — a
     parameter or gradient at a new address, a gradient appearing or vanishing, a state replaced
     or added (``opt.state`` tracks its own changes), a loaded state_dict, an option that changes
-    the roles. Otherwise a step is one fingerprint compare per group and the launch.
+    the roles. Otherwise a step is one cheap check per group (``_PreparedGroup.same_tensors``)
+    and the launch.
 
     Extra options, on every subclass:
         state_dtype: dtype of the optimizer states; ``None`` (default) uses each parameter's dtype
@@ -579,10 +584,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _prepared_group(self, index, group) -> tuple[_PreparedGroup, list]:
         """The group's validated launches, and its gradients. The fast path: the same options (by
-        identity; ``lr`` is read at every launch), the same parameters, gradients with the same
-        addresses and strides, every parameter and state where it was, no state changed — a
-        fingerprint compare and an address compare. Gradients that alone moved rewrite one table
-        row. Anything else is validated again (``_prepare``)."""
+        identity; ``lr`` is read at every launch), no state changed, and ``same_tensors``: the same
+        parameters, every parameter and state where it was, the gradients where they were with
+        the validated layout (gradients that alone moved rewrite one table row). Anything else
+        is validated again (``_prepare``)."""
         params = group["params"]
         grads = given = list(map(_GRAD, params))
         prepared = self._prepared.get(index)
@@ -591,16 +596,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 grads = list(map(_LOCAL_TENSOR, given))
             except AttributeError:
                 grads = list(map(local, given))
-        fingerprint = _fingerprint(params, grads)
         options = tuple(map(group.get, self._option_names))
         if prepared is not None and not prepared.same_options(options):
             if prepared.structure == self._structure(group):  # new hyperparameters, the same tensors
                 prepared.set_options(options, self._launcher(group))
             else:
                 prepared = None
-        if (prepared is None or prepared.generation != self._generation.value or not prepared.same_storage()
-                or (prepared.fingerprint != fingerprint and not prepared.move_grads(fingerprint, grads))):
-            prepared = self._prepare(index, group, params, given, fingerprint, options)  # (DTensors as given)
+        if (prepared is None or prepared.generation != self._generation.value
+                or not prepared.same_tensors(params, grads)):
+            prepared = self._prepare(index, group, params, given, options)  # (DTensors as given)
             grads = list(map(local, given)) if prepared.sharded else given
         return prepared, grads
 
@@ -624,14 +628,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group["stochastic_rounding"])
 
     @torch.no_grad()
-    def _prepare(self, index, group, params, grads, fingerprint, options) -> _PreparedGroup:
+    def _prepare(self, index, group, params, grads, options) -> _PreparedGroup:
         """The slow path: validate the group's tensors, make missing states, and plan its launches."""
         name = type(self).__name__
+        group_params = tuple(params)
         sharded = any_dtensor(params)
         if sharded:  # DTensors (FSDP2, tensor parallel): each rank updates its local shards
             check_sharded_pairs(name, params, grads)
             grads = [local(g) for g in grads]
-            fingerprint = _fingerprint(params, grads)
+        addresses, present = _grad_addresses(grads)  # as the fast path will see them
         chosen = [i for i, g in enumerate(grads) if g is not None]
         every_grad = len(chosen) == len(params)
         params = [params[i] for i in chosen]  # the states' keys
@@ -656,11 +661,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                         for plan, has_master, sr, positions in prepare_launches(
                             name, roles, self._algorithm.roles, self._plans, index, group["stochastic_rounding"])]
             touched = tuple(t for role, tensors in roles.items() if role != "grad" for t in tensors)
-        reusable = copies is None and fingerprint[3]
-        prepared = _PreparedGroup(fingerprint if copies is None else None, self._generation.value,
-                                  self._structure(group), launches,
-                                  _grad_layout(grads) if reusable and every_grad and launches else None,
-                                  touched, tuple(map(_ADDRESS, touched)), copies)
+        reusable = copies is None and all(type(a) is int for a in addresses)  # (no sparse gradient)
+        prepared = _PreparedGroup(group_params, addresses if reusable else None,
+                                  layout_check(present) if reusable else None,
+                                  self._generation.value, self._structure(group), launches,
+                                  every_grad and bool(launches), touched, tuple(map(_ADDRESS, touched)), copies)
         prepared.set_options(options, self._launcher(group))
         prepared.sharded = sharded
         self._prepared[index] = prepared

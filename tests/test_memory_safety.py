@@ -546,6 +546,57 @@ def test_gradient_view_at_the_same_address_is_revalidated(device):
     _twin_steps(device, "Adam", dict(lr=0.05), transpose_and_expand)
 
 
+def test_gradient_changed_in_place_is_revalidated(device):
+    """The same gradient object, its metadata changed in place at the same address: transposed
+    by ``as_strided_`` (other elements paired), or ``resize_``d within its storage's capacity (a
+    dense read of the parameter's size would overrun what the gradient now covers). The fast
+    path's layout check (sizes and strides of every gradient, each step) sees both: the first is
+    read in its new layout, as torch reads it; the second is refused before anything changes."""
+    def transpose_in_place(params, _):
+        params[0].grad.as_strided_((5, 5), (1, 5))  # same object, same address, transposed
+
+    _twin_steps(device, "Adam", dict(lr=0.05), transpose_in_place)
+
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in [(5, 5), (9,)]]
+    opt = gpuopt.SGD(params, lr=0.1, momentum=0.9)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    params[1].grad.resize_(4)  # within its capacity: same address
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="gradient shape"):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("python_record", [False, True])
+def test_layout_check_sees_every_change_it_promises(python_record, monkeypatch):
+    """``_validate.layout_check``, in both forms (torch's C++ TensorGuards when present, the
+    Python record otherwise): equal layouts pass at any address; a change of size, stride, dtype,
+    device index or tensor type fails; it holds no reference to the tensors it was made from."""
+    import weakref
+
+    from gpuopt import _validate
+
+    if python_record:
+        monkeypatch.setattr(_validate, "_TENSOR_GUARDS", None)
+    elif _validate._TENSOR_GUARDS is None:
+        pytest.skip("this torch has no usable TensorGuards (the Python record is tested)")
+    tensors = [torch.randn(4, 6), torch.randn(7), torch.randn(2, 3, 5).to(torch.bfloat16)]
+    check = _validate.layout_check(tensors)
+    assert check.check(*[torch.randn_like(t) for t in tensors])
+    assert check.check(*[torch.randn(t.numel() + 8).to(t.dtype)[8:].view(t.shape) for t in tensors])
+    changed = [torch.randn(6, 4).t(), torch.randn(14)[::2], torch.randn(2, 3, 5).to(torch.bfloat16)]
+    assert not check.check(*changed)  # strides: a transpose, a step of 2
+    assert not check.check(torch.randn(4, 6), torch.randn(8), tensors[2])  # a size
+    assert not check.check(torch.randn(4, 6), torch.randn(7), tensors[2].float())  # a dtype
+    assert not check.check(torch.nn.Parameter(tensors[0]), tensors[1], tensors[2])  # a type
+    alive = [weakref.ref(t) for t in tensors]
+    del tensors
+    assert all(ref() is None for ref in alive)
+
+
 @pytest.mark.parametrize("target", ["param", "state"])
 def test_tensor_moved_through_data_is_followed(target):
     """``t.data = ...`` gives a parameter or a state new storage without changing the object or
