@@ -20,7 +20,14 @@ def grid_of(x: torch.Tensor, R: int, C: int, S: int, channels_last: bool) -> ker
     if device.type == "cuda":
         return _cuda_grid(R, C, S, channels_last, x.dtype,
                           device.index if device.index is not None else torch.cuda.current_device())
-    return kernels.make_grid(R, C, S, channels_last, x.element_size(), use_gpu_config(device), ASSUMED_SM_COUNT)
+    return _cpu_grid(R, C, S, channels_last, x.element_size(), use_gpu_config(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _cpu_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gpu_config: bool) -> kernels.Grid:
+    """The interpreter's grid (or, with GPUOPT_GPU_CONFIG=1, an assumed H100's), cached per shape
+    as the GPU's is."""
+    return kernels.make_grid(R, C, S, channels_last, element_size, gpu_config, ASSUMED_SM_COUNT)
 
 
 @functools.lru_cache(maxsize=256)
