@@ -100,6 +100,13 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
                 y = gpuopt.functional.batch_norm(x, torch.zeros(8), torch.ones(8), w, b, training=training,
                                                  eps_inside_sqrt=eps_inside_sqrt)
                 y.backward(torch.ones_like(y))
+# Short rows (channels-first, S = 49: read as columns of C·S, see kernels/batch_norm.py).
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    for training in (True, False):
+        x = torch.randn(4, 8, 7, 7).to(dtype).requires_grad_()
+        w = torch.ones(8, requires_grad=True); b = torch.zeros(8, requires_grad=True)
+        gpuopt.functional.batch_norm(x, torch.zeros(8), torch.ones(8), w, b, training=training).backward(
+            torch.ones_like(x))
 # SyncBatchNorm's combine: a rank's summary, then the fold of the ranks' (here one rank's own).
 from gpuopt._batch_norm import grid_of, view_of
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
@@ -340,7 +347,8 @@ def waves_tables(compiled_rows: list[dict], suite: list, figures_of) -> list[str
         g = bn.make_grid(R, C, S, channels_last, element_size, True, H100.count, per_sm)
         wave, programs = per_sm * H100.count, g.channel_blocks * g.n_splits
         tiles_per_split = (g.rows_per_split // g.block_r) * (g.cols_per_split // g.block_k)
-        all_tiles = g.channel_blocks * -(-R // g.block_r) * (1 if channels_last else -(-S // g.block_k))
+        all_tiles = g.channel_blocks * -(-R // g.block_r) * (1 if channels_last or g.short_rows else -(-S // g.block_k))
+        layout += " (short rows)" if g.short_rows else ""
         efficiency = all_tiles / (-(-programs // wave) * wave * tiles_per_split)
         regs = "/".join(str(figures_of(r)["regs"]) for r in records)
         lines.append(f"{'batch norm':12s} {shape + ' ' + dtype + ' ' + layout:26s} {per_sm:6d} {regs:>11s}"

@@ -20,6 +20,14 @@ with r_i = s_i for PyTorch's ε placement and r_i = σ_i for the seed's (see
 * channels-last (``CHANNELS_LAST=True``): NHWC-contiguous or 2-D input, R = N·S, S = 1. A program
   owns ``BLOCK_K`` adjacent channels (a contiguous run of each row) and a range of rows.
 
+**Short rows.** Channels-first input whose rows are short and cannot be read 16 bytes at a time
+(S < 64 and S not a multiple of 16 bytes' worth: (256, 2048, 7, 7) has rows of 49) is read the
+channels-last way: each of the N rows is C·S contiguous values, so a program owns ``BLOCK_K``
+adjacent *columns* — column k of channel k // S — and every lane and every 16-byte access is
+used. The reductions then keep one partial per column (C·S per split); the combine kernels fold a
+channel's S columns with its splits (``group`` = S). Per-channel values are read per column
+(``_channel_values``). Channels-last proper is the case S = 1.
+
 Axis 0 of the grid is the channel (block), axis 1 the *split*: the rows (and, channels-first, the
 columns) of a channel are spread over many programs, so a layer with 64 channels still fills
 every SM. Each reduction kernel writes one partial per (split, channel); a small combine kernel
@@ -93,12 +101,12 @@ def _tile(r0, k0, R, row_stride, col_base, n_cols, BLOCK_R: tl.constexpr, BLOCK_
 def _layout(C, S, CHANNELS_LAST: tl.constexpr, VEC: tl.constexpr):
     """(row stride, number of columns) of the (R, C, S) view.
 
-    The host checks that ``VEC`` divides the row length (S, or C channels-last). Writing the
+    The host checks that ``VEC`` divides the row length (S, or C·S channels-last). Writing the
     length as ``n // VEC * VEC`` (an identity then) tells the compiler so: every row start and
     every channel offset c·S is a multiple of VEC elements (16 bytes), and runs of VEC columns
     are masked alike, so tiles are read and written with 16-byte accesses (``ld.global.v4``)."""
-    if CHANNELS_LAST:
-        n_cols = (C // VEC) * VEC
+    if CHANNELS_LAST:  # (S is 1, or the run of a channel-major row, see "Short rows")
+        n_cols = (C * S // VEC) * VEC
         return n_cols, n_cols
     else:
         n_cols = (S // VEC) * VEC
@@ -106,52 +114,64 @@ def _layout(C, S, CHANNELS_LAST: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _channel_values(ptr, CHANNELS_LAST: tl.constexpr, C, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _channel_values(ptr, CHANNELS_LAST: tl.constexpr, C, S, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     """This program's per-channel values of ``ptr``: a scalar (channels-first) or a ``[1, BLOCK_K]``
-    row that broadcasts over a tile (channels-last)."""
+    row that broadcasts over a tile (channels-last: the value of column k's channel, k // S)."""
     if CHANNELS_LAST:
-        channels = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-        return tl.load(ptr + channels, mask=channels < C, other=0.0).to(ACC)[None, :]
+        columns = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        return tl.load(ptr + columns // S, mask=columns < C * S, other=0.0).to(ACC)[None, :]
     else:
         return tl.load(ptr + tl.program_id(0)).to(ACC)
 
 
 @triton.jit
-def _program_mean(stats_ptr, running_mean_ptr, C, TRAINING: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+def _program_mean(stats_ptr, running_mean_ptr, C, S, TRAINING: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                   BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     """μ of this program's channels: the batch's (in the statistics, see MEAN) in training, else
     the running mean."""
     if TRAINING:
-        return _channel_values(stats_ptr + MEAN * C, CHANNELS_LAST, C, BLOCK_K, ACC)
+        return _channel_values(stats_ptr + MEAN * C, CHANNELS_LAST, C, S, BLOCK_K, ACC)
     else:
-        return _channel_values(running_mean_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+        return _channel_values(running_mean_ptr, CHANNELS_LAST, C, S, BLOCK_K, ACC)
 
 
 @triton.jit
-def _program_invstd(stats_ptr, running_var_ptr, eps, C, TRAINING: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr,
+def _program_invstd(stats_ptr, running_var_ptr, eps, C, S, TRAINING: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr,
                     CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     """1/s of this program's channels: the batch's in training, else formed here from the running
     variance (so evaluation needs no statistics pass at all)."""
     if TRAINING:
-        return _channel_values(stats_ptr + INVSTD * C, CHANNELS_LAST, C, BLOCK_K, ACC)
+        return _channel_values(stats_ptr + INVSTD * C, CHANNELS_LAST, C, S, BLOCK_K, ACC)
     else:
-        return _inverse_std(_channel_values(running_var_ptr, CHANNELS_LAST, C, BLOCK_K, ACC), eps, EPS_INSIDE_SQRT)
+        return _inverse_std(_channel_values(running_var_ptr, CHANNELS_LAST, C, S, BLOCK_K, ACC), eps,
+                            EPS_INSIDE_SQRT)
 
 
 @triton.jit
-def _plane(ptr, k, n_splits, C):
-    """Plane ``k`` (``n_splits × C`` values, one per split and channel) of a partials buffer.
-    (A few hundred thousand values at most: the grid has a few programs per SM.)"""
-    return ptr + k * n_splits * C
-
-
-@triton.jit
-def _store_partial(ptr, value, C, CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Store this program's per-channel partial result at ``ptr[split, channel]``."""
-    row = ptr + tl.program_id(1).to(tl.int64) * C
+def _partials_width(C, S, CHANNELS_LAST: tl.constexpr):
+    """Partials per split: one per channel, or channels-last one per column (C·S: a short row's
+    channel has S of them, folded by the combine kernels)."""
     if CHANNELS_LAST:
-        channels = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-        tl.store(row + channels, value, mask=channels < C)
+        return C * S
+    else:
+        return C
+
+
+@triton.jit
+def _plane(ptr, k, n_splits, width):
+    """Plane ``k`` (``n_splits × width`` values, one per split and channel or column) of a
+    partials buffer. (A few million values at most: the grid has a few programs per SM.)"""
+    return ptr + k * n_splits * width
+
+
+@triton.jit
+def _store_partial(ptr, value, width, CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Store this program's per-channel (channels-last: per-column) partial result at
+    ``ptr[split, channel or column]``, ``width`` of them per split."""
+    row = ptr + tl.program_id(1).to(tl.int64) * width
+    if CHANNELS_LAST:
+        columns = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        tl.store(row + columns, value, mask=columns < width)
     else:
         tl.store(row + tl.program_id(0), value)
 
@@ -221,12 +241,16 @@ def _stats_kernel(x_ptr, partials_ptr, stats_ptr, R, C, S, rows_per_split, cols_
     row_stride, n_cols = _layout(C, S, CHANNELS_LAST, VEC)
     r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                                                                 CHANNELS_LAST, BLOCK_K)
-    if CHANNELS_LAST:
-        first_channels = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-        shift = tl.load(x_ptr + first_channels, mask=first_channels < C, other=0.0).to(ACC)  # row 0
+    if CHANNELS_LAST:  # row 0, the first column of each column's channel
+        columns = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        shift = tl.load(x_ptr + columns // S * S, mask=columns < C * S, other=0.0).to(ACC)
+        if tl.program_id(1) == 0:  # (stored now: nothing of it stays live through the loops)
+            tl.store(stats_ptr + SHIFT * C + columns // S, shift, mask=(columns < C * S) & (columns % S == 0))
         tile_shift = shift[None, :]
     else:
         shift = tl.load(x_ptr + col_base).to(ACC)  # row 0, column 0 of channel c
+        if tl.program_id(1) == 0:
+            tl.store(stats_ptr + SHIFT * C + tl.program_id(0), shift)
         tile_shift = shift
     # Full tiles (rows below r_full, columns below k_full): every lane sees one more value, so
     # the count is one scalar and 1/n one reciprocal per tile, and no mask.
@@ -261,12 +285,10 @@ def _stats_kernel(x_ptr, partials_ptr, stats_ptr, R, C, S, rows_per_split, cols_
                 deviation = tl.where(mask, x - tile_mean, 0.0)
             tile_m2 = _reduce_tile(deviation * deviation, CHANNELS_LAST)
             mean, m2, count = _welford_combine(mean, m2, count, tile_mean, tile_m2, tile_count)
-    n_splits = tl.num_programs(1)
-    _store_partial(_plane(partials_ptr, COUNT, n_splits, C), count, C, CHANNELS_LAST, BLOCK_K)
-    _store_partial(_plane(partials_ptr, PART_MEAN, n_splits, C), mean, C, CHANNELS_LAST, BLOCK_K)
-    if tl.program_id(1) == 0:
-        _store_partial(stats_ptr + SHIFT * C, shift, C, CHANNELS_LAST, BLOCK_K)  # row 0 of a [1, C] "partial"
-    _store_partial(_plane(partials_ptr, PART_M2, n_splits, C), m2, C, CHANNELS_LAST, BLOCK_K)
+    n_splits, width = tl.num_programs(1), _partials_width(C, S, CHANNELS_LAST)
+    _store_partial(_plane(partials_ptr, COUNT, n_splits, width), count, width, CHANNELS_LAST, BLOCK_K)
+    _store_partial(_plane(partials_ptr, PART_MEAN, n_splits, width), mean, width, CHANNELS_LAST, BLOCK_K)
+    _store_partial(_plane(partials_ptr, PART_M2, n_splits, width), m2, width, CHANNELS_LAST, BLOCK_K)
 
 
 @triton.jit
@@ -292,12 +314,31 @@ def _inverse_std(var, eps, EPS_INSIDE_SQRT: tl.constexpr):
 
 
 @triton.jit
-def _stats_combine_kernel(partials_ptr, stats_ptr, n_splits, C, running_mean_ptr, running_var_ptr, batches_ptr,
+def _partial_offsets(p0, n_splits, group, C, channels, in_range, BLOCK_SPLITS: tl.constexpr,
+                     GROUPED: tl.constexpr):
+    """Offsets and mask of a tile of partials, ``BLOCK_SPLITS`` of each of ``channels`` from
+    partial ``p0``. A channel has ``group`` partials per split (planes of ``n_splits × C·group``):
+    1, or S where the reductions ran over short rows (columns c·S .. c·S + S-1). The tile's last
+    (fastest) axis is the one adjacent in memory, so that neighbouring threads read neighbouring
+    values: channels, ``[BLOCK_SPLITS, BLOCK_C]``; or with ``GROUPED``, a channel's columns,
+    ``[BLOCK_C, BLOCK_SPLITS]``."""
+    parts = p0 + tl.arange(0, BLOCK_SPLITS)
+    part_offsets = (parts // group).to(tl.int64) * (C * group) + parts % group
+    valid = parts < n_splits * group
+    if GROUPED:
+        return (channels * group)[:, None] + part_offsets[None, :], in_range[:, None] & valid[None, :]
+    else:
+        return part_offsets[:, None] + channels[None, :], valid[:, None] & in_range[None, :]
+
+
+@triton.jit
+def _stats_combine_kernel(partials_ptr, stats_ptr, n_splits, group, C, running_mean_ptr, running_var_ptr, batches_ptr,
                           momentum, eps, summary_ptr, EPS_INSIDE_SQRT: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
                           CUMULATIVE: tl.constexpr, SUMMARY: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-                          BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+                          BLOCK_C: tl.constexpr, GROUPED: tl.constexpr, ACC: tl.constexpr):
     """Fold the partials of ``BLOCK_C`` channels into μ, 1/s (and σ for the seed's backward), and
-    update the running statistics as torch.nn.BatchNorm does::
+    update the running statistics as torch.nn.BatchNorm does (``group`` partials per channel and
+    split, see ``_partial_offsets``)::
 
         running_mean ← (1 - m) running_mean + m μ
         running_var  ← (1 - m) running_var  + m σ² K/(K-1)      (unbiased)
@@ -315,14 +356,13 @@ def _stats_combine_kernel(partials_ptr, stats_ptr, n_splits, C, running_mean_ptr
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     count = tl.zeros([BLOCK_C], ACC)
-    for s0 in range(0, n_splits, BLOCK_SPLITS):
-        splits = s0 + tl.arange(0, BLOCK_SPLITS)
-        offsets = splits.to(tl.int64)[:, None] * C + channels[None, :]
-        mask = (splits < n_splits)[:, None] & in_range[None, :]
+    for p0 in range(0, n_splits * group, BLOCK_SPLITS):
+        offsets, mask = _partial_offsets(p0, n_splits, group, C, channels, in_range, BLOCK_SPLITS, GROUPED)
         part_mean, part_m2, part_count = _welford_merge(
-            tl.load(_plane(partials_ptr, PART_MEAN, n_splits, C) + offsets, mask=mask, other=0.0),
-            tl.load(_plane(partials_ptr, PART_M2, n_splits, C) + offsets, mask=mask, other=0.0),
-            tl.load(_plane(partials_ptr, COUNT, n_splits, C) + offsets, mask=mask, other=0.0), 0)
+            tl.load(_plane(partials_ptr, PART_MEAN, n_splits, C * group) + offsets, mask=mask, other=0.0),
+            tl.load(_plane(partials_ptr, PART_M2, n_splits, C * group) + offsets, mask=mask, other=0.0),
+            tl.load(_plane(partials_ptr, COUNT, n_splits, C * group) + offsets, mask=mask, other=0.0),
+            1 if GROUPED else 0)
         mean, m2, count = _welford_combine(mean, m2, count, part_mean, part_m2, part_count)
     mean += tl.load(stats_ptr + SHIFT * C + channels, mask=in_range, other=0.0)  # un-shift, once merged
     if SUMMARY:
@@ -360,12 +400,13 @@ def _normalize_kernel(x_ptr, y_ptr, stats_ptr, running_mean_ptr, running_var_ptr
     row_stride, n_cols = _layout(C, S, CHANNELS_LAST, VEC)
     r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                                                                 CHANNELS_LAST, BLOCK_K)
-    mean = _program_mean(stats_ptr, running_mean_ptr, C, TRAINING, CHANNELS_LAST, BLOCK_K, ACC)
-    scale = _program_invstd(stats_ptr, running_var_ptr, eps, C, TRAINING, EPS_INSIDE_SQRT, CHANNELS_LAST, BLOCK_K, ACC)
+    mean = _program_mean(stats_ptr, running_mean_ptr, C, S, TRAINING, CHANNELS_LAST, BLOCK_K, ACC)
+    scale = _program_invstd(stats_ptr, running_var_ptr, eps, C, S, TRAINING, EPS_INSIDE_SQRT, CHANNELS_LAST, BLOCK_K,
+                            ACC)
     if HAS_WEIGHT:
-        scale = scale * _channel_values(weight_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+        scale = scale * _channel_values(weight_ptr, CHANNELS_LAST, C, S, BLOCK_K, ACC)
     if HAS_BIAS:
-        shift = _channel_values(bias_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+        shift = _channel_values(bias_ptr, CHANNELS_LAST, C, S, BLOCK_K, ACC)
     else:
         shift = 0.0
     for r0 in range(r_begin, r_stop, BLOCK_R):
@@ -387,7 +428,7 @@ def _backward_reduce_kernel(x_ptr, dy_ptr, stats_ptr, running_mean_ptr, sums_ptr
     row_stride, n_cols = _layout(C, S, CHANNELS_LAST, VEC)
     r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                                                                 CHANNELS_LAST, BLOCK_K)
-    mean = _program_mean(stats_ptr, running_mean_ptr, C, TRAINING, CHANNELS_LAST, BLOCK_K, ACC)
+    mean = _program_mean(stats_ptr, running_mean_ptr, C, S, TRAINING, CHANNELS_LAST, BLOCK_K, ACC)
     sum_dy = tl.zeros([BLOCK_R, BLOCK_K], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_R, BLOCK_K], ACC)
     for r0 in range(r_begin, r_stop, BLOCK_R):
@@ -397,33 +438,34 @@ def _backward_reduce_kernel(x_ptr, dy_ptr, stats_ptr, running_mean_ptr, sums_ptr
             dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
             sum_dy += dy
             sum_dy_xmu += dy * (x - mean)  # dy = 0 where masked
-    n_splits, partials_ptr = tl.num_programs(1), sums_ptr + 2 * C
-    _store_partial(_plane(partials_ptr, SUM_DY, n_splits, C), _reduce_tile(sum_dy, CHANNELS_LAST), C,
+    n_splits, width, partials_ptr = tl.num_programs(1), _partials_width(C, S, CHANNELS_LAST), sums_ptr + 2 * C
+    _store_partial(_plane(partials_ptr, SUM_DY, n_splits, width), _reduce_tile(sum_dy, CHANNELS_LAST), width,
                    CHANNELS_LAST, BLOCK_K)
-    _store_partial(_plane(partials_ptr, SUM_DY_XMU, n_splits, C), _reduce_tile(sum_dy_xmu, CHANNELS_LAST), C,
+    _store_partial(_plane(partials_ptr, SUM_DY_XMU, n_splits, width), _reduce_tile(sum_dy_xmu, CHANNELS_LAST), width,
                    CHANNELS_LAST, BLOCK_K)
 
 
 @triton.jit
-def _backward_combine_kernel(sums_ptr, n_splits, C, stats_ptr, running_var_ptr, eps, grad_weight_ptr, grad_bias_ptr,
+def _backward_combine_kernel(sums_ptr, n_splits, group, C, stats_ptr, running_var_ptr, eps, grad_weight_ptr,
+                             grad_bias_ptr,
                              TRAINING: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr, GRAD_WEIGHT: tl.constexpr,
                              GRAD_BIAS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
-                             ACC: tl.constexpr):
-    """Sum the partials per channel; write ∂L/∂B = Σ dẐ and ∂L/∂G = (1/s) Σ dẐ (Z - μ) in the
-    parameters' dtype when they are wanted, and the sums for the input gradient."""
+                             GROUPED: tl.constexpr, ACC: tl.constexpr):
+    """Sum the partials per channel (``group`` per split, see ``_partial_offsets``); write ∂L/∂B =
+    Σ dẐ and ∂L/∂G = (1/s) Σ dẐ (Z - μ) in the parameters' dtype when they are wanted, and the
+    sums for the input gradient."""
     eps = tl.full([], eps, ACC)
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_range = channels < C
     partials_ptr = sums_ptr + 2 * C
     sum_dy = tl.zeros([BLOCK_C], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_C], ACC)
-    for s0 in range(0, n_splits, BLOCK_SPLITS):
-        splits = s0 + tl.arange(0, BLOCK_SPLITS)
-        offsets = splits.to(tl.int64)[:, None] * C + channels[None, :]
-        mask = (splits < n_splits)[:, None] & in_range[None, :]
-        sum_dy += tl.sum(tl.load(_plane(partials_ptr, SUM_DY, n_splits, C) + offsets, mask=mask, other=0.0), axis=0)
-        sum_dy_xmu += tl.sum(tl.load(_plane(partials_ptr, SUM_DY_XMU, n_splits, C) + offsets, mask=mask, other=0.0),
-                             axis=0)
+    for p0 in range(0, n_splits * group, BLOCK_SPLITS):
+        offsets, mask = _partial_offsets(p0, n_splits, group, C, channels, in_range, BLOCK_SPLITS, GROUPED)
+        sum_dy += tl.sum(tl.load(_plane(partials_ptr, SUM_DY, n_splits, C * group) + offsets, mask=mask, other=0.0),
+                         axis=1 if GROUPED else 0)
+        sum_dy_xmu += tl.sum(tl.load(_plane(partials_ptr, SUM_DY_XMU, n_splits, C * group) + offsets, mask=mask,
+                                     other=0.0), axis=1 if GROUPED else 0)
     tl.store(sums_ptr + SUM_DY * C + channels, sum_dy, mask=in_range)
     tl.store(sums_ptr + SUM_DY_XMU * C + channels, sum_dy_xmu, mask=in_range)
     if GRAD_WEIGHT:
@@ -454,16 +496,18 @@ def _backward_input_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, running_var_ptr, we
     row_stride, n_cols = _layout(C, S, CHANNELS_LAST, VEC)
     r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                                                                 CHANNELS_LAST, BLOCK_K)
-    invstd = _program_invstd(stats_ptr, running_var_ptr, eps, C, TRAINING, EPS_INSIDE_SQRT, CHANNELS_LAST, BLOCK_K, ACC)
+    invstd = _program_invstd(stats_ptr, running_var_ptr, eps, C, S, TRAINING, EPS_INSIDE_SQRT, CHANNELS_LAST, BLOCK_K,
+                             ACC)
     scale = invstd
     if HAS_WEIGHT:
-        scale = scale * _channel_values(weight_ptr, CHANNELS_LAST, C, BLOCK_K, ACC)
+        scale = scale * _channel_values(weight_ptr, CHANNELS_LAST, C, S, BLOCK_K, ACC)
     if TRAINING:
-        mean = _program_mean(stats_ptr, None, C, TRAINING, CHANNELS_LAST, BLOCK_K, ACC)
-        mean_dy = _channel_values(sums_ptr + SUM_DY * C, CHANNELS_LAST, C, BLOCK_K, ACC) / count
-        projection = invstd * invstd * _channel_values(sums_ptr + SUM_DY_XMU * C, CHANNELS_LAST, C, BLOCK_K, ACC) / count
+        mean = _program_mean(stats_ptr, None, C, S, TRAINING, CHANNELS_LAST, BLOCK_K, ACC)
+        mean_dy = _channel_values(sums_ptr + SUM_DY * C, CHANNELS_LAST, C, S, BLOCK_K, ACC) / count
+        projection = (invstd * invstd * _channel_values(sums_ptr + SUM_DY_XMU * C, CHANNELS_LAST, C, S, BLOCK_K, ACC)
+                      / count)
         if not EPS_INSIDE_SQRT:
-            std = _channel_values(stats_ptr + STD * C, CHANNELS_LAST, C, BLOCK_K, ACC)
+            std = _channel_values(stats_ptr + STD * C, CHANNELS_LAST, C, S, BLOCK_K, ACC)
             projection = projection * tl.where(std > 0.0, 1.0 / tl.where(std > 0.0, invstd * std, 1.0), 0.0)
     for r0 in range(r_begin, r_stop, BLOCK_R):
         for k0 in range(k_begin, k_stop, BLOCK_K):
@@ -538,6 +582,7 @@ class Grid:
     combine_block_c: int  # ... of this many channels, one program per channel block
     combine_warps: int
     float64: bool  # accumulate in float64 (float64 input), else float32
+    short_rows: bool = False  # channels-first rows read as channels-last columns (see "Short rows")
 
     # What every launch over this view passes, made once per view (the grid is cached): the host
     # cost of a layer is then the tensors it allocates and the launches themselves.
@@ -554,15 +599,25 @@ class Grid:
     def acc_dtype(self):
         return torch.float64 if self.float64 else torch.float32
 
-    def combine_block_splits(self, n_splits: int) -> int:
-        """Splits a combine kernel folds per step when it folds ``n_splits`` partials (the layer's
-        splits, or SyncBatchNorm's ranks)."""
-        return min(_next_power_of_2(n_splits), self.combine_split_cap)
+    @functools.cached_property
+    def group(self) -> int:
+        """Partials per channel and split: S for short rows (one per column), else 1."""
+        return self.S if self.short_rows else 1
+
+    @functools.cached_property
+    def partials_width(self) -> int:
+        """Partials per split of a reduction pass."""
+        return self.C * self.group
+
+    def combine_block_splits(self, n_partials: int) -> int:
+        """Partials of a channel a combine kernel folds per step when it folds ``n_partials``
+        (the layer's splits × group, or SyncBatchNorm's ranks)."""
+        return min(_next_power_of_2(n_partials), self.combine_split_cap)
 
     @functools.cached_property
     def combine_constexprs(self):
-        return dict(BLOCK_SPLITS=self.combine_block_splits(self.n_splits), BLOCK_C=self.combine_block_c,
-                    ACC=tl.float64 if self.float64 else tl.float32)
+        return dict(BLOCK_SPLITS=self.combine_block_splits(self.n_splits * self.group), BLOCK_C=self.combine_block_c,
+                    GROUPED=self.group > 1, ACC=tl.float64 if self.float64 else tl.float32)
 
     @functools.cached_property
     def args(self):
@@ -570,7 +625,8 @@ class Grid:
 
     @functools.cached_property
     def constexprs(self):
-        return dict(CHANNELS_LAST=self.channels_last, BLOCK_R=self.block_r, BLOCK_K=self.block_k, VEC=self.vec,
+        return dict(CHANNELS_LAST=self.channels_last or self.short_rows, BLOCK_R=self.block_r, BLOCK_K=self.block_k,
+                    VEC=self.vec,
                     ACC=tl.float64 if self.float64 else tl.float32)
 
 
@@ -615,24 +671,26 @@ def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gp
     else:
         tile = min(_INTERPRETER_MAX_TILE, _next_power_of_2(R * C * S // 4))
     wave = sm_count * programs_per_sm if gpu_config else _INTERPRETER_PROGRAMS
-    n_cols = C if channels_last else S
-    if channels_last:
+    short_rows = not channels_last and S < 64 and S % (16 // element_size) != 0  # see "Short rows"
+    columns = channels_last or short_rows  # programs own runs of columns of every row
+    n_cols = C * (S if short_rows else 1) if columns else S
+    if columns:
         # A warp reads 32 × 16 bytes: one 128-channel fp32 run (256 for 16-bit types) per row.
-        block_k = min(_next_power_of_2(C), 512 // element_size if gpu_config else 64)
-        channel_blocks = _cdiv(C, block_k)
+        block_k = min(_next_power_of_2(n_cols), 512 // element_size if gpu_config else 64)
+        channel_blocks = _cdiv(n_cols, block_k)
     else:
         block_k = _column_block(S, min(tile, 1024))
         channel_blocks = C
     block_r = max(1, tile // block_k)
     # Spread each channel over enough splits to fill whole waves.
-    row_tiles, col_tiles = _cdiv(R, block_r), (1 if channels_last else _cdiv(S, block_k))
+    row_tiles, col_tiles = _cdiv(R, block_r), (1 if columns else _cdiv(S, block_k))
     row_tiles_per_split, col_tiles_per_split = _whole_wave_splits(channel_blocks, row_tiles, col_tiles, wave)
     rows_per_split, cols_per_split = row_tiles_per_split * block_r, col_tiles_per_split * block_k
     row_splits = _cdiv(R, rows_per_split)
     # Channels-last columns are channel blocks (grid axis 0), never split.
-    col_splits = 1 if channels_last else _cdiv(S, cols_per_split)
+    col_splits = 1 if columns else _cdiv(S, cols_per_split)
     # 16-byte accesses need every row start 16-byte aligned: VEC elements must divide the row
-    # length (channels-first: S, which also aligns each channel's offset c·S; channels-last: C).
+    # length (channels-first: S, which also aligns each channel's offset c·S; channels-last: C·S).
     vec = 16 // element_size
     while n_cols % vec:
         vec //= 2
@@ -644,7 +702,7 @@ def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gp
         combine_block_c, combine_split_cap = _INTERPRETER_COMBINE_BLOCK_C, 4
     return Grid(R, C, S, channels_last, block_r, block_k, vec, channel_blocks, rows_per_split, cols_per_split,
                 col_splits, n_splits, (_GPU_WARPS * tile // _GPU_TILE) if gpu_config else 1, combine_split_cap,
-                combine_block_c, 4 if gpu_config else 1, element_size == 8)
+                combine_block_c, 4 if gpu_config else 1, element_size == 8, short_rows)
 
 
 def shared_grid_passes(grid: Grid, dtype: torch.dtype) -> list[tuple]:
@@ -668,10 +726,10 @@ def combine_launches(grid: Grid) -> list[tuple]:
     acc, f64 = grid.acc_dtype, grid.float64
     common = dict(EPS_INSIDE_SQRT=True, **grid.combine_constexprs)
     return [(_stats_combine_f64_kernel if f64 else _stats_combine_kernel,
-             (acc, acc, grid.n_splits, grid.C, torch.float32, torch.float32, None, 0.1, 1e-5, None),
+             (acc, acc, grid.n_splits, grid.group, grid.C, torch.float32, torch.float32, None, 0.1, 1e-5, None),
              dict(common, UPDATE_RUNNING=True, CUMULATIVE=False, SUMMARY=False)),
             (_backward_combine_f64_kernel if f64 else _backward_combine_kernel,
-             (acc, grid.n_splits, grid.C, acc, None, 1e-5, torch.float32, torch.float32),
+             (acc, grid.n_splits, grid.group, grid.C, acc, None, 1e-5, torch.float32, torch.float32),
              dict(common, TRAINING=True, GRAD_WEIGHT=True, GRAD_BIAS=True))]
 
 
@@ -701,16 +759,16 @@ def forward_training(x, grid: Grid, weight, bias, running_mean, running_var, num
     ``[3, C]`` — to every rank's, ``[3, ranks, C]`` (one all-gather); the statistics are then the
     fold of those, the whole group's batch."""
     g, device = grid, x.device
-    partials = torch.empty(3 * g.n_splits * g.C, dtype=g.acc_dtype, device=device)
+    partials = torch.empty(3 * g.n_splits * g.partials_width, dtype=g.acc_dtype, device=device)
     statistics = torch.empty(N_STATISTICS * g.C, dtype=g.acc_dtype, device=device)
     _launch.launch(_stats_kernel, g.grid, (x, partials, statistics, *g.args), g.constexprs, g.num_warps)
     if exchange is None:
         fold_statistics(g, partials, g.n_splits, statistics, running_mean, running_var, num_batches_tracked,
-                        momentum, eps, eps_inside_sqrt)
+                        momentum, eps, eps_inside_sqrt, group=g.group)
     else:
         summary = torch.empty(3 * g.C, dtype=g.acc_dtype, device=device)
         fold_statistics(g, partials, g.n_splits, statistics, None, None, None, momentum, eps, eps_inside_sqrt,
-                        summary=summary)
+                        summary=summary, group=g.group)
         summaries = exchange(summary.view(3, g.C))
         shift = int(SHIFT.value)
         statistics[shift * g.C:(shift + 1) * g.C].zero_()  # the summaries' means are un-shifted already
@@ -720,21 +778,22 @@ def forward_training(x, grid: Grid, weight, bias, running_mean, running_var, num
 
 
 def fold_statistics(grid: Grid, partials, n_splits: int, statistics, running_mean, running_var, num_batches_tracked,
-                    momentum, eps, eps_inside_sqrt, *, summary=None) -> None:
-    """The combine launch: ``partials`` (planes count, mean, M2 of ``n_splits × C`` values) folded
-    into ``statistics`` (μ, 1/s, σ; the running statistics updated when given), or, with
-    ``summary``, into the channel's (count, μ, M2) only. ``grid``: the layer's (its C, dtype and
-    combine settings; the splits' count is ``n_splits``)."""
+                    momentum, eps, eps_inside_sqrt, *, summary=None, group: int = 1) -> None:
+    """The combine launch: ``partials`` (planes count, mean, M2 of ``n_splits × C·group`` values:
+    ``group`` per channel and split, see "Short rows") folded into ``statistics`` (μ, 1/s, σ; the
+    running statistics updated when given), or, with ``summary``, into the channel's (count, μ,
+    M2) only. ``grid``: the layer's (its C, dtype and combine settings)."""
     g = grid
     update = running_mean is not None
     cumulative = update and momentum is None
     _launch.launch(_stats_combine_f64_kernel if g.float64 else _stats_combine_kernel, g.combine_grid,
-                   (partials, statistics, n_splits, g.C, running_mean, running_var,
+                   (partials, statistics, n_splits, group, g.C, running_mean, running_var,
                     num_batches_tracked if cumulative else None, 0.0 if momentum is None else float(momentum),
                     float(eps), summary),
                    dict(EPS_INSIDE_SQRT=eps_inside_sqrt, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
                         SUMMARY=summary is not None,
-                        **dict(g.combine_constexprs, BLOCK_SPLITS=g.combine_block_splits(n_splits))),
+                        **dict(g.combine_constexprs, BLOCK_SPLITS=g.combine_block_splits(n_splits * group),
+                               GROUPED=group > 1)),
                    g.combine_warps)
 
 
@@ -777,11 +836,11 @@ def backward_sums(x, dy, grid: Grid, weight, statistics, running_mean, running_v
     training = statistics is not None
     grad_weight = torch.empty_like(weight) if need_weight else None
     grad_bias = torch.empty(g.C, dtype=bias_dtype, device=device) if need_bias else None
-    sums = torch.empty((2 + 2 * g.n_splits) * g.C, dtype=g.acc_dtype, device=device)  # sums, then partials
+    sums = torch.empty(2 * g.C + 2 * g.n_splits * g.partials_width, dtype=g.acc_dtype, device=device)  # sums, partials
     _launch.launch(_backward_reduce_kernel, g.grid, (x, dy, statistics, running_mean, sums, *g.args),
                    dict(TRAINING=training, **g.constexprs), g.num_warps)
     _launch.launch(_backward_combine_f64_kernel if g.float64 else _backward_combine_kernel, g.combine_grid,
-                   (sums, g.n_splits, g.C, statistics, running_var, float(eps), grad_weight, grad_bias),
+                   (sums, g.n_splits, g.group, g.C, statistics, running_var, float(eps), grad_weight, grad_bias),
                    dict(TRAINING=training, EPS_INSIDE_SQRT=eps_inside_sqrt, GRAD_WEIGHT=need_weight,
                         GRAD_BIAS=need_bias, **g.combine_constexprs),
                    g.combine_warps)

@@ -225,13 +225,17 @@ def test_every_value_is_counted_once_by_the_splits():
                                    (65536, 1024, 1, True), (256, 2048, 49, False)]:
         for gpu_config in (False, True):
             g = make_grid(R, C, S, channels_last, 4, gpu_config, 132)
-            n_cols = C if channels_last else S
-            width = g.block_k if channels_last else g.cols_per_split
+            columns = channels_last or g.short_rows  # programs own runs of C·S columns
+            assert g.short_rows == (S == 49)  # rows of 49: read as columns (16-byte accesses)
+            n_cols = C * S if columns else S
+            width = g.block_k if columns else g.cols_per_split
             assert g.n_splits == g.col_splits * -(-R // g.rows_per_split)
             assert g.rows_per_split % g.block_r == 0 and g.cols_per_split % g.block_k == 0
-            assert (g.col_splits == 1) if channels_last else (g.col_splits == -(-S // width))
-            assert g.channel_blocks * (width if channels_last else 1) >= (C if channels_last else 1)
+            assert (g.col_splits == 1) if columns else (g.col_splits == -(-S // width))
+            assert g.channel_blocks * (width if columns else 1) >= (n_cols if columns else 1)
             assert n_cols % g.vec == 0
+            if g.short_rows:  # 2048·49 columns a row: 16-byte accesses, where rows of 49 allow 4-byte ones
+                assert g.vec == 4
 
 
 RESULT_NAMES = ["output", "running_mean", "running_var", "grad input", "grad weight", "grad bias"]
@@ -254,6 +258,8 @@ def train_step_both(x, dy):
 
 @pytest.mark.parametrize("shape,layout,dtype", [((4, 300, 3, 3), "channels_last", torch.float32),
                                                 ((4, 300, 3, 3), "channels_last", torch.bfloat16),
+                                                ((6, 40, 7, 7), "contiguous", torch.float32),  # short rows
+                                                ((6, 40, 7, 7), "contiguous", torch.bfloat16),
                                                 ((2, 3, 40, 40), "contiguous", torch.float32),
                                                 ((3, 5, 7, 28), "contiguous", torch.float16),
                                                 ((40, 520), "contiguous", torch.float32)], ids=str)
@@ -325,11 +331,13 @@ def test_every_output_element_is_written(device, monkeypatch):
         assert not torch.isnan(xi.grad).any()
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_large_mean_is_normalized_stably(device, layout):
+@pytest.mark.parametrize("layout,length", [("contiguous", 129), ("channels_last", 129), ("contiguous", 49)],
+                         ids=["contiguous", "channels_last", "short-rows"])
+def test_large_mean_is_normalized_stably(device, layout, length):
     """A channel with mean 1e4 and std 1 in fp32: E[x²] - E[x]² would lose every digit (x² ≈ 1e8,
-    whose fp32 spacing is 8); shifted Welford keeps the variance to 1e-5."""
-    x = leaf(make_input((64, 3, 129), layout, device, mean=1e4, std=1.0))
+    whose fp32 spacing is 8); shifted Welford keeps the variance to 1e-5. Short rows (49 values,
+    read as columns) fold S partials per channel and split: the same accuracy."""
+    x = leaf(make_input((64, 3, length), layout, device, mean=1e4, std=1.0))
     running_mean, running_var = torch.zeros(3, device=device), torch.ones(3, device=device)
     y = gpuopt.functional.batch_norm(x, running_mean, running_var, training=True, momentum=1.0)
     Z = as_seed_layout(x)
@@ -644,14 +652,15 @@ def test_splits_fill_whole_waves_of_the_compiled_occupancy():
                                    (8192, 4096, 1, True), (128, 128, 784, False)]:
         for per_sm in (2, 3, 4, 5, 6):
             g = make_grid(R, C, S, channels_last, 4, True, 132, per_sm)
+            columns = channels_last or g.short_rows
             wave, programs = 132 * per_sm, g.channel_blocks * g.n_splits
             rounds = -(-programs // wave)
-            tiles = g.channel_blocks * -(-R // g.block_r) * (1 if channels_last else -(-S // g.block_k))
+            tiles = g.channel_blocks * -(-R // g.block_r) * (1 if columns else -(-S // g.block_k))
             per_program = (g.rows_per_split // g.block_r) * (g.cols_per_split // g.block_k)
             # (128 channels of 50 tiles on 792 slots can do no better than 0.90: the tiles' granularity)
             assert tiles / (rounds * wave * per_program) >= 0.88, (R, C, S, channels_last, per_sm, g)
             if programs <= wave:  # one wave: not a program more than the slots, and most slots busy
-                assert programs >= 0.9 * wave or g.n_splits == -(-R // g.block_r) * (1 if channels_last else -(-S // g.block_k))
+                assert programs >= 0.9 * wave or g.n_splits == -(-R // g.block_r) * (1 if columns else -(-S // g.block_k))
     # 64 channels on 528 slots: 8 splits (512 programs), not 9 and a second wave of 48.
     g = make_grid(256, 64, 3136, False, 4, True, 132, 4)
     assert g.channel_blocks * g.n_splits == 512
