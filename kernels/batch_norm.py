@@ -458,14 +458,19 @@ def _backward_combine_kernel(sums_ptr, n_splits, group, C, stats_ptr, running_va
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_range = channels < C
     partials_ptr = sums_ptr + 2 * C
-    sum_dy = tl.zeros([BLOCK_C], ACC)
-    sum_dy_xmu = tl.zeros([BLOCK_C], ACC)
+    # Tiles summed elementwise, reduced once after the loop. (A reduction inside the loop, along
+    # a channel's columns, crashed triton 3.6's thread-locality pass.)
+    if GROUPED:
+        sum_dy = tl.zeros([BLOCK_C, BLOCK_SPLITS], ACC)
+    else:
+        sum_dy = tl.zeros([BLOCK_SPLITS, BLOCK_C], ACC)
+    sum_dy_xmu = tl.zeros_like(sum_dy)
     for p0 in range(0, n_splits * group, BLOCK_SPLITS):
         offsets, mask = _partial_offsets(p0, n_splits, group, C, channels, in_range, BLOCK_SPLITS, GROUPED)
-        sum_dy += tl.sum(tl.load(_plane(partials_ptr, SUM_DY, n_splits, C * group) + offsets, mask=mask, other=0.0),
-                         axis=1 if GROUPED else 0)
-        sum_dy_xmu += tl.sum(tl.load(_plane(partials_ptr, SUM_DY_XMU, n_splits, C * group) + offsets, mask=mask,
-                                     other=0.0), axis=1 if GROUPED else 0)
+        sum_dy += tl.load(_plane(partials_ptr, SUM_DY, n_splits, C * group) + offsets, mask=mask, other=0.0)
+        sum_dy_xmu += tl.load(_plane(partials_ptr, SUM_DY_XMU, n_splits, C * group) + offsets, mask=mask, other=0.0)
+    sum_dy = tl.sum(sum_dy, axis=1 if GROUPED else 0)
+    sum_dy_xmu = tl.sum(sum_dy_xmu, axis=1 if GROUPED else 0)
     tl.store(sums_ptr + SUM_DY * C + channels, sum_dy, mask=in_range)
     tl.store(sums_ptr + SUM_DY_XMU * C + channels, sum_dy_xmu, mask=in_range)
     if GRAD_WEIGHT:
