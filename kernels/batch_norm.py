@@ -43,6 +43,7 @@ backward reduction reads x and dẐ; backward input reads x and dẐ, writes ∂
 """
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -547,6 +548,9 @@ _INTERPRETER_TILE, _INTERPRETER_MAX_TILE, _INTERPRETER_PROGRAMS = 64, 16384, 3
 # 16 programs rather than one, and the split blocks wide (up to 2048 values a tile), so that a few
 # hundred splits take one or two iterations rather than a serial loop of 16.
 _COMBINE_TILE, _INTERPRETER_COMBINE_BLOCK_C = 2048, 64
+# Short rows read as columns (see "Short rows"); GPUOPT_SHORT_ROWS=0 reads them as channels-first
+# tiles as before, for the bench to weigh one against the other (scripts/gpu_session.sh bn-short-rows).
+_SHORT_ROWS = os.environ.get("GPUOPT_SHORT_ROWS", "1") != "0"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -676,7 +680,7 @@ def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gp
     else:
         tile = min(_INTERPRETER_MAX_TILE, _next_power_of_2(R * C * S // 4))
     wave = sm_count * programs_per_sm if gpu_config else _INTERPRETER_PROGRAMS
-    short_rows = not channels_last and S < 64 and S % (16 // element_size) != 0  # see "Short rows"
+    short_rows = _SHORT_ROWS and not channels_last and S < 64 and S % (16 // element_size) != 0  # "Short rows"
     columns = channels_last or short_rows  # programs own runs of columns of every row
     n_cols = C * (S if short_rows else 1) if columns else S
     if columns:

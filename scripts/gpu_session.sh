@@ -6,6 +6,8 @@
 #   bash scripts/gpu_session.sh optim     # python -m bench --suite optim (torch.compile and CuPy rows included)
 #   bash scripts/gpu_session.sh bn        # python -m bench --suite bn --no-compile
 #   bash scripts/gpu_session.sh bn-compile  # the torch.compile'd batch-norm rows (slow: one compile per shape)
+#   bash scripts/gpu_session.sh bn-short-rows  # quick bn suite with short NCHW rows read as columns, then as
+#                                         # channels-first tiles (GPUOPT_SHORT_ROWS=0): weigh (256, 2048, 7, 7)
 #
 # The machine's python3 already has torch, triton and cupy (no internet there), so gpuopt is
 # installed into it without dependencies. Logs and bench files go to $OUT when it is set.
@@ -27,6 +29,11 @@ case "${1:-tests}" in
     python3 -m bench --suite bn --no-compile --out-dir "$OUT" 2>&1 | tee "$OUT/bench-bn.log" ;;
   bn-compile)
     python3 -m bench --suite bn --quick --out-dir "$OUT" 2>&1 | tee "$OUT/bench-bn-compile.log" ;;
+  bn-short-rows)
+    mkdir -p "$OUT/short-rows-on" "$OUT/short-rows-off"
+    python3 -m bench --suite bn --quick --no-compile --out-dir "$OUT/short-rows-on" 2>&1 | tee "$OUT/bench-bn-short-rows-on.log"
+    GPUOPT_SHORT_ROWS=0 python3 -m bench --suite bn --quick --no-compile --out-dir "$OUT/short-rows-off" 2>&1 \
+        | tee "$OUT/bench-bn-short-rows-off.log" ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh tests|optim|bn|bn-compile" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_session.sh tests|optim|bn|bn-compile|bn-short-rows" >&2; exit 2 ;;
 esac

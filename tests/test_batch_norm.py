@@ -238,6 +238,19 @@ def test_every_value_is_counted_once_by_the_splits():
                 assert g.vec == 4
 
 
+def test_short_rows_switch_restores_channels_first_tiles(monkeypatch):
+    """GPUOPT_SHORT_ROWS=0 (read at import; the bench's A/B switch) gives rows of 49 the
+    channels-first tiles again: one program per channel, 4-byte accesses."""
+    from gpuopt.kernels import batch_norm as bn
+
+    monkeypatch.setattr(bn, "_SHORT_ROWS", False)
+    g = bn.make_grid.__wrapped__(256, 2048, 49, False, 4, True, 132)
+    assert not g.short_rows and g.group == 1 and g.channel_blocks == 2048 and g.vec == 1
+    monkeypatch.setattr(bn, "_SHORT_ROWS", True)
+    g = bn.make_grid.__wrapped__(256, 2048, 49, False, 4, True, 132)
+    assert g.short_rows and g.group == 49 and g.vec == 4 and g.channel_blocks == -(-2048 * 49 // g.block_k)
+
+
 RESULT_NAMES = ["output", "running_mean", "running_var", "grad input", "grad weight", "grad bias"]
 
 
