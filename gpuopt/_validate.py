@@ -231,8 +231,8 @@ def _torch_tensor_guards():
         t = torch.zeros(2, 3)
         guard = TensorGuards(t, dynamic_dims_sizes=[[2, 3]], dynamic_dims_strides=[[3, 1]])
         same = guard.check(torch.ones(2, 3))
-        others = (torch.zeros(3, 2).t(), torch.zeros(2, 4)[:, :3], torch.zeros(2, 2), torch.zeros(2, 3, dtype=torch.float64),
-                  torch.nn.Parameter(torch.zeros(2, 3)))
+        others = (torch.zeros(3, 2).t(), torch.zeros(2, 4)[:, :3], torch.zeros(2, 2),
+                  torch.zeros(2, 3, dtype=torch.float64), torch.nn.Parameter(torch.zeros(2, 3)))
         if same and not any(guard.check(o) for o in others):
             return TensorGuards
     except Exception:  # noqa: BLE001 - an internal API: anything unexpected means "not usable"
