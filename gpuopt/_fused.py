@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from . import _launch
+from . import _host_check, _launch
 from ._distributed import any_dtensor, check_sharded_pairs, is_dtensor, like_dtensor, local, local_roles
 from ._multi_tensor import PlanCache, plan_launches
 from .clip import get_total_norm
@@ -247,6 +247,11 @@ class _PreparedGroup:
     through ``.data`` (which bumps no generation). Of the gradients it keeps their addresses and
     a layout check (``_validate.layout_check``: sizes, strides, dtypes, devices, no reference).
 
+    The check runs in one C++ call when the compiled form is loaded (``_host_check``; its
+    arguments in ``compiled``) and the group is plain (no DTensors, parameters of the exact
+    types ``torch.Tensor`` / ``nn.Parameter``, whose ``.grad`` C++ reads as Python would);
+    otherwise in Python, the same comparisons.
+
     A gradient's address alone is not enough: after ``zero_grad(set_to_none=True)`` the
     allocator may hand the next gradient the same address, and a gradient assigned by hand may be
     a view there with other strides (``p.grad = g.t()``, or an expanded tensor whose storage is
@@ -265,23 +270,52 @@ class _PreparedGroup:
     options: tuple | None = None  # the group's options the launcher was made from (None: remake every step)
     launcher: object = None  # launch(plan, step_args, lr=, has_master=, stochastic_rounding=)
     sharded: bool = False  # DTensor parameters: the addresses and launches are of their local tensors
+    plain: bool = False  # the compiled check applies (see above)
+    compiled: tuple | None = None  # its arguments: touched addresses, gradients' layouts, addresses, scratch
 
-    def same_tensors(self, params, grads) -> bool:
+    def same_tensors(self, params) -> bool:
         """The fast path's check: the same parameters, every parameter and state where it was
         validated (``p.data = ...`` and ``state.data = ...`` move a tensor without telling
         anyone), and the gradients where they were with the validated layout — or moved
         elsewhere with it (``move_grads``)."""
-        if (self.grad_addresses is None or len(params) != len(self.params)
-                or not all(map(operator.is_, params, self.params))
+        if self.grad_addresses is None:
+            return False
+        if self.compiled is not None:
+            touched_addresses, grad_record, grad_addresses, now = self.compiled
+            answer = _host_check.module().check(params, self.params, self.touched, touched_addresses, grad_record,
+                                                grad_addresses, now)
+            if answer == _host_check.HIT:
+                return True
+            if answer == _host_check.MOVED and self.movable and self.move_grads(now):
+                grad_addresses[:] = now
+                return True
+            return False
+        if self.plain and _host_check.module() is not None:
+            return False  # the compiled check has just become ready: validate once more to set it up
+        if (len(params) != len(self.params) or not all(map(operator.is_, params, self.params))
                 or tuple(map(_ADDRESS, self.touched)) != self.touched_addresses):
             return False
+        grads = list(map(_GRAD, params))
+        if self.sharded:
+            try:  # C-level attribute reads; a missing gradient (None) takes the general path
+                grads = list(map(_LOCAL_TENSOR, grads))
+            except AttributeError:
+                grads = list(map(local, grads))
         addresses, present = _grad_addresses(grads)
         kept = addresses == self.grad_addresses
         if not (kept or (self.movable and present is grads)):  # a gradient appeared or vanished, ...
             return False
         if not self.grad_layout.check(*present):  # (the validated count of gradients, by now)
             return False
-        return kept or self.move_grads(addresses)
+        if not kept and not self.move_grads(np.array(addresses, dtype=np.int64)):
+            return False
+        self.grad_addresses = addresses
+        return True
+
+    def grad(self, params, position):
+        """The gradient the plans read at ``position`` this step (a DTensor's local shard)."""
+        grad = params[position].grad
+        return local(grad) if self.sharded else grad
 
     def same_options(self, options) -> bool:
         """The group's options are the very objects the launcher was made from (held here, so
@@ -294,12 +328,11 @@ class _PreparedGroup:
         self.options = None if any(map(_holds_tensor, options)) else options
         self.launcher = launcher
 
-    def move_grads(self, addresses) -> bool:
+    def move_grads(self, addresses: np.ndarray) -> bool:
         """The gradients alone moved (``zero_grad(set_to_none=True)`` and a new backward), with
-        the validated layout, every parameter having one (both checked by the caller): if they
-        are aligned, rewrite the gradient row of each plan's table and return True; else False
-        (validate all)."""
-        kept, addresses = addresses, np.array(addresses, dtype=np.int64)
+        the validated layout, every parameter having one (both checked by the caller), to
+        ``addresses`` (int64, one per parameter): if they are aligned, rewrite the gradient row
+        of each plan's table and return True; else False (validate all)."""
         moves = []
         for plan, _, _, index in self.launches:
             mine = addresses if len(index) == len(addresses) else addresses[index]
@@ -308,8 +341,22 @@ class _PreparedGroup:
             moves.append((plan, mine, not (mine % 16).any()))
         for plan, mine, aligned in moves:
             plan.move_role(GRAD_ROLE, mine, aligned)
-        self.grad_addresses = kept
         return True
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _compiled_check(prepared: _PreparedGroup, grads: list) -> tuple | None:
+    """``_PreparedGroup.compiled`` for a plain group validated with ``grads`` (None where a
+    parameter has none), once the compiled check is loaded (its build starts here, in the
+    background: until then the check runs in Python)."""
+    _host_check.start()
+    host = _host_check.module()
+    if host is None:
+        return None
+    return (np.array(prepared.touched_addresses, dtype=np.int64), host.layout_record(grads),
+            np.array(prepared.grad_addresses, dtype=np.int64), np.empty(len(grads), dtype=np.int64))
 
 
 def _holds_tensor(value) -> bool:
@@ -564,8 +611,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._reset_host_caches()
         step_args = {}
         for index, group in enumerate(self.param_groups):
-            prepared, grads = self._prepared_group(index, group)
-            lr = group["lr"]
+            prepared = self._prepared_group(index, group)
+            params, lr = group["params"], group["lr"]
             for plan, has_master, sr, positions in prepared.launches:
                 device = plan.device
                 args = step_args.get(device)
@@ -573,7 +620,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     args = step_args[device] = StepArgs(device, _on(grad_scale, device), _on(found_inf, device),
                                                         self._seed)
                 if prepared.grad_copies is None:  # else the plan points at the copies, made this step
-                    plan.point(GRAD_ROLE, grads[positions[0]])
+                    plan.point(GRAD_ROLE, prepared.grad(params, positions[0]))
                 prepared.launcher(plan, args, lr=lr, has_master=has_master, stochastic_rounding=sr)
                 plan.release(GRAD_ROLE)
             prepared.grad_copies = None
@@ -582,20 +629,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     # torch's wrapper of a step (profiler range, hooks), used when one is on; Dynamo breaks the graph here.
     _hooked_step = torch.compiler.disable(torch.optim.Optimizer.profile_hook_step(_step))
 
-    def _prepared_group(self, index, group) -> tuple[_PreparedGroup, list]:
-        """The group's validated launches, and its gradients. The fast path: the same options (by
-        identity; ``lr`` is read at every launch), no state changed, and ``same_tensors``: the same
-        parameters, every parameter and state where it was, the gradients where they were with
-        the validated layout (gradients that alone moved rewrite one table row). Anything else
-        is validated again (``_prepare``)."""
+    def _prepared_group(self, index, group) -> _PreparedGroup:
+        """The group's validated launches. The fast path: the same options (by identity; ``lr``
+        is read at every launch), no state changed, and ``same_tensors``: the same parameters,
+        every parameter and state where it was, the gradients where they were with the
+        validated layout (gradients that alone moved rewrite one table row). Anything else is
+        validated again (``_prepare``)."""
         params = group["params"]
-        grads = given = list(map(_GRAD, params))
         prepared = self._prepared.get(index)
-        if prepared is not None and prepared.sharded:
-            try:  # C-level attribute reads; a missing gradient (None) takes the general path
-                grads = list(map(_LOCAL_TENSOR, given))
-            except AttributeError:
-                grads = list(map(local, given))
         options = tuple(map(group.get, self._option_names))
         if prepared is not None and not prepared.same_options(options):
             if prepared.structure == self._structure(group):  # new hyperparameters, the same tensors
@@ -603,10 +644,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 prepared = None
         if (prepared is None or prepared.generation != self._generation.value
-                or not prepared.same_tensors(params, grads)):
-            prepared = self._prepare(index, group, params, given, options)  # (DTensors as given)
-            grads = list(map(local, given)) if prepared.sharded else given
-        return prepared, grads
+                or not prepared.same_tensors(params)):
+            prepared = self._prepare(index, group, params, list(map(_GRAD, params)), options)  # (DTensors as given)
+        return prepared
 
     def _graph_key(self) -> tuple:
         """What a captured step (``gpuopt.graphed_step``) was made from: ``(values, objects)`` —
@@ -631,7 +671,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _prepare(self, index, group, params, grads, options) -> _PreparedGroup:
         """The slow path: validate the group's tensors, make missing states, and plan its launches."""
         name = type(self).__name__
-        group_params = tuple(params)
+        group_params, grads_given = tuple(params), grads
         sharded = any_dtensor(params)
         if sharded:  # DTensors (FSDP2, tensor parallel): each rank updates its local shards
             check_sharded_pairs(name, params, grads)
@@ -668,6 +708,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                                   every_grad and bool(launches), touched, tuple(map(_ADDRESS, touched)), copies)
         prepared.set_options(options, self._launcher(group))
         prepared.sharded = sharded
+        prepared.plain = reusable and not sharded and all(type(p) in _PLAIN_TYPES for p in group_params)
+        if prepared.plain:
+            prepared.compiled = _compiled_check(prepared, grads_given)
         self._prepared[index] = prepared
         return prepared
 

@@ -22,11 +22,11 @@ OPTIMIZERS = [("Adam", dict(lr=0.01)), ("AdamW", dict(lr=0.01, weight_decay=0.1)
               ("Adagrad", dict(lr=0.01)), ("Adadelta", dict(lr=0.5))]
 
 
-def run_in_child(code: str) -> str:
-    """Run ``code`` in a fresh Python (same environment, same device); a crash is a failure."""
+def run_in_child(code: str, **env) -> str:
+    """Run ``code`` in a fresh Python (same environment and ``env``, same device); a crash is a failure."""
     prelude = f"import torch, gpuopt\nDEVICE = torch.device({str(DEVICE)!r})\n"
     result = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True,
-                            text=True, timeout=300, env=dict(os.environ))
+                            text=True, timeout=300, env={**os.environ, **env})
     assert result.returncode == 0, (f"child exited with {result.returncode}\nstdout:\n{result.stdout}\n"
                                     f"stderr:\n{result.stderr[-3000:]}")
     return result.stdout
@@ -395,13 +395,44 @@ def test_convert_batchnorm_keeps_hooks(device):
 # ---------------------------------------------------------------- the fast path stays checked ------
 
 
-def test_replaced_state_is_validated_on_the_next_step(device):
+@pytest.fixture(params=["python", "compiled"])
+def host_check(request, monkeypatch):
+    """Run a test with the fast path's check in Python, then compiled (``gpuopt._host_check``;
+    waits for its build). Returns whether the compiled check is used."""
+    from gpuopt import _host_check
+
+    if request.param == "python":
+        monkeypatch.setattr(_host_check, "module", lambda: None)
+        return False
+    return _compiled_host_check() is not None
+
+
+def _compiled_host_check():
+    """The compiled check's module (waiting for its build): a test of it fails where it should
+    build and does not, and is skipped only where it cannot be built (no C++ compiler)."""
+    from gpuopt import _host_check
+
+    host = _host_check.wait()
+    if host is None:
+        if _host_check._command(_host_check._target()) is None:
+            pytest.skip(f"the compiled check cannot be built here: {_host_check.status()}")
+        pytest.fail(f"the compiled check did not build: {_host_check.status()}")
+    return host
+
+
+def _check_form(opt) -> list:
+    """Which check each of ``opt``'s prepared groups runs: 'compiled' or 'python'."""
+    return ["compiled" if prepared.compiled is not None else "python" for prepared in opt._prepared.values()]
+
+
+def test_replaced_state_is_validated_on_the_next_step(device, host_check):
     """opt.state[p][key] = ... changes the state's generation: the next step re-validates."""
     p = torch.nn.Parameter(torch.randn(64, device=device))
     opt = gpuopt.Adam([p])
     p.grad = torch.randn_like(p)
     opt.step()
     opt.step()
+    assert _check_form(opt) == ["compiled" if host_check else "python"]
     opt.state[p]["exp_avg"] = torch.zeros(3, device=device)
     with pytest.raises(RuntimeError, match=r"exp_avg 0 has shape \(3,\)"):
         opt.step()
@@ -410,7 +441,7 @@ def test_replaced_state_is_validated_on_the_next_step(device):
     assert opt.state[p]["step"].item() == 3
 
 
-def test_steady_state_step_launches_without_revalidating(device, monkeypatch):
+def test_steady_state_step_launches_without_revalidating(device, monkeypatch, host_check):
     """Nothing changed → no validation, one launch; gradients alone moved → their table row is
     rewritten without a full validation; a gradient in another layout or dtype, a new parameter
     address, a gradient that vanished → validated again. Results match a fresh optimizer's."""
@@ -434,7 +465,7 @@ def test_steady_state_step_launches_without_revalidating(device, monkeypatch):
             assert_close(p, t, rtol=1e-5, atol=1e-6)
 
     step()
-    assert len(checks) == 1
+    assert len(checks) == 1 and _check_form(opt) == ["compiled" if host_check else "python"]
     kept = [p.grad for p in params]
     with count_launches(walk, "_step_kernel") as counter:
         for _ in range(2):
@@ -460,6 +491,44 @@ def test_steady_state_step_launches_without_revalidating(device, monkeypatch):
     twins[1].data = twins[1].data.clone()
     step()
     assert len(checks) == 5
+    opt.state[params[2]]["exp_avg"].data = opt.state[params[2]]["exp_avg"].clone()  # a state at a new address
+    ref.state[twins[2]]["exp_avg"].data = ref.state[twins[2]]["exp_avg"].clone()
+    step()
+    assert len(checks) == 6
+    params.reverse()  # the same parameters in another order
+    twins.reverse()
+    opt.param_groups[0]["params"].reverse()
+    ref.param_groups[0]["params"].reverse()
+    step()
+    assert len(checks) == 7
+    step()
+    assert len(checks) == 7 and _check_form(opt) == ["compiled" if host_check else "python"]
+
+
+def test_python_check_gives_way_to_the_compiled_one_when_it_is_ready(device, monkeypatch):
+    """A group validated while the compiled check was still building is validated once more when
+    it is ready, then checked by it; the steps match torch's throughout."""
+    from gpuopt import _host_check
+
+    _compiled_host_check()
+    ready = _host_check.module
+    monkeypatch.setattr(_host_check, "module", lambda: None)
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in [(6,), (2, 3)]]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, ref = gpuopt.SGD(params, lr=0.1, momentum=0.9), torch.optim.SGD(twins, lr=0.1, momentum=0.9)
+    forms = []
+    for step in range(4):
+        if step == 2:
+            monkeypatch.setattr(_host_check, "module", ready)
+        for p, t in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            t.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        forms.append(_check_form(opt)[0])
+        for p, t in zip(params, twins):
+            assert_close(p, t, rtol=1e-5, atol=1e-6)
+    assert forms == ["python", "python", "compiled", "compiled"]
 
 
 def test_tracked_state_pickles_as_plain_dicts_and_deepcopies(device, tmp_path):
@@ -535,7 +604,7 @@ def _twin_steps(device, opt_name, kwargs, change):
             assert_close(p.grad, t.grad, rtol=0, atol=0)
 
 
-def test_gradient_view_at_the_same_address_is_revalidated(device):
+def test_gradient_view_at_the_same_address_is_revalidated(device, host_check):
     """A gradient replaced by another view of the same storage keeps its address: the fast path
     compares strides too. A transposed view pairs other elements; an expanded one (stride 0) is
     smaller in memory than the parameter, so reading it as a dense gradient would overrun it."""
@@ -546,7 +615,7 @@ def test_gradient_view_at_the_same_address_is_revalidated(device):
     _twin_steps(device, "Adam", dict(lr=0.05), transpose_and_expand)
 
 
-def test_gradient_changed_in_place_is_revalidated(device):
+def test_gradient_changed_in_place_is_revalidated(device, host_check):
     """The same gradient object, its metadata changed in place at the same address: transposed
     by ``as_strided_`` (other elements paired), or ``resize_``d within its storage's capacity (a
     dense read of the parameter's size would overrun what the gradient now covers). The fast
@@ -597,8 +666,87 @@ def test_layout_check_sees_every_change_it_promises(python_record, monkeypatch):
     assert all(ref() is None for ref in alive)
 
 
+def test_compiled_check_sees_every_change_the_fast_path_must_see():
+    """``gpuopt._host_check``'s C++ ``check`` on each change the fast path must see: nothing
+    changed → HIT; every gradient at a new address with the same layout → MOVED (their
+    addresses returned); a parameter replaced or reordered, a parameter or state moved, a
+    gradient transposed, expanded, resized in place, sparse, conjugated, vanished or appeared,
+    a list of another length → MISS. Nothing is raised, and it keeps no gradient alive."""
+    import weakref
+
+    import numpy as np
+
+    from gpuopt import _host_check
+
+    host = _compiled_host_check()
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(4, 6), (7,), (2, 3, 5)]]
+    params.append(torch.nn.Parameter(torch.randn(3)))  # without a gradient
+    states = tuple(torch.zeros_like(p) for p in params)
+    for p in params[:3]:
+        p.grad = torch.randn_like(p)
+    kept, touched = tuple(params), tuple(params) + states
+    touched_addresses = np.array([t.data_ptr() for t in touched], dtype=np.int64)
+    grads = [p.grad for p in params]
+    record = host.layout_record(grads)
+    addresses = np.array([-1 if g is None else g.data_ptr() for g in grads], dtype=np.int64)
+    now = np.empty(len(params), dtype=np.int64)
+
+    def answer(group=None):
+        return host.check(params if group is None else group, kept, touched, touched_addresses, record,
+                          addresses, now)
+
+    assert answer() == _host_check.HIT and answer(tuple(params)) == _host_check.HIT
+    alive = [weakref.ref(g) for g in grads[:3]]
+    del grads
+    for p in params[:3]:
+        p.grad = torch.randn_like(p)
+    assert all(ref() is None for ref in alive)
+    assert answer() == _host_check.MOVED
+    assert now.tolist() == [p.grad.data_ptr() for p in params[:3]] + [-1]
+    addresses[:] = now
+    assert answer() == _host_check.HIT
+
+    def misses(change, undo):
+        change()
+        try:
+            return answer() == _host_check.MISS
+        finally:
+            undo()
+            assert answer() == _host_check.HIT
+
+    g0, g1 = params[0].grad, params[1].grad
+
+    def put(i, grad):
+        return lambda: setattr(params[i], "grad", grad)
+
+    assert misses(put(0, g0.t().contiguous().t()), put(0, g0))  # transposed (at a new address)
+    assert misses(put(1, g1[:1].expand(7)), put(1, g1))  # stride 0
+    assert misses(put(1, g1.to_sparse()), put(1, g1))
+    assert misses(put(1, None), put(1, g1))
+    assert misses(put(3, torch.randn(3)), put(3, None))
+    assert misses(lambda: g1.resize_(4), lambda: g1.resize_(7))  # in place, same object and address
+    assert misses(lambda: g0.as_strided_((4, 6), (1, 4)), lambda: g0.as_strided_((4, 6), (6, 1)))
+    complex_param = torch.nn.Parameter(torch.randn(5, dtype=torch.complex64))
+    complex_param.grad = torch.randn_like(complex_param)
+    complex_record = host.layout_record([complex_param.grad])
+    complex_address = np.array([complex_param.grad.data_ptr()], dtype=np.int64)
+    assert host.check([complex_param], (complex_param,), (), np.zeros(0, dtype=np.int64), complex_record,
+                      complex_address, now[:1]) == _host_check.HIT
+    complex_param.grad = complex_param.grad.conj()  # the same memory, read conjugated
+    assert host.check([complex_param], (complex_param,), (), np.zeros(0, dtype=np.int64), complex_record,
+                      complex_address, now[:1]) == _host_check.MISS
+    data = params[2].data
+    assert misses(lambda: setattr(params[2], "data", data.clone()), lambda: setattr(params[2], "data", data))
+    state = states[1].data
+    assert misses(lambda: setattr(states[1], "data", state.clone()), lambda: setattr(states[1], "data", state))
+    stranger = torch.nn.Parameter(params[0].detach().clone())
+    assert answer([stranger, *params[1:]]) == _host_check.MISS
+    assert answer(params[::-1]) == _host_check.MISS and answer(params[:3]) == _host_check.MISS
+    assert answer(set(params)) == _host_check.MISS
+
+
 @pytest.mark.parametrize("target", ["param", "state"])
-def test_tensor_moved_through_data_is_followed(target):
+def test_tensor_moved_through_data_is_followed(target, host_check):
     """``t.data = ...`` gives a parameter or a state new storage without changing the object or
     bumping the state's generation (how some code offloads optimizer states to the CPU and back):
     the next step sees the new address and updates the new storage, never the old one, which is
@@ -624,6 +772,6 @@ def test_tensor_moved_through_data_is_followed(target):
             for p, t in zip(params, twins):
                 torch.testing.assert_close(p, t, rtol=1e-5, atol=1e-6)
         assert opt.state[params[0]]["step"].item() == 4
-        print("followed")
-    """)
-    assert "followed" in out
+        print("followed", opt._prepared[0].compiled is not None)
+    """, GPUOPT_HOST_CHECK="1" if host_check else "0")
+    assert f"followed {host_check}" in out
