@@ -19,7 +19,9 @@ such medians taken alternately with the reference (``interleaved``), gpuopt and 
   stubbed at ``torch._fused_adamw_`` itself, before DTensor's dispatch, so its row leaves out the
   per-op DTensor cost torch pays on a real run (a lower bound for torch);
 * ``gpuopt.nn.BatchNorm2d`` forward + backward per layer against an empty ``autograd.Function``
-  with the same inputs (the floor any autograd op pays).
+  with the same inputs (the floor any autograd op pays), both given a dense upstream gradient as
+  a network's next layer gives one (until 2026-12-02 ``.sum().backward()``'s expanded gradient,
+  which gpuopt copies to the input's layout and the empty function ignores).
 
 Launches take the path they take on a GPU (``gpuopt._launch``: the kept compiled kernel, found
 by its specialisation key) down to the C launcher, which is stubbed: the ~3-5 µs the driver call
@@ -173,11 +175,12 @@ def batch_norm_us(impl: str, steps: int) -> float:
     import gpuopt
 
     x = torch.randn(2, 64, 4, 4, requires_grad=True)
+    upstream = torch.randn_like(x)  # a dense gradient, as a ReLU or convolution above hands back
     bn = gpuopt.nn.BatchNorm2d(64)
     if impl == "gpuopt":
-        fn = lambda: bn(x).sum().backward()  # noqa: E731
+        fn = lambda: bn(x).backward(upstream)  # noqa: E731
     else:
-        fn = lambda: _Empty.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var).sum().backward()  # noqa: E731
+        fn = lambda: _Empty.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var).backward(upstream)  # noqa: E731
     return median_us(fn, steps)
 
 

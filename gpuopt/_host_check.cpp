@@ -162,7 +162,114 @@ PyObject* check(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return PyLong_FromLong(answer);
 }
 
+// tensor_record(tensors: tuple, masks: tuple) -> bytes: each tensor's layout words and
+// (address & mask, mask), or kAbsent for None. mask -1 records the exact address; 15, the
+// address's 16-byte alignment only (an activation that is new every call).
+PyObject* tensor_record(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2 || !PyTuple_CheckExact(args[0]) || !PyTuple_CheckExact(args[1]) ||
+      PyTuple_GET_SIZE(args[0]) != PyTuple_GET_SIZE(args[1])) {
+    PyErr_SetString(PyExc_TypeError, "tensor_record: (tuple of tensors or None, tuple of int masks)");
+    return nullptr;
+  }
+  std::vector<int64_t> words;
+  try {
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args[0]); ++i) {
+      PyObject* item = PyTuple_GET_ITEM(args[0], i);
+      if (item == Py_None) {
+        words.push_back(kAbsent);
+        continue;
+      }
+      const int64_t mask = PyLong_AsLongLong(PyTuple_GET_ITEM(args[1], i));
+      if (!THPVariable_Check(item) || PyErr_Occurred()) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "tensor_record: a tensor or None");
+        return nullptr;
+      }
+      const at::Tensor& t = THPVariable_Unpack(item);
+      append_layout(words, t);
+      words.push_back(address(t) & mask);
+      words.push_back(mask);
+    }
+  } catch (const std::exception& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
+  }
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words.data()),
+                                   static_cast<Py_ssize_t>(words.size() * sizeof(int64_t)));
+}
+
+// tensors_match(tensors: tuple, record: bytes) -> bool: the tensors (or Nones) have the
+// recorded layouts and addresses (under their masks). False for anything else, never raises.
+PyObject* tensors_match(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2 || !PyTuple_CheckExact(args[0])) Py_RETURN_FALSE;
+  Words record(args[1], false);
+  if (!record.ok) return nullptr;
+  const int64_t* words = record.data();
+  size_t at = 0;
+  try {
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args[0]); ++i) {
+      PyObject* item = PyTuple_GET_ITEM(args[0], i);
+      if (at >= record.size()) Py_RETURN_FALSE;
+      if (item == Py_None || words[at] == kAbsent) {
+        if (item != Py_None || words[at] != kAbsent) Py_RETURN_FALSE;
+        ++at;
+        continue;
+      }
+      if (!THPVariable_Check(item)) Py_RETURN_FALSE;
+      const at::Tensor& t = THPVariable_Unpack(item);
+      if (!same_layout(words, at, record.size(), t) || at + 2 > record.size() ||
+          (address(t) & words[at + 1]) != words[at]) {
+        Py_RETURN_FALSE;
+      }
+      at += 2;
+    }
+  } catch (...) {
+    Py_RETURN_FALSE;
+  }
+  if (at != record.size()) Py_RETURN_FALSE;
+  Py_RETURN_TRUE;
+}
+
+// argument_key(args: tuple) -> bytes | None: what Triton may specialise a launch's arguments on
+// (gpuopt/_launch.py): each argument's Python type, and a tensor's dtype and 16-byte alignment,
+// an int's or bool's value. None when an argument is beyond it (an int wider than 64 bits, a
+// tensor without storage): the Python key then decides, or raises as Triton would.
+PyObject* argument_key(PyObject*, PyObject* args) {
+  if (!PyTuple_CheckExact(args)) {
+    PyErr_SetString(PyExc_TypeError, "argument_key: a tuple");
+    return nullptr;
+  }
+  const Py_ssize_t n = PyTuple_GET_SIZE(args);
+  constexpr Py_ssize_t kOnStack = 64;  // arguments (the optimizers pass ~30)
+  int64_t on_stack[2 * kOnStack];
+  std::vector<int64_t> on_heap(n > kOnStack ? 2 * n : 0);
+  int64_t* words = n > kOnStack ? on_heap.data() : on_stack;
+  try {
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* arg = PyTuple_GET_ITEM(args, i);
+      words[2 * i] = reinterpret_cast<int64_t>(Py_TYPE(arg));
+      if (THPVariable_Check(arg)) {
+        const at::Tensor& t = THPVariable_Unpack(arg);
+        words[2 * i + 1] = static_cast<int64_t>(t.scalar_type()) * 2 + (address(t) % 16 == 0);
+      } else if (PyLong_CheckExact(arg) || PyBool_Check(arg)) {
+        int overflow = 0;
+        words[2 * i + 1] = PyLong_AsLongLongAndOverflow(arg, &overflow);
+        if (overflow != 0) Py_RETURN_NONE;
+      } else {
+        words[2 * i + 1] = 0;
+      }
+    }
+  } catch (...) {
+    Py_RETURN_NONE;
+  }
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words), 2 * n * sizeof(int64_t));
+}
+
 PyMethodDef methods[] = {
+    {"argument_key", argument_key, METH_O, "argument_key(args) -> bytes | None"},
+    {"tensor_record", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(tensor_record)), METH_FASTCALL,
+     "tensor_record(tensors, masks) -> bytes"},
+    {"tensors_match", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(tensors_match)), METH_FASTCALL,
+     "tensors_match(tensors, record) -> bool"},
     {"layout_record", layout_record, METH_O, "layout_record(grads) -> bytes"},
     {"check", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(check)), METH_FASTCALL,
      "check(params, kept, touched, touched_addresses, grad_record, grad_addresses, new_addresses) -> int"},

@@ -87,6 +87,36 @@ def status() -> str:
     return "loaded" if _module is not None else _status
 
 
+class TensorRecord:
+    """The layouts and addresses of some tensors (or Nones), to tell whether later ones match:
+    dispatch keys, dtype, device, sizes, strides, and ``address & mask`` (``mask`` per tensor:
+    -1 for the exact address, 15 for its 16-byte alignment alone). One C++ call when the compiled
+    module was loaded at recording, else a Python tuple compare; a Python record no longer
+    matches once the compiled module is ready (its owner records again, in C++)."""
+
+    __slots__ = ("masks", "words", "python")
+
+    def __init__(self, tensors: tuple, masks: tuple):
+        host = module()
+        self.masks = masks
+        self.words = host.tensor_record(tensors, masks) if host is not None else None
+        self.python = None if host is not None else _python_record(tensors, masks)
+
+    def matches(self, tensors: tuple) -> bool:
+        if self.words is not None:
+            return _module.tensors_match(tensors, self.words)
+        return module() is None and self.python is not None and _python_record(tensors, self.masks) == self.python
+
+
+def _python_record(tensors: tuple, masks: tuple):
+    try:
+        return tuple(None if t is None else
+                     (type(t), t.layout, t.dtype, t.device, t.shape, t.stride(), t.is_conj(), t.is_neg(),
+                      t.data_ptr() & mask) for t, mask in zip(tensors, masks, strict=True))
+    except (AttributeError, RuntimeError, TypeError, ValueError):  # not a tensor, or no strides (sparse)
+        return None
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("GPUOPT_CACHE_DIR")
     if root:

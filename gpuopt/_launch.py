@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _host_check
 from ._runtime import interpreter_enabled, multiprocessor, resident_programs
 
 def _make_keyer(kinds: tuple):
@@ -46,7 +47,15 @@ def _make_keyer(kinds: tuple):
 _keyers: dict = {}
 
 
-def _argument_key(args: tuple) -> tuple:
+def _argument_key(args: tuple):
+    """What Triton may specialise ``args`` on (see the module's docstring): one C++ call when
+    the compiled host check is loaded (``_host_check.cpp``'s ``argument_key``, ~0.8 µs for ten
+    arguments), else the generated Python keyer (~2 µs)."""
+    host = _host_check.module()
+    if host is not None:
+        key = host.argument_key(args)
+        if key is not None:
+            return key
     kinds = tuple(map(type, args))
     keyer = _keyers.get(kinds)
     if keyer is None:

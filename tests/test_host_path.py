@@ -165,10 +165,11 @@ class _FakeKernel:
         return _FakeCompiled(self.log)
 
 
-def test_kept_launch_is_keyed_by_everything_triton_specialises_on(monkeypatch):
+def test_kept_launch_is_keyed_by_everything_triton_specialises_on(monkeypatch, host_check):
     """A launch whose key was seen calls the kept launcher with every argument in signature
     order (constexprs included, as JITFunction.run does); a new constexpr, int value, tensor dtype
-    or 16-byte alignment goes through Triton again; a new float value does not."""
+    or 16-byte alignment goes through Triton again; a new float value does not. The key in C++
+    and in Python alike (an int wider than 64 bits takes the Python key)."""
     monkeypatch.setattr(_launch, "_compiled_launches", True)
     monkeypatch.setattr(_launch, "_current_device", lambda: 0)
     kernel = _FakeKernel()
@@ -191,6 +192,10 @@ def test_kept_launch_is_keyed_by_everything_triton_specialises_on(monkeypatch):
     assert go(b=storage[32:40]) == "kept"  # another aligned address: the same specialisation
     assert go(b=storage[16:24].double()) == "triton"  # a dtype
     assert go(a=None) == "triton"  # None is a constexpr to Triton
+    assert go(a=torch.nn.Parameter(a)) == "triton"  # another type
+    assert go(n=1 << 70) == "triton"
+    assert go(n=1 << 70) == "kept"
+    assert go(n=(1 << 70) + 16) == "triton"
     assert go() == "kept"
 
 

@@ -15,7 +15,7 @@ import gpuopt
 from gpuopt.kernels import _multi_tensor as walk
 
 from .conftest import DEVICE
-from .helpers import assert_close, count_launches
+from .helpers import assert_close, compiled_host_check, count_launches
 
 OPTIMIZERS = [("Adam", dict(lr=0.01)), ("AdamW", dict(lr=0.01, weight_decay=0.1)),
               ("SGD", dict(lr=0.01, momentum=0.9)), ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True)),
@@ -395,31 +395,6 @@ def test_convert_batchnorm_keeps_hooks(device):
 # ---------------------------------------------------------------- the fast path stays checked ------
 
 
-@pytest.fixture(params=["python", "compiled"])
-def host_check(request, monkeypatch):
-    """Run a test with the fast path's check in Python, then compiled (``gpuopt._host_check``;
-    waits for its build). Returns whether the compiled check is used."""
-    from gpuopt import _host_check
-
-    if request.param == "python":
-        monkeypatch.setattr(_host_check, "module", lambda: None)
-        return False
-    return _compiled_host_check() is not None
-
-
-def _compiled_host_check():
-    """The compiled check's module (waiting for its build): a test of it fails where it should
-    build and does not, and is skipped only where it cannot be built (no C++ compiler)."""
-    from gpuopt import _host_check
-
-    host = _host_check.wait()
-    if host is None:
-        if _host_check._command(_host_check._target()) is None:
-            pytest.skip(f"the compiled check cannot be built here: {_host_check.status()}")
-        pytest.fail(f"the compiled check did not build: {_host_check.status()}")
-    return host
-
-
 def _check_form(opt) -> list:
     """Which check each of ``opt``'s prepared groups runs: 'compiled' or 'python'."""
     return ["compiled" if prepared.compiled is not None else "python" for prepared in opt._prepared.values()]
@@ -510,7 +485,7 @@ def test_python_check_gives_way_to_the_compiled_one_when_it_is_ready(device, mon
     it is ready, then checked by it; the steps match torch's throughout."""
     from gpuopt import _host_check
 
-    _compiled_host_check()
+    compiled_host_check()
     ready = _host_check.module
     monkeypatch.setattr(_host_check, "module", lambda: None)
     params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in [(6,), (2, 3)]]
@@ -678,7 +653,7 @@ def test_compiled_check_sees_every_change_the_fast_path_must_see():
 
     from gpuopt import _host_check
 
-    host = _compiled_host_check()
+    host = compiled_host_check()
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(4, 6), (7,), (2, 3, 5)]]
     params.append(torch.nn.Parameter(torch.randn(3)))  # without a gradient
     states = tuple(torch.zeros_like(p) for p in params)
