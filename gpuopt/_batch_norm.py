@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
+from dataclasses import dataclass
 
 import torch
 
+from . import _host_check
 from ._runtime import ASSUMED_SM_COUNT, check_kernel_device, multiprocessor, use_gpu_config
 from .kernels import batch_norm as kernels
 
@@ -140,24 +143,37 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
                          "(training=False)")
 
 
+@dataclass(frozen=True)
+class Layer:
+    """What a batch-norm call's kernels take besides its tensors: the grid of the input's
+    (R, C, S) view and the options. Made by every ``batch_norm`` call, and kept by a module
+    between calls while nothing it was made from changed (``LayerPlan``)."""
+
+    grid: kernels.Grid
+    training: bool
+    momentum: float | None
+    eps: float
+    eps_inside_sqrt: bool
+
+
 class BatchNormFunction(torch.autograd.Function):
-    """Batch norm with the closed-form backward. Arguments are checked by
+    """Batch norm with the closed-form backward: ``apply(input, x, weight, bias, running_mean,
+    running_var, num_batches_tracked, layer)``, ``x`` being ``input`` as the kernels read it
+    (``view_of``: ``input`` itself, or a copy made outside the graph). Arguments are checked by
     :func:`gpuopt.functional.batch_norm`, which is the way to call this."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
-                eps_inside_sqrt):
-        x, R, C, S, channels_last = view_of(input)
-        g = grid_of(x, R, C, S, channels_last)
-        if training:  # the backward reads the batch's statistics
+    def forward(ctx, input, x, weight, bias, running_mean, running_var, num_batches_tracked, layer):
+        g = layer.grid
+        if layer.training:  # the backward reads the batch's statistics
             y, statistics = kernels.forward_training(x, g, weight, bias, running_mean, running_var,
-                                                     num_batches_tracked, momentum, eps, eps_inside_sqrt)
+                                                     num_batches_tracked, layer.momentum, layer.eps,
+                                                     layer.eps_inside_sqrt)
             ctx.save_for_backward(x, weight, statistics)
         else:  # the backward reads the running statistics (constants)
-            y = kernels.forward_eval(x, g, weight, bias, running_mean, running_var, eps, eps_inside_sqrt)
+            y = kernels.forward_eval(x, g, weight, bias, running_mean, running_var, layer.eps, layer.eps_inside_sqrt)
             ctx.save_for_backward(x, weight, running_mean, running_var)
-        ctx.grid, ctx.training, ctx.eps, ctx.eps_inside_sqrt = g, training, eps, eps_inside_sqrt
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.layer, ctx.bias_dtype = layer, None if bias is None else bias.dtype
         return y
 
     @staticmethod
@@ -175,19 +191,25 @@ def _backward(ctx, grad_output):
         raise RuntimeError("gpuopt's batch_norm has a first-order backward only (its closed form runs as "
                            "kernels); for double backward (create_graph=True, gradient penalties) use "
                            "torch.nn.functional.batch_norm")
-    if ctx.training:
+    layer = ctx.layer
+    if layer.training:
         x, weight, statistics = ctx.saved_tensors
         running_mean = running_var = None
     else:
         x, weight, running_mean, running_var = ctx.saved_tensors
         statistics = None
-    g = ctx.grid
+    g = layer.grid
     dy = same_layout(grad_output, x, g.channels_last)
+    needs = ctx.needs_input_grad
     dx, grad_weight, grad_bias = kernels.backward(
-        x, dy, g, weight, statistics, running_mean, running_var, ctx.eps, ctx.eps_inside_sqrt,
-        need_input=ctx.needs_input_grad[0], need_weight=weight is not None and ctx.needs_input_grad[1],
-        need_bias=ctx.bias_dtype is not None and ctx.needs_input_grad[2], bias_dtype=ctx.bias_dtype)
-    return dx, grad_weight, grad_bias, None, None, None, None, None, None, None
+        x, dy, g, weight, statistics, running_mean, running_var, layer.eps, layer.eps_inside_sqrt,
+        need_input=needs[0], need_weight=weight is not None and needs[2],
+        need_bias=ctx.bias_dtype is not None and needs[3], bias_dtype=ctx.bias_dtype)
+    return dx, None, grad_weight, grad_bias, None, None, None, None
+
+
+# Inside a compiled region the backward's launches are not traced: Dynamo runs it eagerly.
+_backward_eagerly = torch.compiler.disable(_backward)
 
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single (absent in 2.11)
@@ -283,8 +305,21 @@ def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, ep
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
                *, eps_inside_sqrt=True, num_batches_tracked=None):
     """See :func:`gpuopt.functional.batch_norm`."""
+    return batch_norm_planned(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                              eps_inside_sqrt, num_batches_tracked)[0]
+
+
+def batch_norm_planned(input, running_mean, running_var, weight, bias, training, momentum, eps, eps_inside_sqrt,
+                       num_batches_tracked, *, count=False) -> tuple[torch.Tensor, Layer | None]:
+    """``batch_norm``, and the ``Layer`` it ran: ``(output, layer)``, ``layer`` None unless
+    ``BatchNormFunction`` read every tensor as given (no copy to the kernels' layout, a non-empty
+    input, eager), so that a module may call it again with that layer (``LayerPlan``).
+    ``count``: add this batch to ``num_batches_tracked`` first (a module's forward), once the
+    arguments passed their checks."""
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, num_batches_tracked,
                           eps)
+    if count and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     if input.numel() == 0:
         # As PyTorch: no statistics, running stats untouched, and an output that keeps the
         # gradient chain to weight and bias.
@@ -293,7 +328,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             out = out * weight[0]
         if bias is not None:
             out = out + bias[0]
-        return out
+        return out, None
     if torch.compiler.is_compiling():  # one node of the compiled graph (see _batch_norm_op)
         out, _, new_mean, new_var = torch.ops.gpuopt.batch_norm(
             input, weight, bias, running_mean, running_var, num_batches_tracked, bool(training), momentum,
@@ -302,16 +337,48 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             with torch.no_grad():
                 running_mean.copy_(new_mean)
                 running_var.copy_(new_var)
-        return out
+        return out, None
+    with torch.no_grad():  # a copy of the input for the kernels is no part of the graph
+        x, R, C, S, channels_last = view_of(input)
+    layer = Layer(grid_of(x, R, C, S, channels_last), bool(training), momentum, float(eps), bool(eps_inside_sqrt))
     # Per-channel tensors in another layout are read from contiguous copies; running stats
     # updated in such a copy are written back to the caller's tensors.
-    stats = (running_mean, running_var)
-    running_mean, running_var = per_channel(running_mean), per_channel(running_var)
-    out = BatchNormFunction.apply(input, per_channel(weight), per_channel(bias), running_mean, running_var,
-                                  num_batches_tracked, bool(training), momentum, float(eps), bool(eps_inside_sqrt))
+    given = (weight, bias, running_mean, running_var)
+    weight, bias, running_mean, running_var = read = tuple(map(per_channel, given))
+    out = BatchNormFunction.apply(input, x, weight, bias, running_mean, running_var, num_batches_tracked, layer)
     if training:
-        write_back(stats, (running_mean, running_var))
-    return out
+        write_back(given[2:], read[2:])
+    as_given = x is input and all(map(operator.is_, read, given))
+    return out, layer if as_given else None
+
+
+class LayerPlan:
+    """A batch-norm module's last call, kept to call ``BatchNormFunction`` directly next time
+    (``gpuopt.nn``'s modules): valid while the module's options are equal and its tensors
+    match a ``TensorRecord`` — the input's layout and 16-byte alignment, the exact layout and
+    address of weight, bias, running statistics and counter (a tensor replaced, or moved
+    through ``.data``, is checked again) — and no running statistic requires grad (an error to
+    raise, on the full path). Anything else takes the full path, which makes a new plan."""
+
+    __slots__ = ("options", "record", "layer", "pass_buffers", "tracking")
+
+    def __init__(self, options: tuple, tensors: tuple, layer: Layer, pass_buffers: bool, tracking: bool):
+        self.options, self.layer, self.pass_buffers, self.tracking = options, layer, pass_buffers, tracking
+        self.record = _host_check.TensorRecord(tensors, (15, -1, -1, -1, -1, -1))
+
+    def run(self, options: tuple, input, weight, bias, running_mean, running_var, num_batches_tracked):
+        """The output, or None (nothing done) when the plan does not fit this call."""
+        if (options != self.options
+                or not self.record.matches((input, weight, bias, running_mean, running_var, num_batches_tracked))
+                or (running_mean is not None and running_mean.requires_grad)
+                or (running_var is not None and running_var.requires_grad)):
+            return None
+        if self.tracking:
+            num_batches_tracked.add_(1)
+        if not self.pass_buffers:
+            running_mean = running_var = None
+        return BatchNormFunction.apply(input, input, weight, bias, running_mean, running_var,
+                                       num_batches_tracked if self.tracking else None, self.layer)
 
 
 @torch.no_grad()

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._batch_norm import sync_batch_norm
-from .functional import batch_norm
+from ._batch_norm import LayerPlan, batch_norm_planned, sync_batch_norm
 
 
 class _GpuoptBatchNorm:
@@ -25,16 +24,33 @@ class _GpuoptBatchNorm:
         self.eps_inside_sqrt = bool(eps_inside_sqrt)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        options = (self.training, self.track_running_stats, self.momentum, self.eps, self.eps_inside_sqrt)
+        # (read from torch's dicts: each attribute read goes through Module.__getattr__, ~0.7 µs)
+        parameters, buffers = self._parameters, self._buffers
+        weight, bias = parameters["weight"], parameters["bias"]
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        counter = buffers["num_batches_tracked"]
+        # The last call's plan, while it fits: no checks, no copies (inside torch.compile, the
+        # traced custom operator instead; the plan is neither read nor made there).
+        plan = None if torch.compiler.is_compiling() else self.__dict__.get("_gpuopt_plan")
+        if plan is not None:
+            out = plan.run(options, input, weight, bias, running_mean, running_var, counter)
+            if out is not None:
+                return out
         self._check_input_dim(input)
         tracking = self.training and self.track_running_stats
-        if tracking and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
         pass_buffers = not self.training or self.track_running_stats
-        return batch_norm(input, self.running_mean if pass_buffers else None,
-                          self.running_var if pass_buffers else None, self.weight, self.bias, use_batch_stats,
-                          self.momentum, self.eps, eps_inside_sqrt=self.eps_inside_sqrt,
-                          num_batches_tracked=self.num_batches_tracked if tracking else None)
+        out, layer = batch_norm_planned(input, running_mean if pass_buffers else None,
+                                        running_var if pass_buffers else None, weight, bias, use_batch_stats,
+                                        self.momentum, self.eps, self.eps_inside_sqrt, counter if tracking else None,
+                                        count=True)  # (counted once the arguments are checked)
+        if layer is not None:
+            self.__dict__["_gpuopt_plan"] = LayerPlan(options, (input, weight, bias, running_mean, running_var, counter),
+                                                      layer, pass_buffers, tracking and counter is not None)
+        elif plan is not None:
+            self.__dict__["_gpuopt_plan"] = None
+        return out
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -795,14 +795,15 @@ def fold_statistics(grid: Grid, partials, n_splits: int, statistics, running_mea
     g = grid
     update = running_mean is not None
     cumulative = update and momentum is None
+    combine = g.combine_constexprs  # the layer's own partials; SyncBatchNorm's ranks fold in other tiles
+    if n_splits != g.n_splits or group != g.group:
+        combine = dict(combine, BLOCK_SPLITS=g.combine_block_splits(n_splits * group), GROUPED=group > 1)
     _launch.launch(_stats_combine_f64_kernel if g.float64 else _stats_combine_kernel, g.combine_grid,
                    (partials, statistics, n_splits, group, g.C, running_mean, running_var,
                     num_batches_tracked if cumulative else None, 0.0 if momentum is None else float(momentum),
                     float(eps), summary),
                    dict(EPS_INSIDE_SQRT=eps_inside_sqrt, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-                        SUMMARY=summary is not None,
-                        **dict(g.combine_constexprs, BLOCK_SPLITS=g.combine_block_splits(n_splits * group),
-                               GROUPED=group > 1)),
+                        SUMMARY=summary is not None, **combine),
                    g.combine_warps)
 
 

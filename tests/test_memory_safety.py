@@ -720,6 +720,85 @@ def test_compiled_check_sees_every_change_the_fast_path_must_see():
     assert answer(set(params)) == _host_check.MISS
 
 
+def test_batch_norm_module_reuses_its_last_call_only_while_nothing_changed(device, monkeypatch, host_check):
+    """A gpuopt batch-norm module calls its kernels directly while its last call's plan fits
+    (``_batch_norm.LayerPlan``), and takes the checked path again — matching torch's module
+    throughout, forward, backward and buffers — when the input's layout or shape, an option
+    (eps, momentum, train/eval), a parameter or buffer (replaced, or moved through ``.data``)
+    changed; a running statistic that requires grad, and a weight resized through ``.data``,
+    are refused as before."""
+    from gpuopt import _batch_norm
+
+    checks = []
+    original = _batch_norm.check_batch_norm_args
+    monkeypatch.setattr(_batch_norm, "check_batch_norm_args", lambda *a, **k: (checks.append(1), original(*a, **k))[1])
+    bn = gpuopt.nn.BatchNorm2d(6).to(device)
+    ref = torch.nn.BatchNorm2d(6).to(device)
+    with torch.no_grad():
+        for mine, theirs in ((bn.weight, ref.weight), (bn.bias, ref.bias)):
+            theirs.copy_(mine.uniform_(0.5, 1.5))
+
+    def both(shape=(4, 6, 5, 5), memory_format=torch.contiguous_format, expect_checks=None):
+        x = torch.randn(shape, device=device).to(memory_format=memory_format).requires_grad_()
+        twin = x.detach().clone().requires_grad_()
+        y, y_ref = bn(x), ref(twin)
+        upstream = torch.randn_like(y)
+        y.backward(upstream)
+        y_ref.backward(upstream)
+        assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        assert_close(x.grad, twin.grad, rtol=1e-4, atol=1e-4)
+        for mine, theirs in ((bn.weight, ref.weight), (bn.bias, ref.bias)):
+            if theirs.grad is not None:
+                assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+                mine.grad = theirs.grad = None
+        for mine, theirs in ((bn.running_mean, ref.running_mean), (bn.running_var, ref.running_var)):
+            assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+        assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item()
+        if expect_checks is not None:
+            assert len(checks) == expect_checks
+
+    both(expect_checks=1)
+    both(expect_checks=1)  # the plan: no checks
+    plan = bn.__dict__["_gpuopt_plan"]
+    assert (plan.record.words is not None) == host_check
+    both(memory_format=torch.channels_last, expect_checks=2)  # another layout
+    both(memory_format=torch.channels_last, expect_checks=2)
+    both(shape=(3, 6, 5, 5), expect_checks=3)  # another shape
+    for module in (bn, ref):
+        module.eps = 1e-3
+    both(shape=(3, 6, 5, 5), expect_checks=4)
+    for module in (bn, ref):
+        module.momentum = None  # the cumulative average
+    both(shape=(3, 6, 5, 5), expect_checks=5)
+    both(shape=(3, 6, 5, 5), expect_checks=5)
+    for module in (bn, ref):
+        module.eval()
+    both(expect_checks=6)
+    both(expect_checks=6)
+    for module in (bn, ref):
+        module.train()
+    both(expect_checks=7)
+    with torch.no_grad():
+        new_weight = bn.weight.detach() * 2
+    bn.weight.data = new_weight.clone()  # new storage, the same Parameter object
+    ref.weight.data = new_weight.clone()
+    both(expect_checks=8)
+    bn.bias = torch.nn.Parameter(torch.randn(6, device=device))  # a new Parameter
+    ref.bias = torch.nn.Parameter(bn.bias.detach().clone())
+    both(expect_checks=9)
+    bn.running_mean.data = bn.running_mean.clone()
+    both(expect_checks=10)
+    both(expect_checks=10)
+    bn.running_mean.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="running_mean"):
+        bn(torch.randn(4, 6, 5, 5, device=device))
+    bn.running_mean.requires_grad_(False)
+    both(expect_checks=11)  # the refused call changed nothing (not even the count): the plan still fits
+    bn.weight.data = bn.weight.data[:3]
+    with pytest.raises(ValueError, match="weight should contain 6 elements"):
+        bn(torch.randn(4, 6, 5, 5, device=device))
+
+
 @pytest.mark.parametrize("target", ["param", "state"])
 def test_tensor_moved_through_data_is_followed(target, host_check):
     """``t.data = ...`` gives a parameter or a state new storage without changing the object or
