@@ -336,9 +336,10 @@ class _PreparedGroup:
         moves = []
         for plan, _, _, index in self.launches:
             mine = addresses if len(index) == len(addresses) else addresses[index]
-            if (mine % plan.element_size(GRAD_ROLE)).any():  # misaligned: the slow path explains it
+            low_bits = int(np.bitwise_or.reduce(mine))  # (element sizes are powers of 2: one OR, no modulo)
+            if low_bits & (plan.element_size(GRAD_ROLE) - 1):  # misaligned: the slow path explains it
                 return False
-            moves.append((plan, mine, not (mine % 16).any()))
+            moves.append((plan, mine, not low_bits & 15))
         for plan, mine, aligned in moves:
             plan.move_role(GRAD_ROLE, mine, aligned)
         return True

@@ -112,7 +112,8 @@ class LaunchPlan:
         stream-ordered after the launches that read the old one; ``aligned``: every address is a
         multiple of 16 bytes. The role's base is then the caller's to ``point`` at the tensor at
         ``addresses[0]`` before a launch."""
-        row = torch.from_numpy((addresses - addresses[0]) // self._element_sizes[role])
+        shift = self._element_sizes[role].bit_length() - 1  # exact: the addresses are aligned to it
+        row = torch.from_numpy((addresses - addresses[0]) >> shift)
         if self.device.type == "cuda":
             row = row.pin_memory()
         self.offsets[role].copy_(row, non_blocking=True)
