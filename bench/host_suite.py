@@ -19,9 +19,10 @@ such medians taken alternately with the reference (``interleaved``), gpuopt and 
   stubbed at ``torch._fused_adamw_`` itself, before DTensor's dispatch, so its row leaves out the
   per-op DTensor cost torch pays on a real run (a lower bound for torch);
 * ``gpuopt.nn.BatchNorm2d`` forward + backward per layer against an empty ``autograd.Function``
-  with the same inputs (the floor any autograd op pays), both given a dense upstream gradient as
-  a network's next layer gives one (until 2026-12-02 ``.sum().backward()``'s expanded gradient,
-  which gpuopt copies to the input's layout and the empty function ignores).
+  with the same inputs (the floor any autograd op pays) and, for scale, against torch's own
+  ``nn.BatchNorm2d`` (its CPU kernels run: host cost plus a little compute), all given a dense
+  upstream gradient as a network's next layer gives one (until 2026-12-02 ``.sum().backward()``'s
+  expanded gradient, which gpuopt copies to the input's layout and the empty function ignores).
 
 Launches take the path they take on a GPU (``gpuopt._launch``: the kept compiled kernel, found
 by its specialisation key) down to the C launcher, which is stubbed: the ~3-5 µs the driver call
@@ -179,8 +180,12 @@ def batch_norm_us(impl: str, steps: int) -> float:
     bn = gpuopt.nn.BatchNorm2d(64)
     if impl == "gpuopt":
         fn = lambda: bn(x).backward(upstream)  # noqa: E731
+    elif impl == "torch":  # torch's own module, for scale: its CPU kernels run (not stubbed)
+        native = torch.nn.BatchNorm2d(64)
+        fn = lambda: native(x).backward(upstream)  # noqa: E731
     else:
-        fn = lambda: _Empty.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var).backward(upstream)  # noqa: E731
+        empty = _Empty.apply
+        fn = lambda: empty(x, bn.weight, bn.bias, bn.running_mean, bn.running_var).backward(upstream)  # noqa: E731
     return median_us(fn, steps)
 
 
@@ -220,10 +225,12 @@ def run(quick: bool = False, log=print) -> list[dict]:
                 rows.append(dict(case=case.split(" (")[0] + " DTensor", op="AdamW", grads="moved" if moved else "kept",
                                  gpuopt_us=us["gpuopt"], torch_us=us["torch"], reference="torch fused=True"))
                 log(f"  {rows[-1]}")
-        bn = interleaved({impl: (lambda impl=impl: batch_norm_us(impl, steps)) for impl in ("gpuopt", "empty")},
-                         rounds)
+        bn = interleaved({impl: (lambda impl=impl: batch_norm_us(impl, steps))
+                          for impl in ("gpuopt", "empty", "torch")}, rounds)
         rows.append(dict(case="BatchNorm2d (2, 64, 4, 4)", op="forward+backward", grads="-", gpuopt_us=bn["gpuopt"],
                          torch_us=bn["empty"], reference="empty autograd.Function"))
+        rows.append(dict(case="BatchNorm2d (2, 64, 4, 4)", op="forward+backward", grads="-", gpuopt_us=bn["gpuopt"],
+                         torch_us=bn["torch"], reference="torch.nn.BatchNorm2d, its CPU compute included"))
     return rows
 
 

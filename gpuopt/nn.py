@@ -46,8 +46,9 @@ class _GpuoptBatchNorm:
                                         self.momentum, self.eps, self.eps_inside_sqrt, counter if tracking else None,
                                         count=True)  # (counted once the arguments are checked)
         if layer is not None:
-            self.__dict__["_gpuopt_plan"] = LayerPlan(options, (input, weight, bias, running_mean, running_var, counter),
-                                                      layer, pass_buffers, tracking and counter is not None)
+            tensors = (input, weight, bias, running_mean, running_var, counter)
+            self.__dict__["_gpuopt_plan"] = LayerPlan(options, tensors, layer, pass_buffers,
+                                                      tracking and counter is not None)
         elif plan is not None:
             self.__dict__["_gpuopt_plan"] = None
         return out
