@@ -134,15 +134,17 @@ PyObject* check(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     for (Py_ssize_t i = 0; i < n; ++i) {
       if (params[i] != PyTuple_GET_ITEM(args[1], i)) return PyLong_FromLong(MISS);
     }
-    for (Py_ssize_t i = 0; i < n_touched; ++i) {  // (validated tensors: kept by the caller)
-      if (address(THPVariable_Unpack(PyTuple_GET_ITEM(args[2], i))) != touched_addresses.data()[i]) {
+    for (Py_ssize_t i = 0; i < n_touched; ++i) {  // (validated tensors, kept by the caller)
+      PyObject* tensor = PyTuple_GET_ITEM(args[2], i);
+      if (!THPVariable_Check(tensor) || address(THPVariable_Unpack(tensor)) != touched_addresses.data()[i]) {
         return PyLong_FromLong(MISS);
       }
     }
     size_t at = 0;
     const int64_t* words = record.data();
     for (Py_ssize_t i = 0; i < n; ++i) {
-      const at::Tensor& grad = THPVariable_Unpack(PyTuple_GET_ITEM(args[1], i)).grad();
+      if (!THPVariable_Check(params[i])) return PyLong_FromLong(MISS);
+      const at::Tensor& grad = THPVariable_Unpack(params[i]).grad();
       const int64_t expected = grad_addresses.data()[i];
       if (!grad.defined()) {
         if (expected != kAbsent || at >= record.size() || words[at] != kAbsent) return PyLong_FromLong(MISS);
