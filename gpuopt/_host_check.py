@@ -160,23 +160,38 @@ def _target() -> Path:
 
 
 def _build() -> None:
+    """Compile the module into the cache. One process builds at a time (a lock file: the ranks
+    of a job started together wait for the first one's build and then find it), and the file
+    appears whole (built aside, then renamed)."""
     global _status
     target = _target()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            output = Path(scratch, target.name)
-            command = _command(output)
-            if command is None:
-                _status = "unavailable: no C++ compiler or no Python headers"
+        with open(target.with_suffix(".lock"), "w") as lock:
+            _lock_file(lock)
+            if target.exists():  # another process built it while this one waited
                 return
-            done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-            if done.returncode != 0:
-                _status = f"unavailable: the compiler failed: {done.stderr.strip()[-2000:]}"
-                return
-            os.replace(output, target)  # atomic: another process may be building the same file
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+                output = Path(scratch, target.name)
+                command = _command(output)
+                if command is None:
+                    _status = "unavailable: no C++ compiler or no Python headers"
+                    return
+                done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+                if done.returncode != 0:
+                    _status = f"unavailable: the compiler failed: {done.stderr.strip()[-2000:]}"
+                    return
+                os.replace(output, target)
     except (OSError, subprocess.SubprocessError) as error:
         _status = f"unavailable: {error}"
+
+
+def _lock_file(file) -> None:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: builds may overlap, each still renames a whole file
+        return
+    fcntl.flock(file, fcntl.LOCK_EX)  # released when the file closes
 
 
 def _load_built():
