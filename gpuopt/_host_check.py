@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from ._validate import layout_check
+
 _SOURCE = Path(__file__).with_name("_host_check.cpp")
 _MODULE_NAME = "_gpuopt_host_check"  # PyInit__gpuopt_host_check in the source
 HIT, MOVED, MISS = 0, 1, 2  # check()'s answers: nothing changed, the gradients alone moved, anything else
@@ -96,8 +98,9 @@ class TensorRecord:
     """The layouts and addresses of some tensors (or Nones), to tell whether later ones match:
     dispatch keys, dtype, device, sizes, strides, and ``address & mask`` (``mask`` per tensor:
     -1 for the exact address, 15 for its 16-byte alignment alone). One C++ call when the compiled
-    module was loaded at recording, else a Python tuple compare; a Python record no longer
-    matches once the compiled module is ready (its owner records again, in C++)."""
+    module was loaded at recording, else the optimizer's layout check (``_validate``) and an
+    address compare; a Python record no longer matches once the compiled module is ready (its
+    owner records again, in C++)."""
 
     __slots__ = ("masks", "words", "python")
 
@@ -106,21 +109,25 @@ class TensorRecord:
         host = module()
         self.masks = masks
         self.words = host.tensor_record(tensors, masks) if host is not None else None
-        self.python = None if host is not None else _python_record(tensors, masks)
+        # The Python form: which are None, the masked addresses, and the optimizer's layout check
+        # of the rest (``_validate.layout_check``).
+        self.python = None if host is not None else (_addresses(tensors, masks),
+                                                     layout_check([t for t in tensors if t is not None]))
 
     def matches(self, tensors: tuple) -> bool:
         if self.words is not None:
             return _module.tensors_match(tensors, self.words)
-        return module() is None and self.python is not None and _python_record(tensors, self.masks) == self.python
+        if module() is not None:
+            return False
+        addresses, layout = self.python
+        try:
+            return _addresses(tensors, self.masks) == addresses and layout.check(*[t for t in tensors if t is not None])
+        except (AttributeError, RuntimeError, TypeError):  # not a tensor, or a tensor without storage
+            return False
 
 
-def _python_record(tensors: tuple, masks: tuple):
-    try:
-        return tuple(None if t is None else
-                     (type(t), t.layout, t.dtype, t.device, t.shape, t.stride(), t.is_conj(), t.is_neg(),
-                      t.data_ptr() & mask) for t, mask in zip(tensors, masks, strict=True))
-    except (AttributeError, RuntimeError, TypeError, ValueError):  # not a tensor, or no strides (sparse)
-        return None
+def _addresses(tensors: tuple, masks: tuple) -> tuple:
+    return tuple(None if t is None else t.data_ptr() & mask for t, mask in zip(tensors, masks, strict=True))
 
 
 def _cache_dir() -> Path:
