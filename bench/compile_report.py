@@ -108,11 +108,11 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         gpuopt.functional.batch_norm(x, torch.zeros(8), torch.ones(8), w, b, training=training).backward(
             torch.ones_like(x))
 # SyncBatchNorm's combine: a rank's summary, then the fold of the ranks' (here one rank's own).
-from gpuopt._batch_norm import grid_of, view_of
+from gpuopt._batch_norm import layer_of
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
-    x, R, C, S, channels_last = view_of(torch.randn(2, 8, 16, 16).to(dtype))
-    bn.forward_training(x, grid_of(x, R, C, S, channels_last), None, None, torch.zeros(C), torch.ones(C), None, 0.1,
-                        1e-5, True, exchange=lambda summary: summary.view(3, 1, -1))
+    x, layer = layer_of(torch.randn(2, 8, 16, 16).to(dtype), None, None, torch.zeros(8), True, 0.1, 1e-5, True)
+    bn.forward_training(x, layer, None, None, torch.zeros(8), torch.ones(8), None,
+                        exchange=lambda summary: summary.view(3, 1, -1))
 for extra in CAPTURE_EXTRA:
     exec(extra)
 seen, unique = set(), []
@@ -270,7 +270,7 @@ def launch_record(kernel, args: tuple, constexprs: dict, num_warps: int) -> dict
     for n, a in zip(kernel.arg_names, args):
         if isinstance(a, torch.dtype):
             signature[n] = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-                                  torch.float64: "fp64"}[a]
+                                  torch.float64: "fp64", torch.int64: "i64"}[a]
         elif a is None or isinstance(a, bool):
             signature[n] = "constexpr"
             constexprs = {**constexprs, n: a}

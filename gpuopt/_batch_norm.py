@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from dataclasses import dataclass
 
 import torch
 
@@ -66,6 +65,16 @@ def view_of(x: torch.Tensor):
     return x.contiguous(), N, C, S, False
 
 
+def layer_of(input: torch.Tensor, weight, bias, running_mean, training, momentum, eps, eps_inside_sqrt, *,
+             count: bool = False) -> tuple[torch.Tensor, kernels.Layer]:
+    """``(x, layer)``: the input as the kernels read it (``view_of``) and the ``kernels.Layer`` of a
+    call with these tensors and options (``count``: the statistics pass counts the batch)."""
+    x, R, C, S, channels_last = view_of(input)
+    return x, kernels.Layer(grid_of(x, R, C, S, channels_last), bool(training), momentum, float(eps),
+                            bool(eps_inside_sqrt), weight is not None, bias is not None, running_mean is not None,
+                            count)
+
+
 def misaligned(t: torch.Tensor) -> bool:
     """The address is not a multiple of the element size (e.g. ``torch.frombuffer(..., offset=2)``):
     the kernels address whole elements, so such a tensor is read from a copy."""
@@ -86,7 +95,10 @@ def per_channel(t):
 
 
 def same_layout(t: torch.Tensor, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """``t`` (a gradient) in the memory layout of ``like``, copied only when it differs."""
+    """``t`` (a gradient, of ``like``'s shape) in the memory layout of ``like`` (dense), copied only
+    when it differs."""
+    if t.stride() == like.stride():  # (the usual case, and the cheapest test)
+        return aligned(t)
     dense = _channels_last_dense(t) if channels_last else t.is_contiguous()
     return t if dense and not misaligned(t) else torch.empty_like(like).copy_(t)
 
@@ -129,6 +141,8 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
                                "cannot have requires_grad True.")
     if (running_mean is None) != (running_var is None):
         raise ValueError("batch_norm: give both running_mean and running_var, or neither")
+    if training and num_batches_tracked is not None:
+        check_counter(num_batches_tracked, input)
     if training:
         size = input.size()
         values_per_channel = size[0] * math.prod(size[2:])
@@ -143,17 +157,22 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
                          "(training=False)")
 
 
-@dataclass(frozen=True)
-class Layer:
-    """What a batch-norm call's kernels take besides its tensors: the grid of the input's
-    (R, C, S) view and the options. Made by every ``batch_norm`` call, and kept by a module
-    between calls while nothing it was made from changed (``LayerPlan``)."""
-
-    grid: kernels.Grid
-    training: bool
-    momentum: float | None
-    eps: float
-    eps_inside_sqrt: bool
+def check_counter(num_batches_tracked, input: torch.Tensor) -> None:
+    """``num_batches_tracked`` is read on the device (momentum=None) and counted there (a
+    module's forward): one real number, element-aligned, on the input's device."""
+    t = num_batches_tracked
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"batch_norm: num_batches_tracked must be a tensor or None, got {type(t).__name__}")
+    if t.numel() != 1 or t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"batch_norm: num_batches_tracked must hold one integer or floating-point number, got "
+                         f"shape {tuple(t.shape)} {t.dtype}")
+    if t.device != input.device:
+        raise ValueError(f"batch_norm: num_batches_tracked is on {t.device} but the input is on {input.device}")
+    if not torch.compiler.is_compiling() and misaligned(t):  # (data_ptr() would break a compiled graph)
+        raise ValueError("batch_norm: num_batches_tracked's address is not a multiple of its element size")
+    if t.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("batch_norm is not differentiable with respect to num_batches_tracked, which it updates "
+                           "in place; it cannot have requires_grad True.")
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -164,14 +183,12 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, x, weight, bias, running_mean, running_var, num_batches_tracked, layer):
-        g = layer.grid
         if layer.training:  # the backward reads the batch's statistics
-            y, statistics = kernels.forward_training(x, g, weight, bias, running_mean, running_var,
-                                                     num_batches_tracked, layer.momentum, layer.eps,
-                                                     layer.eps_inside_sqrt)
+            y, statistics = kernels.forward_training(x, layer, weight, bias, running_mean, running_var,
+                                                     num_batches_tracked)
             ctx.save_for_backward(x, weight, statistics)
         else:  # the backward reads the running statistics (constants)
-            y = kernels.forward_eval(x, g, weight, bias, running_mean, running_var, layer.eps, layer.eps_inside_sqrt)
+            y = kernels.forward_eval(x, layer, weight, bias, running_mean, running_var)
             ctx.save_for_backward(x, weight, running_mean, running_var)
         ctx.layer, ctx.bias_dtype = layer, None if bias is None else bias.dtype
         return y
@@ -198,12 +215,10 @@ def _backward(ctx, grad_output):
     else:
         x, weight, running_mean, running_var = ctx.saved_tensors
         statistics = None
-    g = layer.grid
-    dy = same_layout(grad_output, x, g.channels_last)
+    dy = same_layout(grad_output, x, layer.grid.channels_last)
     needs = ctx.needs_input_grad
     dx, grad_weight, grad_bias = kernels.backward(
-        x, dy, g, weight, statistics, running_mean, running_var, layer.eps, layer.eps_inside_sqrt,
-        need_input=needs[0], need_weight=weight is not None and needs[2],
+        x, dy, layer, weight, statistics, running_mean, running_var, need_input=needs[0], need_weight=weight is not None and needs[2],
         need_bias=ctx.bias_dtype is not None and needs[3], bias_dtype=ctx.bias_dtype)
     return dx, None, grad_weight, grad_bias, None, None, None, None
 
@@ -240,19 +255,21 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
         empty = input.numel() == 0
         if empty:
-            x, g = input, grid_of(input, 1, C, 1, True)  # (the combine's settings, for C channels)
-            statistics = torch.zeros(kernels.N_STATISTICS * C, dtype=g.acc_dtype, device=input.device)
-            summaries = exchange(torch.zeros(3, C, dtype=g.acc_dtype, device=input.device))
-            kernels.fold_statistics(g, summaries, world_size, statistics, running_mean, running_var,
-                                    num_batches_tracked, momentum, eps, eps_inside_sqrt)
+            x = input
+            layer = kernels.Layer(grid_of(input, 1, C, 1, True), True, momentum, eps, eps_inside_sqrt,  # (the combine's
+                                  weight is not None, bias is not None, running_mean is not None)  # settings, C channels)
+            acc_dtype = layer.grid.acc_dtype
+            statistics = torch.zeros(kernels.N_STATISTICS * C, dtype=acc_dtype, device=input.device)
+            summaries = exchange(torch.zeros(3, C, dtype=acc_dtype, device=input.device))
+            kernels.fold_statistics(layer, summaries, world_size, statistics, running_mean, running_var,
+                                    num_batches_tracked)
             y = input.clone()
         else:
-            x, R, C, S, channels_last = view_of(input)
-            g = grid_of(x, R, C, S, channels_last)
-            y, statistics = kernels.forward_training(x, g, weight, bias, running_mean, running_var, num_batches_tracked,
-                                                     momentum, eps, eps_inside_sqrt, exchange=exchange)
+            x, layer = layer_of(input, weight, bias, running_mean, True, momentum, eps, eps_inside_sqrt)
+            y, statistics = kernels.forward_training(x, layer, weight, bias, running_mean, running_var,
+                                                     num_batches_tracked, exchange=exchange)
         ctx.save_for_backward(x, weight, statistics, counts[0])
-        ctx.grid, ctx.empty, ctx.eps, ctx.eps_inside_sqrt = g, empty, eps, eps_inside_sqrt
+        ctx.layer, ctx.empty = layer, empty
         ctx.process_group, ctx.bias_dtype = process_group, None if bias is None else bias.dtype
         return y
 
@@ -260,7 +277,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @torch.compiler.disable
     def backward(ctx, grad_output):
         x, weight, statistics, count = ctx.saved_tensors
-        g, C = ctx.grid, x.shape[1]
+        layer, C = ctx.layer, x.shape[1]
+        g = layer.grid
         need_input = ctx.needs_input_grad[0]
         need_weight = weight is not None and ctx.needs_input_grad[1]
         need_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
@@ -271,8 +289,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         else:
             dy = same_layout(grad_output, x, g.channels_last)
             sums, grad_weight, grad_bias = kernels.backward_sums(
-                x, dy, g, weight, statistics, None, None, ctx.eps, ctx.eps_inside_sqrt, need_weight=need_weight,
-                need_bias=need_bias, bias_dtype=ctx.bias_dtype)
+                x, dy, layer, weight, statistics, None, None, need_weight=need_weight, need_bias=need_bias,
+                bias_dtype=ctx.bias_dtype)
         dx = None
         if need_input:
             group_sums = sums[:2 * C]
@@ -283,7 +301,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 # The kernel divides the sums by this rank's count (R·S); the group's sums are divided
                 # by the group's count.
                 group_sums.mul_((g.R * g.S) / count)
-                dx = kernels.backward_input(x, dy, g, weight, statistics, None, sums, ctx.eps, ctx.eps_inside_sqrt)
+                dx = kernels.backward_input(x, dy, layer, weight, statistics, None, sums)
         return dx, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
@@ -310,16 +328,20 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 def batch_norm_planned(input, running_mean, running_var, weight, bias, training, momentum, eps, eps_inside_sqrt,
-                       num_batches_tracked, *, count=False) -> tuple[torch.Tensor, Layer | None]:
+                       num_batches_tracked, *, count=False) -> tuple[torch.Tensor, kernels.Layer | None]:
     """``batch_norm``, and the ``Layer`` it ran: ``(output, layer)``, ``layer`` None unless
     ``BatchNormFunction`` read every tensor as given (no copy to the kernels' layout, a non-empty
     input, eager), so that a module may call it again with that layer (``LayerPlan``).
-    ``count``: add this batch to ``num_batches_tracked`` first (a module's forward), once the
-    arguments passed their checks."""
+    ``count``: add this batch to ``num_batches_tracked`` first (a module's forward in training),
+    once the arguments passed their checks: in the statistics kernel (``Layer.count``) when it
+    runs, else here."""
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, num_batches_tracked,
                           eps)
-    if count and num_batches_tracked is not None:
+    count = count and num_batches_tracked is not None
+    compiling = torch.compiler.is_compiling()
+    if count and (input.numel() == 0 or compiling or not training):
         num_batches_tracked.add_(1)
+        count = False
     if input.numel() == 0:
         # As PyTorch: no statistics, running stats untouched, and an output that keeps the
         # gradient chain to weight and bias.
@@ -329,7 +351,7 @@ def batch_norm_planned(input, running_mean, running_var, weight, bias, training,
         if bias is not None:
             out = out + bias[0]
         return out, None
-    if torch.compiler.is_compiling():  # one node of the compiled graph (see _batch_norm_op)
+    if compiling:  # one node of the compiled graph (see _batch_norm_op)
         out, _, new_mean, new_var = torch.ops.gpuopt.batch_norm(
             input, weight, bias, running_mean, running_var, num_batches_tracked, bool(training), momentum,
             float(eps), bool(eps_inside_sqrt))
@@ -339,8 +361,7 @@ def batch_norm_planned(input, running_mean, running_var, weight, bias, training,
                 running_var.copy_(new_var)
         return out, None
     with torch.no_grad():  # a copy of the input for the kernels is no part of the graph
-        x, R, C, S, channels_last = view_of(input)
-    layer = Layer(grid_of(x, R, C, S, channels_last), bool(training), momentum, float(eps), bool(eps_inside_sqrt))
+        x, layer = layer_of(input, weight, bias, running_mean, training, momentum, eps, eps_inside_sqrt, count=count)
     # Per-channel tensors in another layout are read from contiguous copies; running stats
     # updated in such a copy are written back to the caller's tensors.
     given = (weight, bias, running_mean, running_var)
@@ -357,12 +378,13 @@ class LayerPlan:
     (``gpuopt.nn``'s modules): valid while the module's options are equal and its tensors
     match a ``TensorRecord`` — the input's layout and 16-byte alignment, the exact layout and
     address of weight, bias, running statistics and counter (a tensor replaced, or moved
-    through ``.data``, is checked again) — and no running statistic requires grad (an error to
-    raise, on the full path). Anything else takes the full path, which makes a new plan."""
+    through ``.data``, is checked again) — and neither a running statistic nor the counter
+    requires grad (an error to raise, on the full path). Anything else takes the full path,
+    which makes a new plan. The layer's kernels count the batch (``tracking``: ``layer.count``)."""
 
     __slots__ = ("options", "record", "layer", "pass_buffers", "tracking")
 
-    def __init__(self, options: tuple, tensors: tuple, layer: Layer, pass_buffers: bool, tracking: bool):
+    def __init__(self, options: tuple, tensors: tuple, layer: kernels.Layer, pass_buffers: bool, tracking: bool):
         self.options, self.layer, self.pass_buffers, self.tracking = options, layer, pass_buffers, tracking
         self.record = _host_check.TensorRecord(tensors, (15, -1, -1, -1, -1, -1))
 
@@ -371,10 +393,9 @@ class LayerPlan:
         if (options != self.options
                 or not self.record.matches((input, weight, bias, running_mean, running_var, num_batches_tracked))
                 or (running_mean is not None and running_mean.requires_grad)
-                or (running_var is not None and running_var.requires_grad)):
+                or (running_var is not None and running_var.requires_grad)
+                or (num_batches_tracked is not None and num_batches_tracked.requires_grad)):
             return None
-        if self.tracking:
-            num_batches_tracked.add_(1)
         if not self.pass_buffers:
             running_mean = running_var = None
         return BatchNormFunction.apply(input, input, weight, bias, running_mean, running_var,
@@ -391,15 +412,13 @@ def batch_norm_forward(input, running_mean, running_var, weight, bias, training,
     if input.numel() == 0:
         return input.clone(), (input.new_zeros(kernels.N_STATISTICS, C, dtype=_statistics_dtype(input))
                                 if training else None)
-    x, R, C, S, channels_last = view_of(input)
-    g = grid_of(x, R, C, S, channels_last)
+    x, layer = layer_of(input, weight, bias, running_mean, training, momentum, eps, eps_inside_sqrt)
     stats = (running_mean, running_var)
     running_mean, running_var = per_channel(running_mean), per_channel(running_var)
     if not training:
-        return kernels.forward_eval(x, g, per_channel(weight), per_channel(bias), running_mean, running_var, eps,
-                                    eps_inside_sqrt), None
-    y, statistics = kernels.forward_training(x, g, per_channel(weight), per_channel(bias), running_mean, running_var,
-                                             num_batches_tracked, momentum, eps, eps_inside_sqrt)
+        return kernels.forward_eval(x, layer, per_channel(weight), per_channel(bias), running_mean, running_var), None
+    y, statistics = kernels.forward_training(x, layer, per_channel(weight), per_channel(bias), running_mean,
+                                             running_var, num_batches_tracked)
     write_back(stats, (running_mean, running_var))
     return y, statistics.view(kernels.N_STATISTICS, C)
 
@@ -426,12 +445,11 @@ def batch_norm_backward(grad_output, input, weight, statistics, running_mean, ru
         return (torch.empty_like(grad_output) if need_input else None,
                 torch.zeros_like(weight) if need_weight else None,
                 torch.zeros(C, dtype=parameter_dtype, device=input.device) if need_bias else None)
-    x, R, C, S, channels_last = view_of(input)
-    g = grid_of(x, R, C, S, channels_last)
-    return kernels.backward(x, same_layout(grad_output, x, channels_last), g, per_channel(weight),
+    x, layer = layer_of(input, weight, None, running_mean, training, None, eps, eps_inside_sqrt)
+    return kernels.backward(x, same_layout(grad_output, x, layer.grid.channels_last), layer, per_channel(weight),
                             statistics.reshape(-1) if training else None,
                             None if training else per_channel(running_mean),
-                            None if training else per_channel(running_var), eps, eps_inside_sqrt,
+                            None if training else per_channel(running_var),
                             need_input=need_input, need_weight=need_weight, need_bias=need_bias,
                             bias_dtype=parameter_dtype)
 
@@ -476,17 +494,14 @@ def _batch_norm_op(input: Tensor, weight: Tensor | None, bias: Tensor | None, ru
     """``(y, statistics, new running mean, new running var)``: the statistics are the batch's μ,
     1/s, σ, shift in training; what training does not make is empty. Arguments checked by
     ``batch_norm``."""
-    x, R, C, S, channels_last = view_of(input)
-    g = grid_of(x, R, C, S, channels_last)
+    x, layer = layer_of(input, weight, bias, running_mean, training, momentum, eps, eps_inside_sqrt)
     weight, bias = per_channel(weight), per_channel(bias)
     if not training:
-        y = kernels.forward_eval(x, g, weight, bias, per_channel(running_mean), per_channel(running_var), eps,
-                                 eps_inside_sqrt)
-        return y, x.new_empty(0, dtype=g.acc_dtype), x.new_empty(0), x.new_empty(0)  # (outputs may not alias)
+        y = kernels.forward_eval(x, layer, weight, bias, per_channel(running_mean), per_channel(running_var))
+        return y, x.new_empty(0, dtype=layer.grid.acc_dtype), x.new_empty(0), x.new_empty(0)  # (outputs may not alias)
     new_mean = None if running_mean is None else running_mean.clone(memory_format=torch.contiguous_format)
     new_var = None if running_var is None else running_var.clone(memory_format=torch.contiguous_format)
-    y, statistics = kernels.forward_training(x, g, weight, bias, new_mean, new_var, num_batches_tracked, momentum,
-                                             eps, eps_inside_sqrt)
+    y, statistics = kernels.forward_training(x, layer, weight, bias, new_mean, new_var, num_batches_tracked)
     return y, statistics, x.new_empty(0) if new_mean is None else new_mean, x.new_empty(0) if new_var is None else new_var
 
 
@@ -508,13 +523,12 @@ def _batch_norm_backward_op(grad_output: Tensor, input: Tensor, weight: Tensor |
                             bias_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
     """``(∂L/∂Z, ∂L/∂G, ∂L/∂B)``, each empty when not wanted (``bias_dtype`` None: no ∂L/∂B).
     ``statistics`` empty: the forward ran in evaluation mode."""
-    x, R, C, S, channels_last = view_of(input)
-    g = grid_of(x, R, C, S, channels_last)
     training = statistics.numel() > 0
+    x, layer = layer_of(input, weight, None, running_mean, training, None, eps, eps_inside_sqrt)
     dx, grad_weight, grad_bias = kernels.backward(
-        x, same_layout(grad_output, x, channels_last), g, per_channel(weight), statistics if training else None,
-        None if training else per_channel(running_mean), None if training else per_channel(running_var), eps,
-        eps_inside_sqrt, need_input=need_input, need_weight=need_weight, need_bias=bias_dtype is not None,
+        x, same_layout(grad_output, x, layer.grid.channels_last), layer, per_channel(weight),
+        statistics if training else None, None if training else per_channel(running_mean),
+        None if training else per_channel(running_var), need_input=need_input, need_weight=need_weight, need_bias=bias_dtype is not None,
         bias_dtype=bias_dtype)
     return tuple(x.new_empty(0) if t is None else t for t in (dx, grad_weight, grad_bias))  # (may not alias)
 

@@ -72,9 +72,10 @@ def _current_device() -> int:
     return torch.cuda.current_device()
 
 
-def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, *, persistent: bool = False) -> None:
+def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, *, persistent: bool = False):
     """``kernel[grid](*args, **constexprs, num_warps=num_warps)``: ``args`` are the kernel's
-    runtime arguments in signature order, ``constexprs`` the rest by name.
+    runtime arguments in signature order, ``constexprs`` the rest by name. Returns the kept
+    ``(launcher, constexpr values)`` it launched through, or None (Triton's own path).
 
     ``persistent``: the kernel walks its work grid-stride along axis 0 (any number of programs
     does all of it), and ``grid[0]`` is an upper bound, lowered to one *wave* of the compiled
@@ -83,7 +84,7 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, *
     waves would leave most SMs idle while the last few programs run."""
     if not _compiled_launches:
         kernel[grid](*args, **constexprs, num_warps=num_warps)
-        return
+        return None
     kept = _kept.get(kernel)
     if kept is None:
         kept = _kept[kernel] = (tuple(kernel.arg_names[len(args):]), {})
@@ -95,7 +96,7 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, *
         compiled = kernel.run(*args, grid=grid, warmup=True, **constexprs, num_warps=num_warps)  # compiles only
         if compiled is None or not hasattr(compiled, "function") or hasattr(compiled, "result"):
             kernel[grid](*args, **constexprs, num_warps=num_warps)  # not a kernel to keep: Triton's own path
-            return
+            return None
         if persistent:
             grid = (min(grid[0], one_wave(compiled, num_warps) or grid[0]), *grid[1:])
         if len(launchers) >= _MAX_KEPT:
@@ -103,6 +104,46 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, *
         # CompiledKernel's own launcher (stream, hooks, then the C launch) takes a 3-D grid.
         runner = launchers[key] = compiled[(*grid, 1, 1)[:3]]
     runner(*args, *values)
+    return runner, values
+
+
+class Launch:
+    """One launch site with its kernel, grid, constexprs and warps resolved once: a batch-norm
+    layer's passes (``kernels.batch_norm.Layer``), whose calls pass arguments of the same kinds
+    every time (the layer's own tensors, fresh scratch, a module's plan checks the rest).
+
+    ``launch(args, kept)``: ``kept`` is the caller's promise that ``args`` have the kinds they had
+    at this site's first kept call — each tensor's dtype and 16-byte alignment, each int's value,
+    the same arguments None — on the same current device (checked here). Kept calls after the
+    first skip ``launch``'s key and dictionaries and call the compiled launcher directly (~0.3 µs
+    instead of ~3); ``kept=False`` (e.g. a gradient of unknown alignment) is ``launch`` itself."""
+
+    __slots__ = ("kernel", "grid", "constexprs", "num_warps", "_launcher", "_device")
+
+    def __init__(self, kernel, grid: tuple, constexprs: dict, num_warps: int):
+        self.kernel, self.grid, self.constexprs, self.num_warps = kernel, grid, constexprs, num_warps
+        self._launcher, self._device = None, None
+
+    def launch(self, args: tuple, kept: bool = True) -> None:
+        launcher = self._launcher
+        if kept and launcher is not None and self._device == _current_device():
+            runner, values = launcher
+            runner(*args, *values)
+            return
+        found = launch(self.kernel, self.grid, args, self.constexprs, self.num_warps)
+        if kept and found is not None:
+            self._launcher, self._device = found, _current_device()
+
+
+def aligned16(*tensors) -> bool:
+    """Whether every tensor given (None: skipped) starts on a 16-byte boundary: those torch just
+    allocated are (64 bytes on the CPU, 512 on CUDA; a pluggable allocator may differ), and a kept
+    launch (``Launch``) is specialised on it."""
+    address = 0
+    for t in tensors:
+        if t is not None:
+            address |= t.data_ptr()
+    return address % 16 == 0
 
 
 def one_wave(compiled, num_warps: int) -> int | None:

@@ -222,8 +222,8 @@ def _reduce_tile(value, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, partials_ptr, stats_ptr, R, C, S, rows_per_split, cols_per_split, col_splits,
-                  CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+def _stats_kernel(x_ptr, partials_ptr, stats_ptr, batches_ptr, R, C, S, rows_per_split, cols_per_split, col_splits,
+                  COUNT_BATCH: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                   VEC: tl.constexpr, ACC: tl.constexpr):
     """Per (split, channel): count, mean and M2 of this program's values of the channel, the mean
     relative to the channel's shift (written to the statistics by split 0).
@@ -238,7 +238,13 @@ def _stats_kernel(x_ptr, partials_ptr, stats_ptr, R, C, S, rows_per_split, cols_
     same one). Welford then runs on numbers of the size of σ rather than μ: with μ = 1e4 and σ = 1
     in fp32 the running mean's rounding step drops from 1e-3 to 1e-7 σ, and the variance keeps
     ~6 digits instead of ~4. The partial means stay shifted (O(σ), not O(μ)) until the combine
-    kernel has merged them, so the between-split term of M2 keeps its digits too."""
+    kernel has merged them, so the between-split term of M2 keeps its digits too.
+
+    ``COUNT_BATCH``: program (0, 0) also adds this batch to the module's ``num_batches_tracked``
+    (one element), which the combine kernel, launched after this one, reads."""
+    if COUNT_BATCH:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(batches_ptr, tl.load(batches_ptr) + 1)
     row_stride, n_cols = _layout(C, S, CHANNELS_LAST, VEC)
     r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                                                                 CHANNELS_LAST, BLOCK_K)
@@ -717,10 +723,10 @@ def make_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gp
 def shared_grid_passes(grid: Grid, dtype: torch.dtype) -> list[tuple]:
     """``(kernel, arguments, constexprs)`` of the four passes launched on ``grid.grid`` for
     ``dtype`` input — statistics, normalize, backward reduction, backward input — as a training
-    layer with fp32 affine parameters launches them (tensors given by their dtypes)."""
+    module in training with fp32 affine parameters launches them (tensors given by their dtypes)."""
     acc, f64 = grid.acc_dtype, grid.float64
     affine = dict(TRAINING=True, EPS_INSIDE_SQRT=True, HAS_WEIGHT=True, **grid.constexprs)
-    return [(_stats_kernel, (dtype, acc, acc, *grid.args), grid.constexprs),
+    return [(_stats_kernel, (dtype, acc, acc, torch.int64, *grid.args), dict(COUNT_BATCH=True, **grid.constexprs)),
             (_normalize_f64_kernel if f64 else _normalize_kernel,
              (dtype, dtype, acc, None, None, torch.float32, torch.float32, 1e-5, *grid.args), dict(affine, HAS_BIAS=True)),
             (_backward_reduce_kernel, (dtype, dtype, acc, None, acc, *grid.args), dict(TRAINING=True, **grid.constexprs)),
@@ -754,117 +760,194 @@ def resident_per_sm(grid: Grid, dtype: torch.dtype) -> int | None:
 
 
 # ------------------------------------------------------------------------ launchers ----------
-# Plain tensors and numbers in, tensors out; ``grid`` (``make_grid``) says how the passes over the
-# input's (R, C, S) view are split. Arguments are checked by gpuopt.functional.batch_norm.
+# Plain tensors and numbers in, tensors out. A ``Layer`` says how the passes over the input's
+# (R, C, S) view are split (its ``Grid``) and with which options; arguments are checked by
+# gpuopt.functional.batch_norm.
 
 
-def forward_training(x, grid: Grid, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                     eps_inside_sqrt, *, exchange=None):
+def _fold_constexprs(grid: Grid, n_splits: int, group: int, eps_inside_sqrt: bool, update: bool, cumulative: bool,
+                     summary: bool) -> dict:
+    """The statistics combine's constexprs for ``n_splits × group`` partials per channel (the
+    layer's own, or SyncBatchNorm's ranks, which fold in other tiles)."""
+    combine = grid.combine_constexprs
+    if n_splits != grid.n_splits or group != grid.group:
+        combine = dict(combine, BLOCK_SPLITS=grid.combine_block_splits(n_splits * group), GROUPED=group > 1)
+    return dict(EPS_INSIDE_SQRT=eps_inside_sqrt, UPDATE_RUNNING=update, CUMULATIVE=cumulative, SUMMARY=summary,
+                **combine)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """What a batch-norm call's launches take besides its tensors: the grid of the input's view,
+    the options, and which optional tensors it has. Made per call, or kept by a module between
+    calls while nothing it was made from changed (``gpuopt._batch_norm.LayerPlan``).
+
+    Each pass is a ``_launch.Launch`` made on first use, its constexprs resolved once: the calls of
+    one layer pass arguments of the same kinds (its own tensors, scratch just allocated, a module's
+    plan checks its input), so after its first launch each is one call of the compiled launcher.
+    The launchers below keep that promise only when every tensor they allocate, and the upstream
+    gradient, is 16-byte aligned (``_launch.aligned16``), and launch keyed otherwise."""
+
+    grid: Grid
+    training: bool
+    momentum: float | None
+    eps: float
+    eps_inside_sqrt: bool
+    has_weight: bool
+    has_bias: bool
+    running: bool  # running statistics given: updated in training, read in evaluation
+    count: bool = False  # training: the statistics pass adds this batch to num_batches_tracked
+
+    @functools.cached_property
+    def cumulative(self) -> bool:
+        """momentum=None: the running statistics' factor is 1/t, read from num_batches_tracked."""
+        return self.training and self.running and self.momentum is None
+
+    @functools.cached_property
+    def statistics_pass(self) -> _launch.Launch:
+        g = self.grid
+        return _launch.Launch(_stats_kernel, g.grid, dict(COUNT_BATCH=self.count, **g.constexprs), g.num_warps)
+
+    @functools.cached_property
+    def fold_pass(self) -> _launch.Launch:
+        g = self.grid
+        return _launch.Launch(_stats_combine_f64_kernel if g.float64 else _stats_combine_kernel, g.combine_grid,
+                              _fold_constexprs(g, g.n_splits, g.group, self.eps_inside_sqrt, self.running,
+                                               self.cumulative, False), g.combine_warps)
+
+    @functools.cached_property
+    def normalize_pass(self) -> _launch.Launch:
+        g = self.grid
+        return _launch.Launch(_normalize_f64_kernel if g.float64 else _normalize_kernel, g.grid,
+                              dict(TRAINING=self.training, EPS_INSIDE_SQRT=self.eps_inside_sqrt,
+                                   HAS_WEIGHT=self.has_weight, HAS_BIAS=self.has_bias, **g.constexprs), g.num_warps)
+
+    @functools.cached_property
+    def reduce_pass(self) -> _launch.Launch:
+        g = self.grid
+        return _launch.Launch(_backward_reduce_kernel, g.grid, dict(TRAINING=self.training, **g.constexprs),
+                              g.num_warps)
+
+    @functools.cached_property
+    def _backward_folds(self) -> dict:
+        return {}
+
+    def backward_fold_pass(self, need_weight: bool, need_bias: bool) -> _launch.Launch:
+        """The backward's combine, writing ∂L/∂G and ∂L/∂B as wanted (a backward may want either)."""
+        folds = self._backward_folds
+        found = folds.get((need_weight, need_bias))
+        if found is None:
+            g = self.grid
+            found = folds[need_weight, need_bias] = _launch.Launch(
+                _backward_combine_f64_kernel if g.float64 else _backward_combine_kernel, g.combine_grid,
+                dict(TRAINING=self.training, EPS_INSIDE_SQRT=self.eps_inside_sqrt, GRAD_WEIGHT=need_weight,
+                     GRAD_BIAS=need_bias, **g.combine_constexprs), g.combine_warps)
+        return found
+
+    @functools.cached_property
+    def input_pass(self) -> _launch.Launch:
+        g = self.grid
+        return _launch.Launch(_backward_input_f64_kernel if g.float64 else _backward_input_kernel, g.grid,
+                              dict(TRAINING=self.training, EPS_INSIDE_SQRT=self.eps_inside_sqrt,
+                                   HAS_WEIGHT=self.has_weight, **g.constexprs), g.num_warps)
+
+
+def forward_training(x, layer: Layer, weight, bias, running_mean, running_var, num_batches_tracked, *, exchange=None):
     """Statistics (split reduction + combine, running stats updated) then normalize: three
     launches. Returns ``(y, statistics)``: μ, 1/s, σ, shift of each channel (``MEAN`` ...) in
-    the accumulation dtype, what the backward needs.
+    the accumulation dtype, what the backward needs. ``layer.count``: the statistics pass first
+    adds this batch to ``num_batches_tracked`` (a module's counter; no torch op per step).
 
     ``exchange`` (SyncBatchNorm): a function from this rank's summary — (count, μ, M2) per channel,
     ``[3, C]`` — to every rank's, ``[3, ranks, C]`` (one all-gather); the statistics are then the
     fold of those, the whole group's batch."""
-    g, device = grid, x.device
+    g, device = layer.grid, x.device
     partials = torch.empty(3 * g.n_splits * g.partials_width, dtype=g.acc_dtype, device=device)
     statistics = torch.empty(N_STATISTICS * g.C, dtype=g.acc_dtype, device=device)
-    _launch.launch(_stats_kernel, g.grid, (x, partials, statistics, *g.args), g.constexprs, g.num_warps)
+    y = torch.empty_like(x)
+    kept = _launch.aligned16(partials, statistics, y)
+    layer.statistics_pass.launch((x, partials, statistics, num_batches_tracked if layer.count else None, *g.args),
+                                 kept)
     if exchange is None:
-        fold_statistics(g, partials, g.n_splits, statistics, running_mean, running_var, num_batches_tracked,
-                        momentum, eps, eps_inside_sqrt, group=g.group)
+        layer.fold_pass.launch((partials, statistics, g.n_splits, g.group, g.C, running_mean, running_var,
+                                num_batches_tracked if layer.cumulative else None,
+                                0.0 if layer.momentum is None else float(layer.momentum), layer.eps, None), kept)
     else:
         summary = torch.empty(3 * g.C, dtype=g.acc_dtype, device=device)
-        fold_statistics(g, partials, g.n_splits, statistics, None, None, None, momentum, eps, eps_inside_sqrt,
-                        summary=summary, group=g.group)
+        fold_statistics(layer, partials, g.n_splits, statistics, None, None, None, summary=summary, group=g.group)
         summaries = exchange(summary.view(3, g.C))
         shift = int(SHIFT.value)
         statistics[shift * g.C:(shift + 1) * g.C].zero_()  # the summaries' means are un-shifted already
-        fold_statistics(g, summaries, summaries.shape[1], statistics, running_mean, running_var,
-                        num_batches_tracked, momentum, eps, eps_inside_sqrt)
-    return _normalize(x, g, statistics, None, None, weight, bias, eps, eps_inside_sqrt), statistics
+        fold_statistics(layer, summaries, summaries.shape[1], statistics, running_mean, running_var,
+                        num_batches_tracked)
+    layer.normalize_pass.launch((x, y, statistics, None, None, weight, bias, layer.eps, *g.args), kept)
+    return y, statistics
 
 
-def fold_statistics(grid: Grid, partials, n_splits: int, statistics, running_mean, running_var, num_batches_tracked,
-                    momentum, eps, eps_inside_sqrt, *, summary=None, group: int = 1) -> None:
-    """The combine launch: ``partials`` (planes count, mean, M2 of ``n_splits × C·group`` values:
-    ``group`` per channel and split, see "Short rows") folded into ``statistics`` (μ, 1/s, σ; the
-    running statistics updated when given), or, with ``summary``, into the channel's (count, μ,
-    M2) only. ``grid``: the layer's (its C, dtype and combine settings)."""
-    g = grid
+def fold_statistics(layer: Layer, partials, n_splits: int, statistics, running_mean, running_var, num_batches_tracked,
+                    *, summary=None, group: int = 1) -> None:
+    """A combine launch of any partials (SyncBatchNorm's: a rank's own, then the ranks'):
+    ``partials`` (planes count, mean, M2 of ``n_splits × C·group`` values: ``group`` per channel
+    and split, see "Short rows") folded into ``statistics`` (μ, 1/s, σ; the running statistics
+    updated when given), or, with ``summary``, into the channel's (count, μ, M2) only.
+    ``layer``: its C, dtype, combine settings, momentum and ε."""
+    g = layer.grid
     update = running_mean is not None
-    cumulative = update and momentum is None
-    combine = g.combine_constexprs  # the layer's own partials; SyncBatchNorm's ranks fold in other tiles
-    if n_splits != g.n_splits or group != g.group:
-        combine = dict(combine, BLOCK_SPLITS=g.combine_block_splits(n_splits * group), GROUPED=group > 1)
+    cumulative = update and layer.momentum is None
     _launch.launch(_stats_combine_f64_kernel if g.float64 else _stats_combine_kernel, g.combine_grid,
                    (partials, statistics, n_splits, group, g.C, running_mean, running_var,
-                    num_batches_tracked if cumulative else None, 0.0 if momentum is None else float(momentum),
-                    float(eps), summary),
-                   dict(EPS_INSIDE_SQRT=eps_inside_sqrt, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-                        SUMMARY=summary is not None, **combine),
+                    num_batches_tracked if cumulative else None,
+                    0.0 if layer.momentum is None else float(layer.momentum), layer.eps, summary),
+                   _fold_constexprs(g, n_splits, group, layer.eps_inside_sqrt, update, cumulative,
+                                    summary is not None),
                    g.combine_warps)
 
 
-def forward_eval(x, grid: Grid, weight, bias, running_mean, running_var, eps, eps_inside_sqrt):
+def forward_eval(x, layer: Layer, weight, bias, running_mean, running_var):
     """One elementwise launch from the running statistics."""
-    return _normalize(x, grid, None, running_mean, running_var, weight, bias, eps, eps_inside_sqrt)
-
-
-def _normalize(x, g: Grid, statistics, running_mean, running_var, weight, bias, eps, eps_inside_sqrt):
     y = torch.empty_like(x)
-    _launch.launch(_normalize_f64_kernel if g.float64 else _normalize_kernel, g.grid,
-                   (x, y, statistics, running_mean, running_var, weight, bias, float(eps), *g.args),
-                   dict(TRAINING=statistics is not None, EPS_INSIDE_SQRT=eps_inside_sqrt, HAS_WEIGHT=weight is not None,
-                        HAS_BIAS=bias is not None, **g.constexprs),
-                   g.num_warps)
+    layer.normalize_pass.launch((x, y, None, running_mean, running_var, weight, bias, layer.eps, *layer.grid.args),
+                                _launch.aligned16(y))
     return y
 
 
-def backward(x, dy, grid: Grid, weight, statistics, running_mean, running_var, eps, eps_inside_sqrt, *,
-             need_input, need_weight, need_bias, bias_dtype=None):
+def backward(x, dy, layer: Layer, weight, statistics, running_mean, running_var, *, need_input, need_weight,
+             need_bias, bias_dtype=None):
     """``(∂L/∂Z, ∂L/∂G, ∂L/∂B)`` (None where not needed): reduction (Σ dẐ, Σ dẐ(Z-μ)) + combine,
     then the closed-form input gradient. With ``statistics`` (a training forward's) the batch's
-    μ and s are used; without, the running statistics (constants: ∂L/∂Z = (G/s) dẐ)."""
+    μ and s are used; without, the running statistics (constants: ∂L/∂Z = (G/s) dẐ). ``dy``:
+    in ``x``'s memory layout."""
     sums, grad_weight, grad_bias = None, None, None
     if need_weight or need_bias or (need_input and statistics is not None):
-        sums, grad_weight, grad_bias = backward_sums(x, dy, grid, weight, statistics, running_mean, running_var, eps,
-                                                     eps_inside_sqrt, need_weight=need_weight, need_bias=need_bias,
+        sums, grad_weight, grad_bias = backward_sums(x, dy, layer, weight, statistics, running_mean, running_var,
+                                                     need_weight=need_weight, need_bias=need_bias,
                                                      bias_dtype=bias_dtype)
     dx = None
     if need_input:
-        dx = backward_input(x, dy, grid, weight, statistics, running_var, sums, eps, eps_inside_sqrt)
+        dx = backward_input(x, dy, layer, weight, statistics, running_var, sums)
     return dx, grad_weight, grad_bias
 
 
-def backward_sums(x, dy, grid: Grid, weight, statistics, running_mean, running_var, eps, eps_inside_sqrt, *,
-                  need_weight, need_bias, bias_dtype=None):
+def backward_sums(x, dy, layer: Layer, weight, statistics, running_mean, running_var, *, need_weight, need_bias,
+                  bias_dtype=None):
     """``(sums, ∂L/∂G, ∂L/∂B)``: the reduction and its combine. ``sums[:2C]`` holds Σ dẐ and
     Σ dẐ(Z-μ) per channel (SyncBatchNorm all-reduces them before ``backward_input``)."""
-    g, device = grid, x.device
-    training = statistics is not None
+    g, device = layer.grid, x.device
     grad_weight = torch.empty_like(weight) if need_weight else None
     grad_bias = torch.empty(g.C, dtype=bias_dtype, device=device) if need_bias else None
     sums = torch.empty(2 * g.C + 2 * g.n_splits * g.partials_width, dtype=g.acc_dtype, device=device)  # sums, partials
-    _launch.launch(_backward_reduce_kernel, g.grid, (x, dy, statistics, running_mean, sums, *g.args),
-                   dict(TRAINING=training, **g.constexprs), g.num_warps)
-    _launch.launch(_backward_combine_f64_kernel if g.float64 else _backward_combine_kernel, g.combine_grid,
-                   (sums, g.n_splits, g.group, g.C, statistics, running_var, float(eps), grad_weight, grad_bias),
-                   dict(TRAINING=training, EPS_INSIDE_SQRT=eps_inside_sqrt, GRAD_WEIGHT=need_weight,
-                        GRAD_BIAS=need_bias, **g.combine_constexprs),
-                   g.combine_warps)
+    kept = _launch.aligned16(dy, sums, grad_weight, grad_bias)
+    layer.reduce_pass.launch((x, dy, statistics, running_mean, sums, *g.args), kept)
+    layer.backward_fold_pass(need_weight, need_bias).launch(
+        (sums, g.n_splits, g.group, g.C, statistics, running_var, layer.eps, grad_weight, grad_bias), kept)
     return sums, grad_weight, grad_bias
 
 
-def backward_input(x, dy, grid: Grid, weight, statistics, running_var, sums, eps, eps_inside_sqrt):
+def backward_input(x, dy, layer: Layer, weight, statistics, running_var, sums):
     """∂L/∂Z, elementwise: the closed form with the batch's ``statistics`` and ``sums`` (divided by
     this layer's count of values per channel, R·S), or the running statistics' constants."""
-    g = grid
+    g = layer.grid
     dx = torch.empty_like(x)
-    _launch.launch(_backward_input_f64_kernel if g.float64 else _backward_input_kernel, g.grid,
-                   (x, dy, dx, statistics, running_var, weight, sums, float(g.R * g.S), float(eps), *g.args),
-                   dict(TRAINING=statistics is not None, EPS_INSIDE_SQRT=eps_inside_sqrt,
-                        HAS_WEIGHT=weight is not None, **g.constexprs),
-                   g.num_warps)
+    layer.input_pass.launch((x, dy, dx, statistics, running_var, weight, sums, float(g.R * g.S), layer.eps, *g.args),
+                            _launch.aligned16(dy, dx))
     return dx

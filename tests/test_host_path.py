@@ -199,6 +199,78 @@ def test_kept_launch_is_keyed_by_everything_triton_specialises_on(monkeypatch, h
     assert go() == "kept"
 
 
+class _KeyCheckingKernel:
+    """Stands in for a batch-norm JITFunction: its "compiled kernel" remembers the launch key it
+    was compiled for, and every call of its launcher logs whether the arguments it gets still
+    have that key (what a kept launch relies on)."""
+
+    def __init__(self, kernel, log):
+        self.arg_names, self.log = kernel.arg_names, log
+
+    def __getitem__(self, grid):
+        raise AssertionError("compiled launches only")
+
+    def run(self, *args, grid, warmup, **kwargs):
+        key, n, log = _launch._argument_key(args), len(args), self.log
+        log["compiled"] += 1
+
+        class Compiled:
+            function = object()
+
+            def __getitem__(self, grid):
+                return lambda *arguments: log["calls"].append(_launch._argument_key(arguments[:n]) == key)
+
+        return Compiled()
+
+
+def test_batch_norm_kept_launches_keep_their_keys(monkeypatch, host_check):
+    """A batch-norm layer's passes (``_launch.Launch``) call their kept launchers directly after
+    the first launch: every such call has the launch key it was compiled for — through plan
+    hits, a new plan for a misaligned input, eval mode, a misaligned upstream gradient (keyed
+    again), a weight that stops requiring grad, and a second backward of one graph — and a plan
+    hit makes no keyed launch at all."""
+    from gpuopt.kernels import batch_norm as bn_kernels
+
+    log = {"compiled": 0, "calls": []}
+    monkeypatch.setattr(_launch, "_compiled_launches", True)
+    monkeypatch.setattr(_launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(_launch, "_kept", {})
+    for name in [n for n in vars(bn_kernels) if n.startswith("_") and n.endswith("_kernel")]:
+        monkeypatch.setattr(bn_kernels, name, _KeyCheckingKernel(getattr(bn_kernels, name), log))
+    keyed = []
+    original = _launch.launch
+    monkeypatch.setattr(_launch, "launch", lambda *a, **k: (keyed.append(a[0]), original(*a, **k))[1])
+    bn = gpuopt.nn.BatchNorm2d(5)
+    storage = torch.randn(4 * 5 * 3 * 3 + 4)
+
+    def step(offset=0, upstream_offset=0, retain=False):
+        x = storage[offset:offset + 180].view(4, 5, 3, 3).detach().requires_grad_()
+        y = bn(x)
+        upstream = torch.randn(200)[upstream_offset:upstream_offset + 180].view_as(y)
+        y.backward(upstream, retain_graph=retain)
+        if retain:
+            y.backward(upstream)
+
+    step()
+    step()
+    keyed.clear()
+    calls = len(log["calls"])
+    step()
+    assert keyed == [] and len(log["calls"]) == calls + 6  # a plan hit: six kept calls, no keyed launch
+    step(upstream_offset=1)  # the gradient 4 bytes off: the backward keyed
+    step()
+    step(offset=1)  # 4 bytes off 16: a new plan (the record holds the input's alignment)
+    step(offset=1)
+    bn.weight.requires_grad_(False)
+    step()
+    step(retain=True)
+    bn.eval()
+    step()
+    step()
+    assert log["calls"] and all(log["calls"])
+    assert len(log["calls"]) > 3 * log["compiled"]  # most calls were kept ones
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="kept compiled kernels exist only on a GPU")
 def test_kept_compiled_kernels_give_tritons_results():

@@ -367,6 +367,56 @@ def test_batch_norm_running_stats_requiring_grad_and_double_backward(device):
     assert torch.isfinite(grad).all()
 
 
+def test_batch_norm_counter_is_checked_before_any_launch(device):
+    """``num_batches_tracked`` is read by the kernels (momentum=None) and counted by them (a
+    module's forward): a counter of no element or several, a bool, a non-tensor, one requiring
+    grad or on another device is refused before anything runs (was: read out of bounds)."""
+    x = torch.randn(4, 3, 2, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    bad = [(torch.zeros(0, dtype=torch.long, device=device), ValueError, "one integer or floating-point"),
+           (torch.zeros(2, dtype=torch.long, device=device), ValueError, "one integer or floating-point"),
+           (torch.tensor(True, device=device), ValueError, "one integer or floating-point"),
+           (3, TypeError, "must be a tensor"),
+           (torch.zeros((), device=device, requires_grad=True), RuntimeError, "not differentiable")]
+    if device.type == "cuda":
+        bad.append((torch.zeros((), dtype=torch.long), ValueError, "is on cpu"))
+    for counter, error, message in bad:
+        with pytest.raises(error, match=message):
+            gpuopt.functional.batch_norm(x, rm, rv, training=True, momentum=None, num_batches_tracked=counter)
+        assert torch.equal(rm, torch.zeros(3, device=device)) and torch.equal(rv, torch.ones(3, device=device))
+    bn = gpuopt.nn.BatchNorm1d(3, momentum=None).to(device)
+    bn(x)
+    bn(x)  # (a plan made and used)
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    bn.num_batches_tracked = torch.zeros(0, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match="one integer or floating-point"):
+        bn(x)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+
+
+def test_batch_norm_module_counts_batches_as_torch(device):
+    """The module's counter, counted by the statistics kernel (or, for an empty batch, by torch),
+    follows torch's through training, an empty batch, evaluation and momentum=None steps; the
+    functional form never counts (its counter already counts the batch)."""
+    bn, ref = gpuopt.nn.BatchNorm2d(3).to(device), torch.nn.BatchNorm2d(3).to(device)
+    for step, (shape, train, momentum) in enumerate([((4, 3, 2, 2), True, 0.1), ((4, 3, 2, 2), True, 0.1),
+                                                     ((0, 3, 2, 2), True, 0.1), ((4, 3, 2, 2), False, 0.1),
+                                                     ((2, 3, 5, 1), True, None), ((2, 3, 5, 1), True, None)]):
+        for module in (bn, ref):
+            module.train(train)
+            module.momentum = momentum
+        x = torch.randn(shape, device=device)
+        assert_close(bn(x), ref(x), rtol=1e-4, atol=1e-5)
+        assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item(), step
+        assert_close(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+        assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    counter = torch.tensor(5, device=device)
+    gpuopt.functional.batch_norm(torch.randn(4, 3, device=device), torch.zeros(3, device=device),
+                                 torch.ones(3, device=device), training=True, momentum=None,
+                                 num_batches_tracked=counter)
+    assert counter.item() == 5
+
+
 def test_batch_norm_misaligned_input(device):
     if device.type != "cpu":
         pytest.skip("torch.frombuffer makes CPU tensors")
