@@ -108,31 +108,32 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, *
 
 
 class Launch:
-    """One launch site with its kernel, grid, constexprs and warps resolved once: a batch-norm
+    """One launch site with its kernel, grid, constexprs, warps and trailing runtime arguments
+    (``fixed``: the ones every call passes alike, e.g. the view's sizes) resolved once: a batch-norm
     layer's passes (``kernels.batch_norm.Layer``), whose calls pass arguments of the same kinds
-    every time (the layer's own tensors, fresh scratch, a module's plan checks the rest).
+    every time (the layer's own tensors, fresh scratch; a module's plan checks the rest).
 
-    ``launch(args, kept)``: ``kept`` is the caller's promise that ``args`` have the kinds they had
-    at this site's first kept call — each tensor's dtype and 16-byte alignment, each int's value,
-    the same arguments None — on the same current device (checked here). Kept calls after the
-    first skip ``launch``'s key and dictionaries and call the compiled launcher directly (~0.3 µs
+    ``site(kept, *head)`` launches with the runtime arguments ``(*head, *fixed)``. ``kept`` is the
+    caller's promise that they have the kinds they had at this site's first kept call — each
+    tensor's dtype and 16-byte alignment, each int's value, the same arguments None — on the same
+    current device (checked here). Kept calls after the first skip ``launch``'s key and
+    dictionaries and call the compiled launcher with one prepared tail of arguments (~0.3 µs
     instead of ~3); ``kept=False`` (e.g. a gradient of unknown alignment) is ``launch`` itself."""
 
-    __slots__ = ("kernel", "grid", "constexprs", "num_warps", "_launcher", "_device")
+    __slots__ = ("kernel", "grid", "constexprs", "num_warps", "fixed", "_runner", "_tail", "_device")
 
-    def __init__(self, kernel, grid: tuple, constexprs: dict, num_warps: int):
-        self.kernel, self.grid, self.constexprs, self.num_warps = kernel, grid, constexprs, num_warps
-        self._launcher, self._device = None, None
+    def __init__(self, kernel, grid: tuple, constexprs: dict, num_warps: int, fixed: tuple = ()):
+        self.kernel, self.grid, self.constexprs, self.num_warps, self.fixed = kernel, grid, constexprs, num_warps, fixed
+        self._runner = self._tail = self._device = None
 
-    def launch(self, args: tuple, kept: bool = True) -> None:
-        launcher = self._launcher
-        if kept and launcher is not None and self._device == _current_device():
-            runner, values = launcher
-            runner(*args, *values)
+    def __call__(self, kept: bool, *head) -> None:
+        runner = self._runner
+        if kept and runner is not None and self._device == _current_device():
+            runner(*head, *self._tail)
             return
-        found = launch(self.kernel, self.grid, args, self.constexprs, self.num_warps)
+        found = launch(self.kernel, self.grid, (*head, *self.fixed), self.constexprs, self.num_warps)
         if kept and found is not None:
-            self._launcher, self._device = found, _current_device()
+            self._runner, self._tail, self._device = found[0], (*self.fixed, *found[1]), _current_device()
 
 
 def aligned16(*tensors) -> bool:

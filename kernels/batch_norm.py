@@ -54,12 +54,15 @@ from .. import _launch
 from ._multi_tensor import float64_variant, store_as
 
 # A training forward keeps its per-channel results in one tensor, C values each (the backward
-# reads it): μ, 1/s, σ (the seed's ε placement only) and the shift the statistics used.
+# reads it): μ, 1/s, σ (the seed's ε placement only) and the shift the statistics used. The same
+# allocation holds the statistics pass's partials after them (from plane PARTIALS on): one
+# allocation per forward, whose partials live on, unread, until the backward frees it.
 MEAN, INVSTD, STD, SHIFT = (tl.constexpr(i) for i in range(4))
 N_STATISTICS = 4
-# A reduction writes its partials as planes of n_splits × C values (one per split and channel) in
-# a scratch tensor: count, mean, M2 for the statistics; Σ dẐ, Σ dẐ(Z-μ) for the backward, whose
-# scratch first holds the folded sums (C values each).
+PARTIALS = tl.constexpr(N_STATISTICS)
+# A reduction writes its partials as planes of n_splits × C values (one per split and channel):
+# count, mean, M2 for the statistics; Σ dẐ, Σ dẐ(Z-μ) for the backward, whose scratch first holds
+# the folded sums (C values each).
 COUNT, PART_MEAN, PART_M2 = (tl.constexpr(i) for i in range(3))
 SUM_DY, SUM_DY_XMU = (tl.constexpr(i) for i in range(2))
 
@@ -222,7 +225,7 @@ def _reduce_tile(value, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, partials_ptr, stats_ptr, batches_ptr, R, C, S, rows_per_split, cols_per_split, col_splits,
+def _stats_kernel(x_ptr, stats_ptr, batches_ptr, R, C, S, rows_per_split, cols_per_split, col_splits,
                   COUNT_BATCH: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                   VEC: tl.constexpr, ACC: tl.constexpr):
     """Per (split, channel): count, mean and M2 of this program's values of the channel, the mean
@@ -292,7 +295,7 @@ def _stats_kernel(x_ptr, partials_ptr, stats_ptr, batches_ptr, R, C, S, rows_per
                 deviation = tl.where(mask, x - tile_mean, 0.0)
             tile_m2 = _reduce_tile(deviation * deviation, CHANNELS_LAST)
             mean, m2, count = _welford_combine(mean, m2, count, tile_mean, tile_m2, tile_count)
-    n_splits, width = tl.num_programs(1), _partials_width(C, S, CHANNELS_LAST)
+    n_splits, width, partials_ptr = tl.num_programs(1), _partials_width(C, S, CHANNELS_LAST), stats_ptr + PARTIALS * C
     _store_partial(_plane(partials_ptr, COUNT, n_splits, width), count, width, CHANNELS_LAST, BLOCK_K)
     _store_partial(_plane(partials_ptr, PART_MEAN, n_splits, width), mean, width, CHANNELS_LAST, BLOCK_K)
     _store_partial(_plane(partials_ptr, PART_M2, n_splits, width), m2, width, CHANNELS_LAST, BLOCK_K)
@@ -345,7 +348,7 @@ def _stats_combine_kernel(partials_ptr, stats_ptr, n_splits, group, C, running_m
                           BLOCK_C: tl.constexpr, GROUPED: tl.constexpr, ACC: tl.constexpr):
     """Fold the partials of ``BLOCK_C`` channels into μ, 1/s (and σ for the seed's backward), and
     update the running statistics as torch.nn.BatchNorm does (``group`` partials per channel and
-    split, see ``_partial_offsets``)::
+    split, see ``_partial_offsets``; ``partials_ptr`` None: the layer's own, after its statistics)::
 
         running_mean ← (1 - m) running_mean + m μ
         running_var  ← (1 - m) running_var  + m σ² K/(K-1)      (unbiased)
@@ -357,6 +360,10 @@ def _stats_combine_kernel(partials_ptr, stats_ptr, n_splits, group, C, running_m
     ``SUMMARY`` (SyncBatchNorm): store the channel's (count, μ, M2) in ``summary_ptr`` instead (one
     "split" of partials: planes COUNT, PART_MEAN, PART_M2 of C values), for the ranks' summaries to
     be gathered and folded by this kernel again, as ``n_splits`` partials with a zero shift."""
+    if partials_ptr is None:
+        partials = stats_ptr + PARTIALS * C
+    else:
+        partials = partials_ptr
     momentum, eps = tl.full([], momentum, ACC), tl.full([], eps, ACC)
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_range = channels < C
@@ -366,9 +373,9 @@ def _stats_combine_kernel(partials_ptr, stats_ptr, n_splits, group, C, running_m
     for p0 in range(0, n_splits * group, BLOCK_SPLITS):
         offsets, mask = _partial_offsets(p0, n_splits, group, C, channels, in_range, BLOCK_SPLITS, GROUPED)
         part_mean, part_m2, part_count = _welford_merge(
-            tl.load(_plane(partials_ptr, PART_MEAN, n_splits, C * group) + offsets, mask=mask, other=0.0),
-            tl.load(_plane(partials_ptr, PART_M2, n_splits, C * group) + offsets, mask=mask, other=0.0),
-            tl.load(_plane(partials_ptr, COUNT, n_splits, C * group) + offsets, mask=mask, other=0.0),
+            tl.load(_plane(partials, PART_MEAN, n_splits, C * group) + offsets, mask=mask, other=0.0),
+            tl.load(_plane(partials, PART_M2, n_splits, C * group) + offsets, mask=mask, other=0.0),
+            tl.load(_plane(partials, COUNT, n_splits, C * group) + offsets, mask=mask, other=0.0),
             1 if GROUPED else 0)
         mean, m2, count = _welford_combine(mean, m2, count, part_mean, part_m2, part_count)
     mean += tl.load(stats_ptr + SHIFT * C + channels, mask=in_range, other=0.0)  # un-shift, once merged
@@ -726,7 +733,7 @@ def shared_grid_passes(grid: Grid, dtype: torch.dtype) -> list[tuple]:
     module in training with fp32 affine parameters launches them (tensors given by their dtypes)."""
     acc, f64 = grid.acc_dtype, grid.float64
     affine = dict(TRAINING=True, EPS_INSIDE_SQRT=True, HAS_WEIGHT=True, **grid.constexprs)
-    return [(_stats_kernel, (dtype, acc, acc, torch.int64, *grid.args), dict(COUNT_BATCH=True, **grid.constexprs)),
+    return [(_stats_kernel, (dtype, acc, torch.int64, *grid.args), dict(COUNT_BATCH=True, **grid.constexprs)),
             (_normalize_f64_kernel if f64 else _normalize_kernel,
              (dtype, dtype, acc, None, None, torch.float32, torch.float32, 1e-5, *grid.args), dict(affine, HAS_BIAS=True)),
             (_backward_reduce_kernel, (dtype, dtype, acc, None, acc, *grid.args), dict(TRAINING=True, **grid.constexprs)),
@@ -741,7 +748,7 @@ def combine_launches(grid: Grid) -> list[tuple]:
     acc, f64 = grid.acc_dtype, grid.float64
     common = dict(EPS_INSIDE_SQRT=True, **grid.combine_constexprs)
     return [(_stats_combine_f64_kernel if f64 else _stats_combine_kernel,
-             (acc, acc, grid.n_splits, grid.group, grid.C, torch.float32, torch.float32, None, 0.1, 1e-5, None),
+             (None, acc, grid.n_splits, grid.group, grid.C, torch.float32, torch.float32, None, 0.1, 1e-5, None),
              dict(common, UPDATE_RUNNING=True, CUMULATIVE=False, SUMMARY=False)),
             (_backward_combine_f64_kernel if f64 else _backward_combine_kernel,
              (acc, grid.n_splits, grid.group, grid.C, acc, None, 1e-5, torch.float32, torch.float32),
@@ -804,36 +811,40 @@ class Layer:
         return self.training and self.running and self.momentum is None
 
     @functools.cached_property
-    def statistics_pass(self) -> _launch.Launch:
+    def statistics_pass(self) -> _launch.Launch:  # (x, statistics, num_batches_tracked)
         g = self.grid
-        return _launch.Launch(_stats_kernel, g.grid, dict(COUNT_BATCH=self.count, **g.constexprs), g.num_warps)
+        return _launch.Launch(_stats_kernel, g.grid, dict(COUNT_BATCH=self.count, **g.constexprs), g.num_warps,
+                              g.args)
 
     @functools.cached_property
-    def fold_pass(self) -> _launch.Launch:
+    def fold_pass(self) -> _launch.Launch:  # (None, statistics, ..., num_batches_tracked)
         g = self.grid
         return _launch.Launch(_stats_combine_f64_kernel if g.float64 else _stats_combine_kernel, g.combine_grid,
                               _fold_constexprs(g, g.n_splits, g.group, self.eps_inside_sqrt, self.running,
-                                               self.cumulative, False), g.combine_warps)
+                                               self.cumulative, False), g.combine_warps,
+                              (0.0 if self.momentum is None else float(self.momentum), self.eps, None))
 
     @functools.cached_property
-    def normalize_pass(self) -> _launch.Launch:
+    def normalize_pass(self) -> _launch.Launch:  # (x, y, statistics, running_mean, running_var, weight, bias)
         g = self.grid
         return _launch.Launch(_normalize_f64_kernel if g.float64 else _normalize_kernel, g.grid,
                               dict(TRAINING=self.training, EPS_INSIDE_SQRT=self.eps_inside_sqrt,
-                                   HAS_WEIGHT=self.has_weight, HAS_BIAS=self.has_bias, **g.constexprs), g.num_warps)
+                                   HAS_WEIGHT=self.has_weight, HAS_BIAS=self.has_bias, **g.constexprs), g.num_warps,
+                              (self.eps, *g.args))
 
     @functools.cached_property
-    def reduce_pass(self) -> _launch.Launch:
+    def reduce_pass(self) -> _launch.Launch:  # (x, dy, statistics, running_mean, sums)
         g = self.grid
         return _launch.Launch(_backward_reduce_kernel, g.grid, dict(TRAINING=self.training, **g.constexprs),
-                              g.num_warps)
+                              g.num_warps, g.args)
 
     @functools.cached_property
     def _backward_folds(self) -> dict:
         return {}
 
     def backward_fold_pass(self, need_weight: bool, need_bias: bool) -> _launch.Launch:
-        """The backward's combine, writing ∂L/∂G and ∂L/∂B as wanted (a backward may want either)."""
+        """The backward's combine, writing ∂L/∂G and ∂L/∂B as wanted (a backward may want either):
+        (sums, n_splits, group, C, statistics, running_var, eps, grad_weight, grad_bias)."""
         folds = self._backward_folds
         found = folds.get((need_weight, need_bias))
         if found is None:
@@ -845,42 +856,40 @@ class Layer:
         return found
 
     @functools.cached_property
-    def input_pass(self) -> _launch.Launch:
+    def input_pass(self) -> _launch.Launch:  # (x, dy, dx, statistics, running_var, weight, sums)
         g = self.grid
         return _launch.Launch(_backward_input_f64_kernel if g.float64 else _backward_input_kernel, g.grid,
                               dict(TRAINING=self.training, EPS_INSIDE_SQRT=self.eps_inside_sqrt,
-                                   HAS_WEIGHT=self.has_weight, **g.constexprs), g.num_warps)
+                                   HAS_WEIGHT=self.has_weight, **g.constexprs), g.num_warps,
+                              (float(g.R * g.S), self.eps, *g.args))
 
 
 def forward_training(x, layer: Layer, weight, bias, running_mean, running_var, num_batches_tracked, *, exchange=None):
     """Statistics (split reduction + combine, running stats updated) then normalize: three
     launches. Returns ``(y, statistics)``: μ, 1/s, σ, shift of each channel (``MEAN`` ...) in
-    the accumulation dtype, what the backward needs. ``layer.count``: the statistics pass first
+    the accumulation dtype, what the backward needs (then the partials, see ``PARTIALS``). ``layer.count``: the statistics pass first
     adds this batch to ``num_batches_tracked`` (a module's counter; no torch op per step).
 
     ``exchange`` (SyncBatchNorm): a function from this rank's summary — (count, μ, M2) per channel,
     ``[3, C]`` — to every rank's, ``[3, ranks, C]`` (one all-gather); the statistics are then the
     fold of those, the whole group's batch."""
     g, device = layer.grid, x.device
-    partials = torch.empty(3 * g.n_splits * g.partials_width, dtype=g.acc_dtype, device=device)
-    statistics = torch.empty(N_STATISTICS * g.C, dtype=g.acc_dtype, device=device)
+    statistics = torch.empty(N_STATISTICS * g.C + 3 * g.n_splits * g.partials_width, dtype=g.acc_dtype, device=device)
     y = torch.empty_like(x)
-    kept = _launch.aligned16(partials, statistics, y)
-    layer.statistics_pass.launch((x, partials, statistics, num_batches_tracked if layer.count else None, *g.args),
-                                 kept)
+    kept = _launch.aligned16(statistics, y)
+    layer.statistics_pass(kept, x, statistics, num_batches_tracked if layer.count else None)
     if exchange is None:
-        layer.fold_pass.launch((partials, statistics, g.n_splits, g.group, g.C, running_mean, running_var,
-                                num_batches_tracked if layer.cumulative else None,
-                                0.0 if layer.momentum is None else float(layer.momentum), layer.eps, None), kept)
+        layer.fold_pass(kept, None, statistics, g.n_splits, g.group, g.C, running_mean, running_var,
+                        num_batches_tracked if layer.cumulative else None)
     else:
         summary = torch.empty(3 * g.C, dtype=g.acc_dtype, device=device)
-        fold_statistics(layer, partials, g.n_splits, statistics, None, None, None, summary=summary, group=g.group)
+        fold_statistics(layer, None, g.n_splits, statistics, None, None, None, summary=summary, group=g.group)
         summaries = exchange(summary.view(3, g.C))
         shift = int(SHIFT.value)
         statistics[shift * g.C:(shift + 1) * g.C].zero_()  # the summaries' means are un-shifted already
         fold_statistics(layer, summaries, summaries.shape[1], statistics, running_mean, running_var,
                         num_batches_tracked)
-    layer.normalize_pass.launch((x, y, statistics, None, None, weight, bias, layer.eps, *g.args), kept)
+    layer.normalize_pass(kept, x, y, statistics, None, None, weight, bias)
     return y, statistics
 
 
@@ -888,7 +897,7 @@ def fold_statistics(layer: Layer, partials, n_splits: int, statistics, running_m
                     *, summary=None, group: int = 1) -> None:
     """A combine launch of any partials (SyncBatchNorm's: a rank's own, then the ranks'):
     ``partials`` (planes count, mean, M2 of ``n_splits × C·group`` values: ``group`` per channel
-    and split, see "Short rows") folded into ``statistics`` (μ, 1/s, σ; the running statistics
+    and split, see "Short rows"; None: the statistics pass's, in ``statistics``) folded into ``statistics`` (μ, 1/s, σ; the running statistics
     updated when given), or, with ``summary``, into the channel's (count, μ, M2) only.
     ``layer``: its C, dtype, combine settings, momentum and ε."""
     g = layer.grid
@@ -906,8 +915,7 @@ def fold_statistics(layer: Layer, partials, n_splits: int, statistics, running_m
 def forward_eval(x, layer: Layer, weight, bias, running_mean, running_var):
     """One elementwise launch from the running statistics."""
     y = torch.empty_like(x)
-    layer.normalize_pass.launch((x, y, None, running_mean, running_var, weight, bias, layer.eps, *layer.grid.args),
-                                _launch.aligned16(y))
+    layer.normalize_pass(_launch.aligned16(y), x, y, None, running_mean, running_var, weight, bias)
     return y
 
 
@@ -936,18 +944,16 @@ def backward_sums(x, dy, layer: Layer, weight, statistics, running_mean, running
     grad_weight = torch.empty_like(weight) if need_weight else None
     grad_bias = torch.empty(g.C, dtype=bias_dtype, device=device) if need_bias else None
     sums = torch.empty(2 * g.C + 2 * g.n_splits * g.partials_width, dtype=g.acc_dtype, device=device)  # sums, partials
-    kept = _launch.aligned16(dy, sums, grad_weight, grad_bias)
-    layer.reduce_pass.launch((x, dy, statistics, running_mean, sums, *g.args), kept)
-    layer.backward_fold_pass(need_weight, need_bias).launch(
-        (sums, g.n_splits, g.group, g.C, statistics, running_var, layer.eps, grad_weight, grad_bias), kept)
+    kept = _launch.aligned16(dy, statistics, sums, grad_weight, grad_bias)
+    layer.reduce_pass(kept, x, dy, statistics, running_mean, sums)
+    layer.backward_fold_pass(need_weight, need_bias)(kept, sums, g.n_splits, g.group, g.C, statistics, running_var,
+                                                     layer.eps, grad_weight, grad_bias)
     return sums, grad_weight, grad_bias
 
 
 def backward_input(x, dy, layer: Layer, weight, statistics, running_var, sums):
     """∂L/∂Z, elementwise: the closed form with the batch's ``statistics`` and ``sums`` (divided by
     this layer's count of values per channel, R·S), or the running statistics' constants."""
-    g = layer.grid
     dx = torch.empty_like(x)
-    layer.input_pass.launch((x, dy, dx, statistics, running_var, weight, sums, float(g.R * g.S), layer.eps, *g.args),
-                            _launch.aligned16(dy, dx))
+    layer.input_pass(_launch.aligned16(dy, dx, statistics, sums), x, dy, dx, statistics, running_var, weight, sums)
     return dx
