@@ -120,20 +120,20 @@ class Launch:
     dictionaries and call the compiled launcher with one prepared tail of arguments (~0.3 µs
     instead of ~3); ``kept=False`` (e.g. a gradient of unknown alignment) is ``launch`` itself."""
 
-    __slots__ = ("kernel", "grid", "constexprs", "num_warps", "fixed", "_runner", "_tail", "_device")
+    __slots__ = ("kernel", "grid", "constexprs", "num_warps", "fixed", "_kept")
 
     def __init__(self, kernel, grid: tuple, constexprs: dict, num_warps: int, fixed: tuple = ()):
         self.kernel, self.grid, self.constexprs, self.num_warps, self.fixed = kernel, grid, constexprs, num_warps, fixed
-        self._runner = self._tail = self._device = None
+        self._kept = None  # (launcher, tail of arguments, device): one attribute, replaced whole
 
     def __call__(self, kept: bool, *head) -> None:
-        runner = self._runner
-        if kept and runner is not None and self._device == _current_device():
-            runner(*head, *self._tail)
+        found = self._kept
+        if kept and found is not None and found[2] == _current_device():
+            found[0](*head, *found[1])
             return
         found = launch(self.kernel, self.grid, (*head, *self.fixed), self.constexprs, self.num_warps)
         if kept and found is not None:
-            self._runner, self._tail, self._device = found[0], (*self.fixed, *found[1]), _current_device()
+            self._kept = (found[0], (*self.fixed, *found[1]), _current_device())
 
 
 def aligned16(*tensors) -> bool:

@@ -298,6 +298,36 @@ def test_kept_compiled_kernels_give_tritons_results():
     assert _launch._kept  # the second run kept its kernels
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="kept compiled kernels exist only on a GPU")
+def test_batch_norm_kept_launches_give_tritons_results():
+    """On a GPU: a batch-norm module's training and eval steps through its layer's kept launches
+    are bitwise those of Triton's own launch path — outputs, input and parameter gradients,
+    running statistics and counter — including a step whose upstream gradient is 4 bytes off."""
+    results = []
+    for kept in (False, True):
+        _launch._compiled_launches = kept
+        try:
+            torch.manual_seed(0)
+            bn = gpuopt.nn.BatchNorm2d(24, momentum=None).cuda()
+            storage = torch.randn(8 * 24 * 7 * 7 + 1, device="cuda")
+            outputs = []
+            for step in range(6):
+                bn.train(step != 4)
+                x = torch.randn(8, 24, 7, 7, device="cuda", requires_grad=True)
+                y = bn(x)
+                offset = 1 if step == 3 else 0
+                y.backward(storage[offset:offset + y.numel()].view_as(y))
+                outputs += [y.detach().clone(), x.grad.clone()]
+            outputs += [bn.weight.grad.clone(), bn.bias.grad.clone(), bn.running_mean.clone(),
+                        bn.running_var.clone(), bn.num_batches_tracked.clone()]
+            results.append(outputs)
+        finally:
+            _launch._compiled_launches = True
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------------ graphed_step ---
 
 
