@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # What a session with an H100/H200 runs, in steps that each fit the device tool's 10-minute limit:
 #
+#   bash scripts/gpu_session.sh first     # for a short device budget (15 min): the gpu-marked tests, then
+#                                         # the quick bench of both suites (each part under a time limit)
 #   bash scripts/gpu_session.sh tests     # install, every gpu-marked test (tests/test_cupy.py's CuPy arrays
 #                                         # and GPU-size oracle among them), then the whole suite
 #   bash scripts/gpu_session.sh optim     # python -m bench --suite optim (torch.compile and CuPy rows included)
@@ -24,6 +26,10 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 python3 -c "from gpuopt import _host_check; _host_check.wait(); print('host check:', _host_check.status())" \
     | tee -a "$OUT/gpu.txt"
 case "${1:-tests}" in
+  first)
+    timeout 300 python3 -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25 || true
+    timeout 240 python3 -m bench --suite all --quick --no-compile --out-dir "$OUT" 2>&1 | tee "$OUT/bench-quick.log" \
+        | tail -60 ;;
   tests)
     python3 -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25
     python3 -m pytest -q -x 2>&1 | tee "$OUT/pytest-all.log" | tail -25 ;;
@@ -39,5 +45,5 @@ case "${1:-tests}" in
     GPUOPT_SHORT_ROWS=0 python3 -m bench --suite bn --quick --no-compile --out-dir "$OUT/short-rows-off" 2>&1 \
         | tee "$OUT/bench-bn-short-rows-off.log" ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh tests|optim|bn|bn-compile|bn-short-rows" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_session.sh first|tests|optim|bn|bn-compile|bn-short-rows" >&2; exit 2 ;;
 esac
