@@ -245,9 +245,6 @@ def _stats_kernel(x_ptr, stats_ptr, batches_ptr, R, C, S, rows_per_split, cols_p
 
     ``COUNT_BATCH``: program (0, 0) also adds this batch to the module's ``num_batches_tracked``
     (one element), which the combine kernel, launched after this one, reads."""
-    if COUNT_BATCH:
-        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-            tl.store(batches_ptr, tl.load(batches_ptr) + 1)
     row_stride, n_cols = _layout(C, S, CHANNELS_LAST, VEC)
     r_begin, r_stop, k_begin, k_stop, col_base = _program_range(R, n_cols, rows_per_split, cols_per_split, col_splits,
                                                                 CHANNELS_LAST, BLOCK_K)
@@ -299,6 +296,9 @@ def _stats_kernel(x_ptr, stats_ptr, batches_ptr, R, C, S, rows_per_split, cols_p
     _store_partial(_plane(partials_ptr, COUNT, n_splits, width), count, width, CHANNELS_LAST, BLOCK_K)
     _store_partial(_plane(partials_ptr, PART_MEAN, n_splits, width), mean, width, CHANNELS_LAST, BLOCK_K)
     _store_partial(_plane(partials_ptr, PART_M2, n_splits, width), m2, width, CHANNELS_LAST, BLOCK_K)
+    if COUNT_BATCH:  # (last: nothing of it is live through the loops)
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(batches_ptr, tl.load(batches_ptr) + 1)
 
 
 @triton.jit
