@@ -69,6 +69,20 @@ def _torch_variants(algorithm: str, master: bool):
     return cls, variants
 
 
+def _loop_rows(row, loop: list) -> list:
+    """The training loop's view of a case (layout "loop"): ``(implementation, ms per step)`` of
+    steps called back to back with one synchronisation (``Timer.back_to_back``), eager and
+    graph-replayed. The note gives each eager row's eager/graph ratio: the host path's cost,
+    1.0 when the GPU never waits for the host."""
+    times = dict(loop)
+    rows = []
+    for impl, ms in loop:
+        graph = times.get(impl + ", CUDA graph")
+        note = "steps back to back, one sync" + (f"; eager/graph {ms / graph:.2f}" if graph and ms else "")
+        rows.append(row(impl, ms, note, layout="loop"))
+    return rows
+
+
 def _graphed(step):
     """Capture ``step`` in a CUDA graph (after a side-stream warm-up) and return its replay."""
     side = torch.cuda.Stream()
@@ -101,8 +115,9 @@ def run(timer, copy_gbps: float, gpu: bool, quick: bool, algorithms=None, log=pr
             if master and algorithm not in ("AdamW", "SGD momentum"):
                 continue
             dtype_name = str(dtype).replace("torch.", "") + ("+master" if master else "")
-            row = lambda impl, ms, note="": Row("optim", case, algorithm, dtype_name, "—", impl, ms,  # noqa: E731
-                                                 bytes_moved(numel, algorithm, dtype, master), copy_gbps, note)
+            row = lambda impl, ms, note="", layout="—": Row(  # noqa: E731
+                "optim", case, algorithm, dtype_name, layout, impl, ms, bytes_moved(numel, algorithm, dtype, master),
+                copy_gbps, note)
             log(f"  optim: {case} / {algorithm}")
             rows.extend(_time_algorithm(timer, row, algorithm, params, master, gpu, compile))
             _free()
@@ -133,11 +148,14 @@ def _time_algorithm(timer, row, algorithm, params, master, gpu, compile):
     extra = dict(master_weights=True) if master else {}
     opt = getattr(gpuopt, name)(params, **kwargs, **extra)
     out.append(row("gpuopt", timer(opt.step)))
+    loop = [("gpuopt", timer.back_to_back(opt.step))]
     del opt
     if gpu:
         opt = getattr(gpuopt, name)(params, **kwargs, **extra, capturable=True)
-        out.append(row("gpuopt, CUDA graph", timer(_graphed(opt.step)), "capturable=True, graph.replay()"))
-        del opt
+        replay = _graphed(opt.step)
+        out.append(row("gpuopt, CUDA graph", timer(replay), "capturable=True, graph.replay()"))
+        loop.append(("gpuopt, CUDA graph", timer.back_to_back(replay)))
+        del opt, replay
 
     if algorithm == "AdamW" and not master and cupy_baseline.available(gpu) and cupy_baseline.supports(params[0].dtype):
         opt = cupy_baseline.AdamW(params, **kwargs)
@@ -163,12 +181,18 @@ def _time_algorithm(timer, row, algorithm, params, master, gpu, compile):
                 opt.step()
                 torch._foreach_copy_([p.data for p in params], [t.data for t in targets])
         out.append(row(label, timer(step), "on fp32 masters + _foreach_copy_ to bf16" if master else ""))
+        if label == "torch fused":
+            loop.append((label, timer.back_to_back(step)))
         if gpu and label == "torch fused" and "capturable" in _parameters(cls) and not master:
             del opt
             opt = cls(targets, **kw, capturable=True)
-            out.append(row("torch fused, CUDA graph", timer(_graphed(opt.step)), "capturable=True, graph.replay()"))
+            replay = _graphed(opt.step)
+            out.append(row("torch fused, CUDA graph", timer(replay), "capturable=True, graph.replay()"))
+            loop.append(("torch fused, CUDA graph", timer.back_to_back(replay)))
+            del replay
         del opt
         _free()
+    out.extend(_loop_rows(row, loop))
     if gpu and compile and not master:
         opt = cls(targets, **kwargs, foreach=True)
         compiled = torch.compile(opt.step)

@@ -34,7 +34,11 @@ def test_bench_runs_both_suites_and_writes_csv_and_png(tmp_path, monkeypatch):
     for r in table:
         assert r["median_ms"] and float(r["median_ms"]) > 0, r
         assert r["implementation"] == "gpuopt" or float(r["gpuopt_speedup"]) > 0, r
-    adam = next(r for r in table if r["op"] == "Adam" and r["implementation"] == "gpuopt")
+    loop = {(r["op"], r["implementation"]) for r in table if r["layout"] == "loop"}
+    for algorithm in optim_suite.ALGORITHMS:  # the training loop's view: steps back to back, one sync
+        assert algorithm == "EMA" or (algorithm, "gpuopt") in loop, algorithm
+    assert ("AdamW", "torch fused") in loop
+    adam = next(r for r in table if r["op"] == "Adam" and r["implementation"] == "gpuopt" and r["layout"] == "—")
     assert int(adam["bytes"]) == 28 * 4096  # read p, g, m, v; write p, m, v (fp32)
     bn = next(r for r in table if r["op"] == "train fwd+bwd" and r["dtype"] == "bfloat16")
     assert int(bn["bytes"]) == 8 * 2 * 4 * 3 * 5 * 7  # 8 passes of 2-byte elements
