@@ -53,6 +53,13 @@ class _GpuoptBatchNorm:
             self.__dict__["_gpuopt_plan"] = None
         return out
 
+    def __getstate__(self):
+        # The plan is a cache of the last call (addresses, kept launchers), not the module's
+        # state: a pickled or deep-copied module makes its own on its first call.
+        state = self.__dict__.copy()
+        state.pop("_gpuopt_plan", None)
+        return state
+
     def extra_repr(self) -> str:
         text = super().extra_repr()
         return text if self.eps_inside_sqrt else text + ", eps_inside_sqrt=False"

@@ -484,6 +484,30 @@ def small_cnn():
         torch.nn.Linear(6 * 4 * 4, 10), torch.nn.BatchNorm1d(10), torch.nn.Linear(10, 3))
 
 
+def test_used_module_pickles_and_deep_copies(device):
+    """A module that has run (and keeps its last call's plan: addresses, kept launchers) saves with
+    torch.save, loads, and deep-copies; each copy then trains on as torch's module does, its
+    buffers its own."""
+    import io
+
+    bn, twin = gpuopt.nn.BatchNorm2d(3).to(device), torch.nn.BatchNorm2d(3).to(device)
+    for _ in range(2):
+        x = torch.randn(4, 3, 5, 5, device=device)
+        bn(x), twin(x)
+    assert bn.__dict__.get("_gpuopt_plan") is not None
+    buffer = io.BytesIO()
+    torch.save(bn, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for copy_ in (loaded, copy.deepcopy(bn)):
+        reference = copy.deepcopy(twin)
+        x = torch.randn(4, 3, 5, 5, device=device)
+        assert_close(copy_(x), reference(x), rtol=1e-4, atol=1e-5)
+        assert_close(copy_.running_mean, reference.running_mean, rtol=1e-5, atol=1e-6)
+        assert copy_.num_batches_tracked.item() == reference.num_batches_tracked.item() == 3
+    assert bn.num_batches_tracked.item() == 2  # the copies counted their own batches
+
+
 def test_convert_batchnorm_small_cnn(device):
     """Every torch BatchNorm*d replaced, sharing parameters and buffers; identical outputs and state_dict."""
     model = small_cnn().to(device)
