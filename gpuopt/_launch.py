@@ -20,6 +20,10 @@ or finds it, and launches nothing), keeps the compiled kernel's own launcher, an
 through it; a persistent launch's grid is fitted to the compiled kernel's occupancy there (one
 wave, see ``launch``). Through the interpreter (CPU) every launch takes Triton's path: there is
 no compiled kernel to keep.
+
+A site that launches with arguments of the same kinds every time (a batch-norm layer's passes)
+skips even the key: a ``Launch`` keeps the launcher its first call found, with the arguments'
+constant tail (see ``Launch``).
 """
 
 from __future__ import annotations
