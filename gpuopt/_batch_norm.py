@@ -386,12 +386,13 @@ class LayerPlan:
     address of weight, bias, running statistics and counter (a tensor replaced, or moved
     through ``.data``, is checked again) — and neither a running statistic nor the counter
     requires grad (an error to raise, on the full path). Anything else takes the full path,
-    which makes a new plan. The layer's kernels count the batch (``tracking``: ``layer.count``)."""
+    which makes a new plan. The layer's kernels count the batch when the module tracks it
+    (``layer.count``: a plan is made only by a call that ran them, so the two agree)."""
 
-    __slots__ = ("options", "record", "layer", "pass_buffers", "tracking")
+    __slots__ = ("options", "record", "layer", "pass_buffers")
 
-    def __init__(self, options: tuple, tensors: tuple, layer: kernels.Layer, pass_buffers: bool, tracking: bool):
-        self.options, self.layer, self.pass_buffers, self.tracking = options, layer, pass_buffers, tracking
+    def __init__(self, options: tuple, tensors: tuple, layer: kernels.Layer, pass_buffers: bool):
+        self.options, self.layer, self.pass_buffers = options, layer, pass_buffers
         self.record = _host_check.TensorRecord(tensors, (15, -1, -1, -1, -1, -1))
 
     def run(self, options: tuple, input, weight, bias, running_mean, running_var, num_batches_tracked):
@@ -405,7 +406,7 @@ class LayerPlan:
         if not self.pass_buffers:
             running_mean = running_var = None
         return BatchNormFunction.apply(input, weight, bias, (input, running_mean, running_var,
-                                                             num_batches_tracked if self.tracking else None,
+                                                             num_batches_tracked if self.layer.count else None,
                                                              self.layer))
 
 

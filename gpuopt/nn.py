@@ -47,8 +47,7 @@ class _GpuoptBatchNorm:
                                         count=True)  # (counted once the arguments are checked)
         if layer is not None:
             tensors = (input, weight, bias, running_mean, running_var, counter)
-            self.__dict__["_gpuopt_plan"] = LayerPlan(options, tensors, layer, pass_buffers,
-                                                      tracking and counter is not None)
+            self.__dict__["_gpuopt_plan"] = LayerPlan(options, tensors, layer, pass_buffers)
         elif plan is not None:
             self.__dict__["_gpuopt_plan"] = None
         return out

@@ -811,6 +811,11 @@ class Layer:
         return self.training and self.running and self.momentum is None
 
     @functools.cached_property
+    def momentum_value(self) -> float:
+        """``momentum`` as the combine kernel takes it (None, the cumulative average: unused)."""
+        return 0.0 if self.momentum is None else float(self.momentum)
+
+    @functools.cached_property
     def statistics_pass(self) -> _launch.Launch:  # (x, statistics, num_batches_tracked)
         g = self.grid
         return _launch.Launch(_stats_kernel, g.grid, dict(COUNT_BATCH=self.count, **g.constexprs), g.num_warps,
@@ -822,7 +827,7 @@ class Layer:
         return _launch.Launch(_stats_combine_f64_kernel if g.float64 else _stats_combine_kernel, g.combine_grid,
                               _fold_constexprs(g, g.n_splits, g.group, self.eps_inside_sqrt, self.running,
                                                self.cumulative, False), g.combine_warps,
-                              (0.0 if self.momentum is None else float(self.momentum), self.eps, None))
+                              (self.momentum_value, self.eps, None))
 
     @functools.cached_property
     def normalize_pass(self) -> _launch.Launch:  # (x, y, statistics, running_mean, running_var, weight, bias)
@@ -906,7 +911,7 @@ def fold_statistics(layer: Layer, partials, n_splits: int, statistics, running_m
     _launch.launch(_stats_combine_f64_kernel if g.float64 else _stats_combine_kernel, g.combine_grid,
                    (partials, statistics, n_splits, group, g.C, running_mean, running_var,
                     num_batches_tracked if cumulative else None,
-                    0.0 if layer.momentum is None else float(layer.momentum), layer.eps, summary),
+                    layer.momentum_value, layer.eps, summary),
                    _fold_constexprs(g, n_splits, group, layer.eps_inside_sqrt, update, cumulative,
                                     summary is not None),
                    g.combine_warps)
