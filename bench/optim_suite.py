@@ -43,14 +43,15 @@ def cases(gpu: bool, quick: bool):
 
 
 def bytes_moved(numel: int, algorithm: str, param_dtype: torch.dtype, master: bool) -> int:
-    """DESIGN.md's floor: read p (or its fp32 master), g and the states; write p (and master) and
-    the states. EMA: read p and the average, write the average."""
+    """DESIGN.md's floor: read p (and its fp32 master, which follows edits of p), g and the
+    states; write p (and master) and the states. EMA: read p and the average, write the average."""
     size = torch.tensor([], dtype=param_dtype).element_size()
     if algorithm == "EMA":
         return 3 * size * numel
     states = ALGORITHMS[algorithm][2]
     weight = 4 if master else size
-    per_element = (weight + size + 4 * states) + (weight + 4 * states + (size if master else 0))
+    extra = size if master else 0  # the 16-bit parameter, read and written beside its master
+    per_element = (weight + extra + size + 4 * states) + (weight + extra + 4 * states)
     return per_element * numel
 
 

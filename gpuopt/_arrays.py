@@ -36,6 +36,10 @@ def as_tensor(x, what: str, written: bool) -> torch.Tensor:
     if written and flags is not None and getattr(flags, "writeable", True) is False:
         raise ValueError(f"{what} is a read-only array (flags.writeable is False); gpuopt updates it in place: "
                          "pass a writable array (e.g. a copy)")
+    strides = getattr(x, "strides", None) or ()
+    if any(stride < 0 for stride in strides):  # torch.from_dlpack aborts the process on these
+        raise ValueError(f"{what} has negative strides {tuple(strides)} (a reversed view such as a[::-1]); "
+                         "gpuopt views arrays in place and cannot take one: pass a copy (numpy.ascontiguousarray)")
     try:
         return torch.from_dlpack(x)
     except (BufferError, RuntimeError, TypeError) as error:
@@ -111,6 +115,8 @@ def accepts_arrays(read=("grads",)):
                                              for key, item in value.items()}
                 else:
                     bound.arguments[name] = _convert(value, name, name not in read, kinds)
+            if not kinds:  # no array after all (a NumPy scalar hyperparameter): as given
+                return fn(*bound.args, **bound.kwargs)
             if len(kinds) > 1:
                 raise TypeError(f"{fn.__name__}: arrays of several libraries ({', '.join(sorted(kinds))}); pass one "
                                 "kind (NumPy arrays on the CPU, or CuPy arrays on a GPU)")

@@ -74,7 +74,7 @@ def traced_step(opt, closure=None, *, grad_scale=None, found_inf=None):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             continue
-        states = [opt.state[p] for p in params]
+        states = [opt.state.get(p, {}) for p in params]
         lists = {"param": params, "grad": [p.grad for p in params]}
         if opt._uses_step(group):
             lists["step"] = [s["step"] for s in states]
@@ -88,8 +88,9 @@ def traced_step(opt, closure=None, *, grad_scale=None, found_inf=None):
         on_device = isinstance(lr, torch.Tensor)
         torch.ops.gpuopt.multi_tensor_step(
             *slots, opt._compiled_key, [options[name] for name in opt._compiled_options],
-            0.0 if on_device else float(lr), lr if on_device else None, grad_scale, found_inf, opt._seed,
+            0.0 if on_device else float(lr), lr if on_device else None, grad_scale, found_inf, opt._seed or 0,
             bool(group["stochastic_rounding"]))
+    opt._clip.value = None
     return loss
 
 
@@ -97,12 +98,14 @@ def _traceable(opt, group) -> bool:
     options = opt._options(group)
     if any(isinstance(value, torch.Tensor) for value in options.values()) or any_dtensor(group["params"]):
         return False  # (a DTensor's step runs eagerly: the operator takes plain tensors)
+    if group["stochastic_rounding"] and opt._seed is None:
+        return False  # (the eager step draws it)
     needed = opt._state_roles(group) + (("step",) if opt._uses_step(group) else ())
     for p in group["params"]:
         if p.grad is None:
             continue
-        state = opt.state.get(p)
-        if state is None or any(role not in state for role in needed):
+        state = opt.state.get(p, {})
+        if any(role not in state for role in needed):
             return False
         if group["master_weights"] and "master_param" not in state:
             return False

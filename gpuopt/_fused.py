@@ -4,9 +4,8 @@ validation, and the ``torch.optim.Optimizer`` base class."""
 from __future__ import annotations
 
 import operator
-import random
 import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,12 +14,12 @@ import torch.optim.optimizer as _torch_optimizer
 
 from . import _host_check, _launch
 from ._distributed import any_dtensor, check_sharded_pairs, is_dtensor, like_dtensor, local, local_roles
-from ._multi_tensor import PlanCache, plan_launches
+from ._multi_tensor import PlanCache, ThreadPlans, plan_launches
 from .clip import get_total_norm
 from ._validate import (check_params_and_grads, check_roles, follow_layout, layout_check, like_param,
                         matching_layout, real_views)
 
-_FUNCTIONAL_PLANS = PlanCache()  # for the functional API, whose callers keep no plans
+_FUNCTIONAL_PLANS = ThreadPlans()  # for the functional API, whose callers keep no plans
 
 
 @dataclass
@@ -53,6 +52,7 @@ def step_launcher(algorithm, options: dict):
     """``launch(plan, step_args, *, lr, has_master, stochastic_rounding)``: one step of
     ``algorithm`` (a ``kernels._multi_tensor.Algorithm``) with ``options`` (its keyword arguments
     but ``lr``, which is read at every launch), worked out into the kernel's arguments once."""
+    options = {name: plain_number(value) for name, value in options.items()}
     hyperparameters, flags = algorithm.hyperparameters(**options)
     has_step = algorithm.uses_step(options)
 
@@ -60,6 +60,22 @@ def step_launcher(algorithm, options: dict):
         _launch.launch_step(algorithm, plan, step_args, lr, hyperparameters, flags, has_master=has_master,
                             stochastic_rounding=stochastic_rounding, has_step=has_step)
     return launch
+
+
+def plain_number(value):
+    """An option as the kernel takes it: a one-element tensor (torch computes with 0-d tensor
+    hyperparameters; a device tensor is read once, a host sync) or a NumPy scalar as the Python
+    number it holds; anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def needed_roles(algorithm, options: dict) -> tuple:
+    """The state roles ``options`` make the kernel read and write (``step`` first, when used)."""
+    return (("step",) if algorithm.uses_step(options) else ()) + tuple(algorithm.states(options))
 
 
 def bucket_precision(plan, master_role: int | None, has_masters: bool, stochastic_rounding: bool):
@@ -107,6 +123,10 @@ def run_functional(name: str, algorithm, roles: dict, options: dict, *, lr, grad
     then one launch per (device, dtypes) group."""
     if not roles["param"]:
         return
+    missing = [role for role in needed_roles(algorithm, options) if roles.get(role) is None]
+    if missing:  # the kernel would write them: refused, as torch's functional API refuses them
+        raise ValueError(f"{name}: the {' and '.join(missing)} tensors are None, but these options update them; "
+                         "pass one tensor per parameter (zeros for a new state)")
     if any_dtensor(roles["param"]):  # DTensors: each rank updates its local shards
         check_sharded_pairs(name, roles["param"], roles["grad"])
         roles = local_roles(roles)
@@ -114,7 +134,7 @@ def run_functional(name: str, algorithm, roles: dict, options: dict, *, lr, grad
     roles = dict(roles, grad=dense_grads(algorithm, roles["grad"], options.get("weight_decay", 0.0)))
     check_params_and_grads(name, params, roles["grad"])
     roles = dict(roles, grad=[matching_layout(g, p) for g, p in zip(roles["grad"], params)])
-    launches = prepare_launches(name, roles, algorithm.roles, _FUNCTIONAL_PLANS, name, stochastic_rounding)
+    launches = prepare_launches(name, roles, algorithm.roles, _FUNCTIONAL_PLANS.plans, name, stochastic_rounding)
     device = params[0].device
     step_args = StepArgs(device, _on(grad_scale, device), _on(found_inf, device), seed)
     launch = step_launcher(algorithm, options)
@@ -204,6 +224,7 @@ def _plain_state(items):
 
 
 _GRAD = operator.attrgetter("grad")
+_NO_STATE: dict = {}
 _LOCAL_TENSOR = operator.attrgetter("_local_tensor")  # a DTensor's local shard (see _distributed.local)
 _ADDRESS = torch.Tensor.data_ptr
 
@@ -324,8 +345,9 @@ class _PreparedGroup:
         return kept is not None and len(kept) == len(options) and all(map(operator.is_, kept, options))
 
     def set_options(self, options, launcher) -> None:
-        # A tensor option (betas as tensors) can change in place: its launcher is remade every step.
-        self.options = None if any(map(_holds_tensor, options)) else options
+        # An option that can change in place (betas as tensors, or as a list edited after a
+        # checkpoint went through JSON/YAML) is read again: its launcher is remade every step.
+        self.options = None if any(map(_mutable, options)) else options
         self.launcher = launcher
 
     def move_grads(self, addresses: np.ndarray) -> bool:
@@ -360,8 +382,33 @@ def _compiled_check(prepared: _PreparedGroup, grads: list) -> tuple | None:
             np.array(prepared.grad_addresses, dtype=np.int64), np.empty(len(grads), dtype=np.int64))
 
 
-def _holds_tensor(value) -> bool:
-    return isinstance(value, torch.Tensor) or (isinstance(value, (tuple, list)) and any(map(_holds_tensor, value)))
+def _mutable(value) -> bool:
+    """An option whose value can change while it stays the same object: a tensor, a list, a dict."""
+    return isinstance(value, (torch.Tensor, list, dict)) or (isinstance(value, tuple) and any(map(_mutable, value)))
+
+
+def _by_value(value):
+    """What of an option ``_graph_key`` compares by value: a list's items (as a tuple), else None."""
+    return tuple(map(_by_value, value)) if isinstance(value, (list, tuple)) else (
+        value if isinstance(value, (int, float, bool, str)) else None)
+
+
+class _PendingClip:
+    """``opt.clip_grad_norm_``'s ``(max_norm, norm)`` until the step that applies it succeeds. A
+    holder object, not an attribute value: a wrapper that copies the optimizer's ``__dict__``
+    (Lightning's ``LightningOptimizer``) shares it, so a clip requested through the wrapper reaches
+    the step of the optimizer it wraps."""
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = None
+
+
+def _draw_seed() -> int:
+    """A stochastic-rounding seed from torch's default generator (one draw: ``torch.manual_seed``
+    makes runs repeatable)."""
+    return int(torch.randint(0, 2**30, (), dtype=torch.int64).item())
 
 
 GRAD_ROLE = 1  # every optimizer kernel's ROLES begin ("param", "grad", ...)
@@ -414,9 +461,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults):
         self._generation = _Generation()
+        self._clip = _PendingClip()
+        self._seed = None  # the stochastic-rounding seed, drawn once a group asks for it
         super().__init__(params, {**self._COMMON_DEFAULTS, **defaults})
         self._reset_host_caches()
-        self._seed = random.SystemRandom().randrange(2**30)
 
     def _reset_host_caches(self):
         if not isinstance(self.state, _OptimizerState) or self.state._generation is not self._generation:
@@ -433,8 +481,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         self._generation = getattr(self, "_generation", None) or _Generation()
+        self._clip = getattr(self, "_clip", None) or _PendingClip()
+        self._seed = getattr(self, "_seed", None)
         self._reset_host_caches()
-        self._seed = getattr(self, "_seed", 0)
+
+    def __getstate__(self):
+        # torch's keeps defaults, state and param_groups; the seed goes along, so that a copy's
+        # stochastic rounding continues the original's.
+        return {**super().__getstate__(), "_seed": self._seed}
 
     def add_param_group(self, param_group):
         params = param_group["params"]
@@ -451,6 +505,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}: a parameter group lists the same parameter twice; "
                              "list each parameter once")
         super().add_param_group(param_group)
+        if self.param_groups[-1]["stochastic_rounding"] and self._seed is None:
+            self._seed = _draw_seed()
 
     # -- state ------------------------------------------------------------------------------
 
@@ -501,30 +557,69 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self):
         """As ``torch.optim.Optimizer.state_dict``, with each parameter's state as a plain dict
-        (``torch.load(weights_only=True)`` reads it back); the tensors are the live ones, as torch's."""
+        (``torch.load(weights_only=True)`` reads it back); the tensors are the live ones, as torch's.
+        With stochastic rounding it also holds ``"stochastic_rounding_seed"`` (torch's loader
+        ignores the key), so a resumed run rounds as the original would have."""
         state_dict = super().state_dict()
         state_dict["state"] = {key: dict(value) for key, value in state_dict["state"].items()}
+        if self._seed is not None:
+            state_dict["stochastic_rounding_seed"] = self._seed
         return state_dict
+
+    def _required_state(self, group) -> tuple:
+        """The state keys a parameter's non-empty loaded state must have for ``group``'s options
+        (torch raises ``KeyError`` at the next step without them; gpuopt at the load)."""
+        return needed_roles(self._algorithm, self._options(group))
 
     def load_state_dict(self, state_dict):
         """As ``torch.optim.Optimizer.load_state_dict``, then with gpuopt's placement: ``step`` as
         a float32 tensor on the parameter's device (a Python number too, as older checkpoints hold
         it), states in the group's ``state_dtype`` and the parameter's memory layout, the master
         copy in fp32, each cast from the checkpoint's own values (never through the parameter's
-        lower precision) and copied, never aliased with the checkpoint's tensors. A state whose
-        size does not match its parameter is refused before anything changes."""
+        lower precision) and copied, never aliased with the checkpoint's tensors; a sparse state
+        (torch's SGD momentum of an ``Embedding(sparse=True)``) is made dense.
+
+        The load pre-hooks run first (a hook may edit the state dict or return a new one), and the
+        post-hooks last, on the placed states. Then everything is checked before anything
+        changes: a state whose size does not match its parameter, and a parameter's state that
+        lacks a key the options need (a checkpoint of another optimizer, or with an entry
+        missing), are refused."""
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        for hook in list(pre_hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        name = type(self).__name__
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        loaded_group = {pid: {**self.defaults, **g} for g in state_dict["param_groups"] for pid in g["params"]}
         originals = {pid: dict(s) for pid, s in state_dict["state"].items()}
         for index, (pid, p) in enumerate(zip(ids, params)):
-            for key, value in originals.get(pid, {}).items():
+            state = originals.get(pid, {})
+            for key, value in state.items():
                 if key == "step":
                     if isinstance(value, torch.Tensor) and value.numel() != 1:
                         raise ValueError(f"loaded state 'step' of parameter {index} has {value.numel()} elements")
                 elif isinstance(value, torch.Tensor) and value.shape != p.shape:
                     raise ValueError(f"loaded state '{key}' of parameter {index} has shape {tuple(value.shape)}, "
                                      f"but the parameter has shape {tuple(p.shape)}")
-        super().load_state_dict(state_dict)
+            missing = [key for key in self._required_state(loaded_group[pid]) if state and key not in state]
+            if missing:
+                raise KeyError(f"{name}.load_state_dict: the state of parameter {index} has no "
+                               f"{', '.join(map(repr, missing))} (it has {sorted(state)}); a checkpoint of another "
+                               f"optimizer, or with an entry missing? gpuopt.{name} with these options keeps "
+                               f"{list(self._required_state(loaded_group[pid]))}")
+        for state in originals.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.layout is not torch.strided:
+                    state[key] = value.to_dense()
+        # torch's loader maps the checkpoint onto the parameters; its hooks ran above and run below.
+        self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict({**state_dict, "state": originals})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for pid, p in zip(ids, params):
             if pid not in originals:
@@ -538,7 +633,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     dtype = torch.float32 if key == "master_param" else self._state_dtype(p, group)
                     state[key] = like_param(like_dtensor(value, p).to(p.device), p, dtype)
             self._after_load(state, p, group)
+        if state_dict.get("stochastic_rounding_seed") is not None:
+            self._seed = int(state_dict["stochastic_rounding_seed"])
         self._reset_host_caches()
+        for hook in list(post_hooks.values()):
+            hook(self)
 
     def _after_load(self, state, p, group):
         """A subclass's fix-ups of a loaded state (gpuopt.SGD: a torch buffer has no step)."""
@@ -583,7 +682,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         on the device (as AMP's ``found_inf`` does), where torch would step with NaN gradients."""
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         norm = get_total_norm(grads, norm_type, error_if_nonfinite)
-        self._pending_clip = (float(max_norm), local(norm))
+        self._clip.value = (float(max_norm), local(norm))
         return norm
 
     def _begin_step(self, closure, grad_scale, found_inf):
@@ -597,7 +696,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None) if grad_scale is None else grad_scale
         found_inf = getattr(self, "found_inf", None) if found_inf is None else found_inf
-        clip, self._pending_clip = getattr(self, "_pending_clip", None), None
+        clip = self._clip.value  # (cleared by the step that applies it, once its launches are made)
         if clip is not None:
             max_norm, norm = clip
             divisor = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)  # g / divisor = g · torch's coefficient
@@ -611,20 +710,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         if type(self.state) is not _OptimizerState:  # `opt.state = ...` replaced it
             self._reset_host_caches()
         step_args = {}
-        for index, group in enumerate(self.param_groups):
-            prepared = self._prepared_group(index, group)
+        # Every group is validated before any launches: a group that fails leaves all unchanged.
+        prepared_groups = [self._prepared_group(index, group) for index, group in enumerate(self.param_groups)]
+        for group, prepared in zip(self.param_groups, prepared_groups):
             params, lr = group["params"], group["lr"]
             for plan, has_master, sr, positions in prepared.launches:
                 device = plan.device
                 args = step_args.get(device)
                 if args is None:
                     args = step_args[device] = StepArgs(device, _on(grad_scale, device), _on(found_inf, device),
-                                                        self._seed)
+                                                        self._seed or 0)
                 if prepared.grad_copies is None:  # else the plan points at the copies, made this step
                     plan.point(GRAD_ROLE, prepared.grad(params, positions[0]))
                 prepared.launcher(plan, args, lr=lr, has_master=has_master, stochastic_rounding=sr)
                 plan.release(GRAD_ROLE)
             prepared.grad_copies = None
+        self._clip.value = None
         return loss
 
     # torch's wrapper of a step (profiler range, hooks), used when one is on; Dynamo breaks the graph here.
@@ -659,7 +760,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             values.append(_fingerprint(params, list(map(_GRAD, params))))
             prepared = self._prepared.get(index)
             values.append(prepared and tuple(map(_ADDRESS, prepared.touched)))
-            objects.extend(map(group.get, self._option_names))
+            options = tuple(map(group.get, self._option_names))
+            objects.extend(options)
+            values.append(tuple(map(_by_value, options)))  # (a list edited in place)
             objects.append(group["lr"])
         return tuple(values), tuple(objects)
 
@@ -690,11 +793,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             matched = [matching_layout(g, p) for g, p in zip(densified, local_params)]
             if densified is not grads or any(m is not g for m, g in zip(matched, grads)):
                 copies = matched  # new every step: this preparation is never reused
+            if group["stochastic_rounding"] and self._seed is None:  # (switched on after construction)
+                self._seed = _draw_seed()
             for p in params:
                 state = self.state[p]
                 self._complete_state(state, p, group)  # a DTensor parameter's states are DTensors like it
                 if not sharded:  # (a DTensor's local tensor is laid out by its owner: FSDP2's are contiguous)
                     self._follow_layout(state, p)
+                if not state:  # as torch: no entry for a parameter without state (SGD without momentum)
+                    dict.__delitem__(self.state, p)
             roles = self._roles(group, params, matched)
             if sharded:
                 roles = local_roles(roles)
@@ -716,7 +823,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         return prepared
 
     def _roles(self, group, params, grads) -> dict:
-        states = [self.state[p] for p in params]
+        states = [self.state.get(p, _NO_STATE) for p in params]
         roles = {"param": params, "grad": grads}
         if self._uses_step(group):
             roles["step"] = [s["step"] for s in states]

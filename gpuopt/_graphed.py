@@ -45,8 +45,8 @@ class GraphedStep:
 
     def __call__(self) -> None:
         opt = self.optimizer
-        if getattr(opt, "_pending_clip", None) is not None:
-            opt._pending_clip = None
+        if opt._clip.value is not None:
+            opt._clip.value = None
             raise RuntimeError("graphed_step: opt.clip_grad_norm_ hands the next step a new norm tensor, which a "
                                "graph cannot follow; clip in place with gpuopt.clip_grad_norm_(params, ...) "
                                "before the graphed step")

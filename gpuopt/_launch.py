@@ -28,6 +28,8 @@ constant tail (see ``Launch``).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from . import _host_check
@@ -70,6 +72,7 @@ def _argument_key(args: tuple):
 _kept: dict = {}  # kernel → (names of its constexprs in signature order, {key: launcher})
 _MAX_KEPT = 64  # launchers per kernel; more means some int argument changes every call
 _compiled_launches = not interpreter_enabled()  # the bench's host suite turns this on with stubs
+_interpreter_lock = threading.Lock()  # one interpreted launch at a time, whichever thread makes it
 
 
 def _current_device() -> int:
@@ -87,7 +90,8 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, *
     warps and shared memory (``_runtime.resident_programs``). A grid just over a whole number of
     waves would leave most SMs idle while the last few programs run."""
     if not _compiled_launches:
-        kernel[grid](*args, **constexprs, num_warps=num_warps)
+        with _interpreter_lock:  # Triton's interpreter keeps the running grid's state in globals
+            kernel[grid](*args, **constexprs, num_warps=num_warps)
         return None
     kept = _kept.get(kernel)
     if kept is None:

@@ -9,6 +9,7 @@ e.g. when ``zero_grad(set_to_none=True)`` let the next backward allocate new gra
 from __future__ import annotations
 
 import itertools
+import threading
 
 import numpy as np
 import torch
@@ -166,6 +167,15 @@ class PlanCache:
 
     def clear(self) -> None:
         self._plans.clear()
+
+
+class ThreadPlans(threading.local):
+    """A ``PlanCache`` per thread (``.plans``), for the callers that keep no plans of their own
+    (the functional API, gradient clipping): a plan points at its caller's tensors from
+    ``refresh`` to the launch, so two threads must never share one."""
+
+    def __init__(self):
+        self.plans = PlanCache()
 
 
 def plan_launches(roles: dict, role_names: tuple, plans: PlanCache, key) -> list[tuple[LaunchPlan, list]]:

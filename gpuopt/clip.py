@@ -11,12 +11,12 @@ import warnings
 import torch
 
 from ._distributed import is_dtensor, local, replicated
-from ._multi_tensor import PlanCache, plan_launches
+from ._multi_tensor import ThreadPlans, plan_launches
 from ._runtime import check_kernel_device
 from ._validate import is_dense
 from .kernels import grad_norm as kernels
 
-_PLANS = PlanCache()
+_PLANS = ThreadPlans()
 
 
 def _as_list(tensors) -> list:
@@ -84,7 +84,7 @@ def _local_total(tensors, norm_type: float, kind) -> torch.Tensor:
                for t in tensors if t.numel()]
     accumulate = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     partials = []
-    for plan, _ in plan_launches({"grad": tensors}, ("grad",), _PLANS, "norm"):
+    for plan, _ in plan_launches({"grad": tensors}, ("grad",), _PLANS.plans, "norm"):
         out = torch.zeros(plan.grid[0], dtype=torch.float64 if plan.float64 else torch.float32, device=plan.device)
         kernels.norm_partials(plan, out, norm_type, kind)
         plan.release()  # the plan cache keeps none of the caller's tensors alive

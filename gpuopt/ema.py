@@ -118,6 +118,9 @@ class EMA:
         if len(params) != len(self._averages):
             raise ValueError(f"copy_to got {len(params)} tensors for {len(self._averages)} averages")
         params = [as_tensor(p, f"copy_to's {i}", written=True) if is_array(p) else p for i, p in enumerate(params)]
+        for i, (p, average) in enumerate(zip(params, self._averages)):
+            if p.shape != average.shape:  # (copy_ would broadcast)
+                raise ValueError(f"copy_to: tensor {i} has shape {tuple(p.shape)}, its average {tuple(average.shape)}")
         for p, average in zip(params, self._averages):
             p.copy_(average)
 

@@ -117,12 +117,18 @@ def round_to_bf16(x):
 
 
 @triton.jit
+def rounded_as(value, ptr):
+    """``value`` rounded to the storage dtype of ``ptr`` (to nearest even)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        return round_to_bf16(value)
+    else:
+        return value.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def store_as(ptr, value, mask):
     """Round ``value`` to the storage dtype of ``ptr`` (to nearest even) and store it."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        tl.store(ptr, round_to_bf16(value), mask=mask)
-    else:
-        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr, rounded_as(value, ptr), mask=mask)
 
 
 @triton.jit
@@ -178,9 +184,16 @@ def add_weight_decay(g, w, weight_decay):
 
 @triton.jit
 def load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER: tl.constexpr):
-    """The weight in the compute dtype: the fp32 master copy when there is one, else the parameter."""
+    """The weight in the compute dtype: the fp32 master copy when there is one, else the parameter.
+
+    The master copy follows edits of the parameter made since the last step (``p.data.clamp_()``,
+    ``model.load_state_dict``, EMA weights copied in): an element whose parameter is no longer the
+    master's rounding (as ``store_param`` wrote it) starts again from the parameter's value; the
+    others keep their fp32 digits. This reads the low-precision parameter (2 bytes an element)."""
     if HAS_MASTER:
-        return tl.load(master_ptr + offsets, mask=mask)
+        master = tl.load(master_ptr + offsets, mask=mask)
+        param = tl.load(param_ptr + offsets, mask=mask)
+        return tl.where(param == rounded_as(master, param_ptr), master, param.to(tl.float32))
     else:
         return load_compute(param_ptr + offsets, mask)
 

@@ -60,6 +60,10 @@ def _hyperparameters(*, beta1, beta2, eps, weight_decay, amsgrad, maximize, eps_
     # device one. The update takes β, 1 - β and log β (for 1 - β^t without cancellation) as
     # float64-derived runtime scalars; log 0 = -inf makes 1 - 0^t = 1.
     beta1, beta2 = float(beta1), float(beta2)
+    for index, beta in enumerate((beta1, beta2)):  # (also when set in a param group mid-run)
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta}; gpuopt takes betas in [0, 1), as "
+                             "torch.optim.Adam's constructor does (its bias correction 1 - β^t is computed from log β)")
     log_beta1 = math.log(beta1) if beta1 > 0 else float("-inf")
     log_beta2 = math.log(beta2) if beta2 > 0 else float("-inf")
     return ((beta1, 1.0 - beta1, log_beta1, beta2, 1.0 - beta2, log_beta2, float(eps), float(weight_decay)),

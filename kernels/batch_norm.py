@@ -181,12 +181,29 @@ def _store_partial(ptr, value, width, CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.c
 
 
 @triton.jit
+def _finite(shift):
+    """The statistics' shift, 0 where the channel's first value is not finite (shifting by it
+    would turn every value into inf or NaN)."""
+    return tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
+
+
+@triton.jit
+def _infinite_mean_stays(mean, x):
+    """An infinite running mean is the mean of the values so far, as a sum would make it (torch's
+    mean of a batch with an ``inf`` is ``inf``): it stays while the new value ``x`` is finite or
+    the same infinity; the update's ``mean + (x - mean)/n`` would make it NaN (``inf - inf``). An
+    opposite infinity or a NaN still makes it NaN."""
+    return (tl.abs(mean) == float("inf")) & ((x == mean) | (tl.abs(x) < float("inf")))
+
+
+@triton.jit
 def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
     """Chan et al.'s pairwise combine of two (mean, M2 = Σ(x-mean)², count) summaries."""
     n = n_a + n_b
     w_b = n_b / tl.maximum(n, 1.0)
     delta = mean_b - mean_a
-    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
+    mean = tl.where(_infinite_mean_stays(mean_a, mean_b), mean_a, mean_a + delta * w_b)
+    return mean, m2_a + m2_b + delta * delta * n_a * w_b, n
 
 
 @triton.jit
@@ -233,9 +250,11 @@ def _stats_kernel(x_ptr, stats_ptr, batches_ptr, R, C, S, rows_per_split, cols_p
 
     Every lane keeps its own Welford summary (count, mean, M2) and adds one value per tile::
 
-        n ← n + 1,   δ = x - mean,   mean ← mean + δ/n,   M2 ← M2 + δ (x - mean)
+        n ← n + 1,   δ = x - mean,   mean ← mean (1 - 1/n) + x/n,   M2 ← M2 + δ (x - mean)
 
-    and the lanes are merged at the end (Chan et al.).
+    and the lanes are merged at the end (Chan et al.). The mean is updated as a weighted sum
+    rather than ``mean + δ/n`` (one multiply more): an infinite value then gives an infinite mean
+    as torch's sum does, where ``δ = x - inf`` would make it NaN.
 
     The values are first shifted by the channel's first value (every program of a channel uses the
     same one). Welford then runs on numbers of the size of σ rather than μ: with μ = 1e4 and σ = 1
@@ -250,12 +269,12 @@ def _stats_kernel(x_ptr, stats_ptr, batches_ptr, R, C, S, rows_per_split, cols_p
                                                                 CHANNELS_LAST, BLOCK_K)
     if CHANNELS_LAST:  # row 0, the first column of each column's channel
         columns = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-        shift = tl.load(x_ptr + columns // S * S, mask=columns < C * S, other=0.0).to(ACC)
+        shift = _finite(tl.load(x_ptr + columns // S * S, mask=columns < C * S, other=0.0).to(ACC))
         if tl.program_id(1) == 0:  # (stored now: nothing of it stays live through the loops)
             tl.store(stats_ptr + SHIFT * C + columns // S, shift, mask=(columns < C * S) & (columns % S == 0))
         tile_shift = shift[None, :]
     else:
-        shift = tl.load(x_ptr + col_base).to(ACC)  # row 0, column 0 of channel c
+        shift = _finite(tl.load(x_ptr + col_base).to(ACC))  # row 0, column 0 of channel c
         if tl.program_id(1) == 0:
             tl.store(stats_ptr + SHIFT * C + tl.program_id(0), shift)
         tile_shift = shift
@@ -272,7 +291,7 @@ def _stats_kernel(x_ptr, stats_ptr, batches_ptr, R, C, S, rows_per_split, cols_p
             x = tl.load(x_ptr + offsets).to(ACC) - tile_shift
             n_full += 1.0
             delta = x - mean
-            mean += delta * (1.0 / n_full)
+            mean = mean * (1.0 - 1.0 / n_full) + x * (1.0 / n_full)  # (mean + δ/n, and inf where a sum is)
             m2 += delta * (x - mean)
     # Folded to this program's per-channel values before the edge tiles, so that the edge loop
     # does not carry the full tiles' summary in registers.
