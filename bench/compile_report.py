@@ -359,6 +359,7 @@ def waves_tables(compiled_rows: list[dict], suite: list, figures_of) -> list[str
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--only", default="", help="compile only the kernels whose name contains this")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "records.json")
@@ -374,6 +375,10 @@ def main():
     records = list({json.dumps(r, sort_keys=True, default=str): r
                     for r in records + [r for _, _, combines in suite for r in combines]}.values())
     # Each distinct signature compiled once, in parallel (forked workers: compiling is CPU-bound).
+    if args.only:
+        records = [r for r in records if args.only in r["kernel"]]
+        suite = [(shape, [r for r in rs if args.only in r["kernel"]], [r for r in cs if args.only in r["kernel"]])
+                 for shape, rs, cs in suite]
     jobs = {}
     for r in records + [r for _, rs, _ in suite for r in rs]:
         jobs.setdefault(json.dumps(r, sort_keys=True, default=str), r)
@@ -393,7 +398,7 @@ def main():
         rows.append(f)
         print(f"{f['shown']:26s} {f['flags']:80s} {f['regs']!s:>4s} {f['spills']!s:>5s} {f['loads']:>14s}"
               f" {f['stores']:>14s} {f['per_element']:7.1f} {f['barriers']:4d} {f['resident']:6d} {f['loop_spills']:9d}")
-    if not failures:
+    if not failures and not args.only:
         print()
         print("\n".join(waves_tables(rows, suite, figures_of)))
     print(f"{len(jobs)} launch signatures compiled for sm_{args.arch}, {len(failures)} failed")

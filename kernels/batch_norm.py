@@ -252,9 +252,10 @@ def _stats_kernel(x_ptr, stats_ptr, batches_ptr, R, C, S, rows_per_split, cols_p
 
         n ← n + 1,   δ = x - mean,   mean ← mean (1 - 1/n) + x/n,   M2 ← M2 + δ (x - mean)
 
-    and the lanes are merged at the end (Chan et al.). The mean is updated as a weighted sum
-    rather than ``mean + δ/n`` (one multiply more): an infinite value then gives an infinite mean
-    as torch's sum does, where ``δ = x - inf`` would make it NaN.
+    and the lanes are merged at the end (Chan et al.). The mean is updated as the weighted sum
+    ``mean (1 - 1/n) + x/n`` rather than ``mean + δ/n`` (one multiply more an element): an
+    infinite value then makes the mean infinite, as torch's sum does, where ``δ = x - inf`` would
+    make it NaN.
 
     The values are first shifted by the channel's first value (every program of a channel uses the
     same one). Welford then runs on numbers of the size of σ rather than μ: with μ = 1e4 and σ = 1
@@ -291,7 +292,7 @@ def _stats_kernel(x_ptr, stats_ptr, batches_ptr, R, C, S, rows_per_split, cols_p
             x = tl.load(x_ptr + offsets).to(ACC) - tile_shift
             n_full += 1.0
             delta = x - mean
-            mean = mean * (1.0 - 1.0 / n_full) + x * (1.0 / n_full)  # (mean + δ/n, and inf where a sum is)
+            mean = mean * (1.0 - 1.0 / n_full) + x * (1.0 / n_full)  # (mean + δ/n; inf where a sum is inf)
             m2 += delta * (x - mean)
     # Folded to this program's per-channel values before the edge tiles, so that the edge loop
     # does not carry the full tiles' summary in registers.

@@ -49,8 +49,9 @@ def test_every_kernel_compiles_for_sm90_with_vector_accesses():
         # iteration, a layout conversion for the master's store: see RUN in gpuopt/_launch.py.)
         if "_combine" not in row[0]:
             assert barriers == "0", f"a barrier in the data loop: {' '.join(row)}"
-        if row[0].startswith("_stats_kernel"):  # one scalar count per full tile, no mask: ~70 per 8 elements
-            limit = 14.0 if row[1].startswith("FP64") else 10.5
+        if row[0].startswith("_stats_kernel"):  # one scalar count per full tile, no mask: ~80 per 8 elements
+            # (the mean as a weighted sum, so an inf stays inf as in torch: one multiply more an element)
+            limit = 14.5 if row[1].startswith("FP64") else 11.5
             assert float(per_element) <= limit, f"statistics loop: {' '.join(row)}"
     assert {"_adam_update", "_stats_kernel", "_normalize_kernel", "_backward_input_kernel", "_adam_update_f64",
             "_normalize_f64_kernel"} <= kernels_seen

@@ -254,12 +254,17 @@ def test_checkpoint_of_another_optimizer_class_is_refused_whole():
     assert opt.param_groups[0]["betas"] == (0.9, 0.999)
 
 
-def test_checkpoint_missing_one_moment_is_refused():
+def _adam_after_one_step():
+    """(parameter, its Adam, a copy of the Adam's state_dict)."""
     p = torch.nn.Parameter(torch.ones(4, device=DEVICE))
     opt = gpuopt.Adam([p], lr=0.1)
     p.grad = torch.ones(4, device=DEVICE)
     opt.step()
-    sd = copy.deepcopy(opt.state_dict())
+    return p, opt, copy.deepcopy(opt.state_dict())
+
+
+def test_checkpoint_missing_one_moment_is_refused():
+    p, opt, sd = _adam_after_one_step()
     del sd["state"][0]["exp_avg_sq"]
     with pytest.raises(KeyError, match="exp_avg_sq"):
         opt.load_state_dict(sd)
@@ -281,11 +286,7 @@ def test_ema_copy_to_refuses_other_shapes():
 
 
 def test_load_state_dict_pre_hook_that_rewrites_the_state_is_honoured():
-    p = torch.nn.Parameter(torch.ones(4, device=DEVICE))
-    opt = gpuopt.Adam([p], lr=0.1)
-    p.grad = torch.ones(4, device=DEVICE)
-    opt.step()
-    sd = copy.deepcopy(opt.state_dict())
+    p, opt, sd = _adam_after_one_step()
 
     def replace(optimizer, state_dict):
         new = copy.deepcopy(state_dict)
