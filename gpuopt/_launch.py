@@ -199,7 +199,9 @@ def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_
            (*plan.schedule_args(), *bases, *(bases[0],) * (walk.MAX_ROLES - n_roles), plan.counter, lr, lr_ptr,
             *hyperparameters, *(0.0,) * (walk.MAX_HYPER - n_hyper), grad_scale, found_inf, seed),
            dict(UPDATE=algorithm.update, PER_TENSOR=algorithm.per_tensor or walk.step_only, FLAGS=flags,
-                N_ROLES=n_roles, N_HYPER=n_hyper, HAS_STEP=has_step, LR_ON_DEVICE=lr_ptr is not None,
+                N_ROLES=n_roles, N_HYPER=n_hyper, HAS_STEP=has_step,
+                COUNT_LAUNCHES=getattr(flags, "stochastic_rounding", False) and not has_step,
+                LR_ON_DEVICE=lr_ptr is not None,
                 HAS_FOUND_INF=found_inf is not None, ALIGNED=plan.aligned, BLOCK=plan.block,
                 RUN=4 if getattr(flags, "has_master", False) else 0),
            plan.num_warps, persistent=True)

@@ -76,8 +76,9 @@ class LaunchPlan:
         else:
             programs = INTERPRETER_PROGRAMS
         self.grid = (min(self.n_blocks, programs),)
-        # Arrival counter for kernels whose last program finishes the step (advance_steps).
-        self.counter = torch.zeros(1, dtype=torch.int32, device=self.device)
+        # Arrival counter for kernels whose last program finishes the step (advance_steps,
+        # count_launch), and the count of stochastically rounded step-less launches.
+        self.counter = torch.zeros(2, dtype=torch.int32, device=self.device)
         self._addresses = None
         self.refresh(roles)
 

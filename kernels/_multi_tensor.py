@@ -242,6 +242,17 @@ def advance_steps(counter_ptr, step_base_ptr, offsets_ptr, STEP_ROLE: tl.constex
         tl.store(counter_ptr, 0)
 
 
+@triton.jit
+def count_launch(counter_ptr):
+    """Add 1 to the launch count (``counter[1]``) once all programs have read it: the epoch of a
+    step-less algorithm's stochastic rounding, kept on the device so that a CUDA-graph replay
+    advances it too. Arrivals are counted as in ``advance_steps``."""
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if arrived == tl.num_programs(0) - 1:
+        tl.store(counter_ptr + 1, tl.load(counter_ptr + 1) + 1)
+        tl.store(counter_ptr, 0)
+
+
 # ---------------------------------------------------------------------- the shared walk -----
 
 # Role bases and hyperparameters are fixed numbers of named arguments rather than tuples: a
@@ -328,8 +339,9 @@ def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_bl
                  hyper_0, hyper_1, hyper_2, hyper_3, hyper_4, hyper_5, hyper_6, hyper_7,
                  grad_scale_ptr, found_inf_ptr, seed,
                  UPDATE: tl.constexpr, PER_TENSOR: tl.constexpr, FLAGS: tl.constexpr, N_ROLES: tl.constexpr,
-                 N_HYPER: tl.constexpr, HAS_STEP: tl.constexpr, LR_ON_DEVICE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr, RUN: tl.constexpr):
+                 N_HYPER: tl.constexpr, HAS_STEP: tl.constexpr, COUNT_LAUNCHES: tl.constexpr,
+                 LR_ON_DEVICE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                 RUN: tl.constexpr):
     """One update of every tensor of a launch group: ``UPDATE`` on each block of the schedule (a
     full block unmasked, a tensor's last block masked), each tensor's ``step`` advanced once all
     programs have read it (``advance_steps``), nothing written when AMP's ``found_inf`` is set."""
@@ -340,6 +352,10 @@ def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_bl
     for k in tl.static_range(N_HYPER):
         hyper_values = hyper_values + (hyper(slots[k], base_0),)
     skipped = step_is_skipped(found_inf_ptr, HAS_FOUND_INF)
+    if COUNT_LAUNCHES:  # stochastic rounding without a step: the noise's epoch is the launch count
+        epoch = tl.load(counter_ptr + 1)
+    else:
+        epoch = 0
     if not skipped:
         for i in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
             t, offsets, full, numel = schedule_entry(i, block_tensor_ptr, block_start_ptr, numel_ptr, BLOCK)
@@ -352,7 +368,7 @@ def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_bl
                 step = tl.zeros([], lr.dtype)
             scalars = PER_TENSOR(step, lr, hyper_values, FLAGS)
             ptrs = _role_pointers(bases, offsets_ptr, t, n_tensors, N_ROLES, ALIGNED)
-            tensor_seed = seed + t * 7919 + step.to(tl.int32) * 104729  # fresh noise per tensor and step
+            tensor_seed = seed + t * 7919 + (step.to(tl.int32) + epoch) * 104729  # fresh per tensor and step
             if full:
                 UPDATE(ptrs, offsets, None, scalars, lr, hyper_values, grad_scale_ptr, tensor_seed, FLAGS)
             else:
@@ -360,6 +376,8 @@ def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_bl
                        FLAGS)
     if HAS_STEP:
         advance_steps(counter_ptr, base_2, offsets_ptr, STEP_ROLE, n_tensors, skipped, BLOCK)
+    elif COUNT_LAUNCHES:
+        count_launch(counter_ptr)
 
 
 _step_f64_kernel = float64_variant(_step_kernel, ("lr",) + tuple(f"hyper_{k}" for k in range(MAX_HYPER)))
