@@ -440,7 +440,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         master_weights: keep an fp32 copy of every low-precision parameter (``state["master_param"]``);
             the kernel updates the copy and writes the rounded value to the parameter in one pass.
         stochastic_rounding: round bf16 parameters stochastically (unbiased) when there is no
-            master copy.
+            master copy; fresh noise every step, from a seed drawn once from torch's default
+            generator and kept in ``state_dict()["stochastic_rounding_seed"]``.
+
+    With ``master_weights``, the master copy follows edits of its parameter: an element the
+    parameter no longer rounds the master to (``p.data.clamp_()``, ``model.load_state_dict``)
+    restarts from the parameter's value at the next step (``kernels._multi_tensor.load_param``).
     """
 
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf; no host sync
