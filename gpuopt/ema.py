@@ -7,7 +7,7 @@ import torch
 from . import _launch
 from ._arrays import as_array, as_tensor, caller_stream, is_array, kind_of
 from ._distributed import any_dtensor, like_dtensor, local
-from ._fused import prepare_launches
+from ._step import prepare_launches
 from ._multi_tensor import PlanCache
 from ._runtime import check_kernel_device
 from ._validate import follow_layout

@@ -5,14 +5,14 @@
 
 Each program walks blocks of the multi-tensor schedule grid-stride (``kernels/_multi_tensor.py``)
 and writes one partial — Σ|g|^p, or max|g|, of the blocks it saw — accumulated in fp32 (fp64 for
-fp64 gradients); the host folds the partials with one torch reduction (and, for sharded
-gradients, one all-reduce). Bytes per element: the gradient, read once.
+fp64 gradients); the host (``gpuopt.clip``) launches it, ``plan.grid[0]`` zeros of partials (a GPU
+runs fewer programs, one wave, and leaves the rest 0), and folds them with one torch reduction
+(and, for sharded gradients, one all-reduce). Bytes per element: the gradient, read once.
 """
 
 import triton
 import triton.language as tl
 
-from .. import _launch
 from ._multi_tensor import load_compute, schedule_entry, tensor_ptr
 
 # What the partials hold: Σ|g|², Σ|g|, Σ|g|^p, max|g|.
@@ -26,7 +26,7 @@ def _nan_maximum(a, b):
 
 
 @triton.jit
-def _norm_partials_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_blocks, n_tensors, grad_ptr,
+def norm_partials_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_blocks, n_tensors, grad_ptr,
                           partials_ptr, power, KIND: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """``partials[program] = Σ f(|g|)`` (or ``max |g|``) over the blocks this program walks, with
     f = x², x, x^power for ``KIND`` SQUARES, ABSOLUTES, POWERS. A NaN anywhere makes the partial
@@ -52,11 +52,3 @@ def _norm_partials_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_
         tl.store(partials_ptr + tl.program_id(0), tl.reduce(total, 0, _nan_maximum))
     else:
         tl.store(partials_ptr + tl.program_id(0), tl.sum(total, 0))
-
-
-def norm_partials(plan, partials, power: float, kind: int) -> None:
-    """One launch over ``plan``'s tensors (one role: the gradients) writing one partial per
-    program into ``partials`` (``plan.grid[0]`` zeros, fp32 or fp64 for fp64 gradients; a GPU
-    runs fewer programs, one wave, and leaves the rest 0)."""
-    _launch.launch(_norm_partials_kernel, plan.grid, (*plan.schedule_args(), plan.bases()[0], partials, float(power)),
-                   dict(KIND=kind, ALIGNED=plan.aligned, BLOCK=plan.block), plan.num_warps, persistent=True)

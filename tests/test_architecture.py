@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 import gpuopt
+import gpuopt._step
 from gpuopt._fused import FusedOptimizer
 from gpuopt.kernels import _multi_tensor as walk
 from gpuopt.kernels._multi_tensor import Algorithm, load_grad, load_param, step_flags, store_param
@@ -95,7 +96,7 @@ def test_sign_sgd_is_validated_like_the_others(device):
     p = torch.randn(6, device=device)
     before = p.clone()
     with pytest.raises(RuntimeError, match=r"SignSGD: gradient shape \(5,\) does not match parameter shape \(6,\)"):
-        gpuopt._fused.run_functional("SignSGD", SIGN_SGD, dict(param=[p], grad=[torch.ones(5, device=device)]),
+        gpuopt._step.run_functional("SignSGD", SIGN_SGD, dict(param=[p], grad=[torch.ones(5, device=device)]),
                                      dict(weight_decay=0.0, maximize=False), lr=0.1, grad_scale=None,
                                      found_inf=None, seed=0, stochastic_rounding=False)
     assert torch.equal(p, before)

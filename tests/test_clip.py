@@ -37,7 +37,7 @@ def test_total_norm_and_clipped_gradients_match_the_oracle_and_torch(device, dty
     params = params_with_grads(device, dtype)
     grads = [p.grad.clone() for p in params]
     expected = oracle_norm(grads, norm_type)
-    with count_launches(gpuopt.kernels.grad_norm, "_norm_partials_kernel") as launches:
+    with count_launches(gpuopt.kernels.grad_norm, "norm_partials_kernel") as launches:
         norm = gpuopt.clip_grad_norm_(params, max_norm=1.0, norm_type=norm_type)
     assert launches["launches"] == 1  # every tensor of one dtype: one launch
     assert norm.dtype == dtype and norm.device == params[0].device and norm.dim() == 0
@@ -62,7 +62,7 @@ def test_mixed_dtypes_strided_and_misaligned_gradients(device):
              storage[1:301].view(torch.float32),                     # an offset of one element: fine
              torch.randn(17, device=device, dtype=torch.bfloat16),
              torch.randn(5, device=device, dtype=torch.float64)]
-    with count_launches(gpuopt.kernels.grad_norm, "_norm_partials_kernel") as launches:
+    with count_launches(gpuopt.kernels.grad_norm, "norm_partials_kernel") as launches:
         norm = gpuopt.get_total_norm(grads)
     assert launches["launches"] == 3
     assert norm.dtype == torch.float64
