@@ -470,15 +470,15 @@ def test_steady_state_step_launches_without_revalidating(device, monkeypatch, ho
     """Nothing changed → no validation, one launch; gradients alone moved → their table row is
     rewritten without a full validation; a gradient in another layout or dtype, a new parameter
     address, a gradient that vanished → validated again. Results match a fresh optimizer's."""
-    import gpuopt._fused as fused
+    import gpuopt._step as plain_path  # (where every validation of a step's tensors is made)
 
     shapes = [(7,), (3, 5), (2, 3, 4, 5)]
     params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt, ref = gpuopt.Adam(params, lr=0.1), torch.optim.Adam(twins, lr=0.1)
     checks = []
-    original = fused.check_roles
-    monkeypatch.setattr(fused, "check_roles", lambda *a: (checks.append(1), original(*a))[1])
+    original = plain_path.check_roles
+    monkeypatch.setattr(plain_path, "check_roles", lambda *a: (checks.append(1), original(*a))[1])
 
     def step(make_grad=torch.randn_like):
         for p, t in zip(params, twins):
