@@ -16,7 +16,7 @@ import inspect
 import torch
 
 from ._distributed import any_dtensor
-from ._step import run_functional
+from ._step import needed_roles, run_functional
 from .kernels._multi_tensor import MAX_ROLES  # the operator has one list argument per role slot
 
 _ALGORITHMS: dict = {}  # key → (the optimizer's name, its Algorithm)
@@ -100,7 +100,7 @@ def _traceable(opt, group) -> bool:
         return False  # (a DTensor's step runs eagerly: the operator takes plain tensors)
     if group["stochastic_rounding"] and opt._seed is None:
         return False  # (the eager step draws it)
-    needed = opt._state_roles(group) + (("step",) if opt._uses_step(group) else ())
+    needed = needed_roles(opt._algorithm, options)
     for p in group["params"]:
         if p.grad is None:
             continue
