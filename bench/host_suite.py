@@ -201,11 +201,7 @@ def interleaved(measure: dict, rounds: int) -> dict:
 
 
 def run(quick: bool = False, log=print) -> list[dict]:
-    from gpuopt import _host_check
-
     steps, rounds = (50, 1) if quick else (200, 5)
-    _host_check.wait()  # the fast path's compiled check (built once, in the background on a first step)
-    log(f"  gpuopt's compiled fast-path check: {_host_check.status()}")
     rows = []
     with stubbed_launches():
         for case, shapes in _shape_lists():
@@ -235,11 +231,8 @@ def run(quick: bool = False, log=print) -> list[dict]:
 
 
 def print_host_table(rows: list[dict]) -> None:
-    from gpuopt import _host_check
-
     print(f"\nHost µs per step, launches stubbed ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}; "
-          f"gpuopt's compiled check: {_host_check.status()})")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()})")
     print(f"{'case':28} {'op':18} {'grads':6} {'gpuopt':>9} {'reference':>10} {'ratio':>6}  reference")
     for r in rows:
         print(f"{r['case']:28} {r['op']:18} {r['grads']:6} {r['gpuopt_us']:9.1f} {r['torch_us']:10.1f} "

@@ -45,12 +45,8 @@ def main(argv=None):
         host_suite.print_host_table(rows)
         return rows
 
-    from gpuopt import _host_check
-
     gpu = torch.cuda.is_available()
-    _host_check.wait()  # eager rows with the compiled fast-path check (built once per machine, ~45 s)
     info = environment(gpu)
-    info["host_check"] = _host_check.status().split(":")[0]
     timer = Timer(gpu, args.quick)
     copy_gbps = copy_bandwidth_gbps(timer, gpu)
     info["copy_GBps"] = round(copy_gbps, 1)

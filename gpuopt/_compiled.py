@@ -38,26 +38,28 @@ def option_names(algorithm) -> tuple:
 
 
 @torch.library.custom_op("gpuopt::multi_tensor_step",
-                         mutates_args=("role_0", "role_2", "role_3", "role_4", "role_5", "role_6"))
+                         mutates_args=("role_0", "role_2", "role_3", "role_4", "role_5", "role_6", "epoch"))
 def multi_tensor_step(role_0: list[torch.Tensor], role_1: list[torch.Tensor], role_2: list[torch.Tensor],
                       role_3: list[torch.Tensor], role_4: list[torch.Tensor], role_5: list[torch.Tensor],
                       role_6: list[torch.Tensor], algorithm: str, options: list[int | float | bool], lr: float,
                       lr_tensor: torch.Tensor | None, grad_scale: torch.Tensor | None,
-                      found_inf: torch.Tensor | None, seed: int, stochastic_rounding: bool) -> None:
+                      found_inf: torch.Tensor | None, seed: int, epoch: torch.Tensor | None,
+                      stochastic_rounding: bool) -> None:
     """One step of the registered ``algorithm`` over the tensors of one param group: ``role_k``
     holds the tensors of the algorithm's role ``k`` (``role_1``, the gradients, is read only), an
-    empty list for a role the options leave out."""
+    empty list for a role the options leave out; ``epoch``, the optimizer's stochastic-rounding
+    epoch on the parameters' device (advanced)."""
     name, spec = _ALGORITHMS[algorithm]
     slots = (role_0, role_1, role_2, role_3, role_4, role_5, role_6)
     roles = {role: list(slots[k]) if slots[k] else None for k, role in enumerate(spec.roles)}
     _run_functional_eagerly(name, spec, roles, dict(zip(option_names(spec), options)),
                             lr=lr if lr_tensor is None else lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-                            seed=seed, stochastic_rounding=stochastic_rounding)
+                            seed=seed, epoch=epoch, stochastic_rounding=stochastic_rounding)
 
 
 @multi_tensor_step.register_fake
 def _multi_tensor_step_fake(role_0, role_1, role_2, role_3, role_4, role_5, role_6, algorithm, options, lr,
-                            lr_tensor, grad_scale, found_inf, seed, stochastic_rounding):
+                            lr_tensor, grad_scale, found_inf, seed, epoch, stochastic_rounding):
     return None
 
 
@@ -86,10 +88,11 @@ def traced_step(opt, closure=None, *, grad_scale=None, found_inf=None):
         options = opt._options(group)
         lr = group["lr"]
         on_device = isinstance(lr, torch.Tensor)
+        rounded = bool(group["stochastic_rounding"])
         torch.ops.gpuopt.multi_tensor_step(
             *slots, opt._compiled_key, [options[name] for name in opt._compiled_options],
             0.0 if on_device else float(lr), lr if on_device else None, grad_scale, found_inf, opt._seed or 0,
-            bool(group["stochastic_rounding"]))
+            opt._epoch(params[0].device) if rounded else None, rounded)
     opt._clip.value = None
     return loss
 
@@ -98,8 +101,8 @@ def _traceable(opt, group) -> bool:
     options = opt._options(group)
     if any(isinstance(value, torch.Tensor) for value in options.values()) or any_dtensor(group["params"]):
         return False  # (a DTensor's step runs eagerly: the operator takes plain tensors)
-    if group["stochastic_rounding"] and opt._seed is None:
-        return False  # (the eager step draws it)
+    if group["stochastic_rounding"] and (opt._seed is None or any(p.device not in opt._epochs for p in group["params"])):
+        return False  # (the eager step draws the seed and makes the epoch)
     needed = needed_roles(opt._algorithm, options)
     for p in group["params"]:
         if p.grad is None:

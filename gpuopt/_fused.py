@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from . import _compiled, _host_check
+from . import _compiled
 from ._distributed import any_dtensor, check_sharded_pairs, is_dtensor, like_dtensor, local, local_roles
 from ._multi_tensor import PlanCache
 from ._step import StepArgs, dense_grads, needed_roles, on_device, prepare_launches, step_launcher
@@ -144,11 +144,6 @@ class _PreparedGroup:
     through ``.data`` (which bumps no generation). Of the gradients it keeps their addresses and
     a layout check (``_validate.layout_check``: sizes, strides, dtypes, devices, no reference).
 
-    The check runs in one C++ call when the compiled form is loaded (``_host_check``; its
-    arguments in ``compiled``) and the group is plain (no DTensors, parameters of the exact
-    types ``torch.Tensor`` / ``nn.Parameter``, whose ``.grad`` C++ reads as Python would);
-    otherwise in Python, the same comparisons.
-
     A gradient's address alone is not enough: after ``zero_grad(set_to_none=True)`` the
     allocator may hand the next gradient the same address, and a gradient assigned by hand may be
     a view there with other strides (``p.grad = g.t()``, or an expanded tensor whose storage is
@@ -167,8 +162,6 @@ class _PreparedGroup:
     options: tuple | None = None  # the group's options the launcher was made from (None: remake every step)
     launcher: object = None  # launch(plan, step_args, lr=, has_master=, stochastic_rounding=)
     sharded: bool = False  # DTensor parameters: the addresses and launches are of their local tensors
-    plain: bool = False  # the compiled check applies (see above)
-    compiled: tuple | None = None  # its arguments: touched addresses, gradients' layouts, addresses, scratch
 
     def same_tensors(self, params) -> bool:
         """The fast path's check: the same parameters, every parameter and state where it was
@@ -177,18 +170,6 @@ class _PreparedGroup:
         elsewhere with it (``move_grads``)."""
         if self.grad_addresses is None:
             return False
-        if self.compiled is not None:
-            touched_addresses, grad_record, grad_addresses, now = self.compiled
-            answer = _host_check.module().check(params, self.params, self.touched, touched_addresses, grad_record,
-                                                grad_addresses, now)
-            if answer == _host_check.HIT:
-                return True
-            if answer == _host_check.MOVED and self.movable and self.move_grads(now):
-                grad_addresses[:] = now
-                return True
-            return False
-        if self.plain and _host_check.module() is not None:
-            return False  # the compiled check has just become ready: validate once more to set it up
         if (len(params) != len(self.params) or not all(map(operator.is_, params, self.params))
                 or tuple(map(_ADDRESS, self.touched)) != self.touched_addresses):
             return False
@@ -241,21 +222,6 @@ class _PreparedGroup:
         for plan, mine, aligned in moves:
             plan.move_role(GRAD_ROLE, mine, aligned)
         return True
-
-
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def _compiled_check(prepared: _PreparedGroup, grads: list) -> tuple | None:
-    """``_PreparedGroup.compiled`` for a plain group validated with ``grads`` (None where a
-    parameter has none), once the compiled check is loaded (its build starts here, in the
-    background: until then the check runs in Python)."""
-    _host_check.start()
-    host = _host_check.module()
-    if host is None:
-        return None
-    return (np.array(prepared.touched_addresses, dtype=np.int64), host.layout_record(grads),
-            np.array(prepared.grad_addresses, dtype=np.int64), np.empty(len(grads), dtype=np.int64))
 
 
 def _mutable(value) -> bool:
@@ -316,8 +282,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         master_weights: keep an fp32 copy of every low-precision parameter (``state["master_param"]``);
             the kernel updates the copy and writes the rounded value to the parameter in one pass.
         stochastic_rounding: round bf16 parameters stochastically (unbiased) when there is no
-            master copy; fresh noise every step, from a seed drawn once from torch's default
-            generator and kept in ``state_dict()["stochastic_rounding_seed"]``.
+            master copy; fresh noise every step (an epoch on the device, advanced by every
+            rounded launch: ``_epoch``), from a seed drawn once from torch's default generator,
+            both kept in ``state_dict()``.
 
     With ``master_weights``, the master copy follows edits of its parameter: an element the
     parameter no longer rounds the master to (``p.data.clamp_()``, ``model.load_state_dict``)
@@ -344,6 +311,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._generation = _Generation()
         self._clip = _PendingClip()
         self._seed = None  # the stochastic-rounding seed, drawn once a group asks for it
+        self._epochs = {}  # device → the stochastic-rounding epoch there (see _epoch)
+        self._first_epoch = 0  # where a new epoch counter starts (a loaded state dict's count)
         super().__init__(params, {**self._COMMON_DEFAULTS, **defaults})
         self._reset_host_caches()
 
@@ -364,12 +333,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._generation = getattr(self, "_generation", None) or _Generation()
         self._clip = getattr(self, "_clip", None) or _PendingClip()
         self._seed = getattr(self, "_seed", None)
+        self._epochs = getattr(self, "_epochs", None) or {}
+        self._first_epoch = getattr(self, "_first_epoch", 0)
         self._reset_host_caches()
 
     def __getstate__(self):
-        # torch's keeps defaults, state and param_groups; the seed goes along, so that a copy's
-        # stochastic rounding continues the original's.
-        return {**super().__getstate__(), "_seed": self._seed}
+        # torch's keeps defaults, state and param_groups; the seed and epochs go along, so that a
+        # copy's stochastic rounding continues the original's.
+        return {**super().__getstate__(), "_seed": self._seed, "_epochs": self._epochs,
+                "_first_epoch": self._first_epoch}
 
     def add_param_group(self, param_group):
         params = param_group["params"]
@@ -439,12 +411,15 @@ class FusedOptimizer(torch.optim.Optimizer):
     def state_dict(self):
         """As ``torch.optim.Optimizer.state_dict``, with each parameter's state as a plain dict
         (``torch.load(weights_only=True)`` reads it back); the tensors are the live ones, as torch's.
-        With stochastic rounding it also holds ``"stochastic_rounding_seed"`` (torch's loader
-        ignores the key), so a resumed run rounds as the original would have."""
+        With stochastic rounding it also holds ``"stochastic_rounding_seed"`` and
+        ``"stochastic_rounding_epoch"`` (the launch count, read from the device; torch's loader
+        ignores both keys), so a resumed run rounds as the original would have."""
         state_dict = super().state_dict()
         state_dict["state"] = {key: dict(value) for key, value in state_dict["state"].items()}
         if self._seed is not None:
             state_dict["stochastic_rounding_seed"] = self._seed
+            state_dict["stochastic_rounding_epoch"] = max([int(e.item()) for e in self._epochs.values()],
+                                                          default=self._first_epoch)
         return state_dict
 
     def _required_state(self, group) -> tuple:
@@ -516,6 +491,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._after_load(state, p, group)
         if state_dict.get("stochastic_rounding_seed") is not None:
             self._seed = int(state_dict["stochastic_rounding_seed"])
+            self._first_epoch = int(state_dict.get("stochastic_rounding_epoch", 0))
+            self._epochs = {}
         self._reset_host_caches()
         for hook in list(post_hooks.values()):
             hook(self)
@@ -600,7 +577,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 args = step_args.get(device)
                 if args is None:
                     args = step_args[device] = StepArgs(device, on_device(grad_scale, device),
-                                                        on_device(found_inf, device), self._seed or 0)
+                                                        on_device(found_inf, device), self._seed or 0,
+                                                        None if self._seed is None else self._epoch(device))
                 if prepared.grad_copies is None:  # else the plan points at the copies, made this step
                     plan.point(GRAD_ROLE, prepared.grad(params, positions[0]))
                 prepared.launcher(plan, args, lr=lr, has_master=has_master, stochastic_rounding=sr)
@@ -608,6 +586,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             prepared.grad_copies = None
         self._clip.value = None
         return loss
+
+    def _epoch(self, device) -> torch.Tensor:
+        """The stochastic-rounding epoch on ``device``: an int32 device tensor every rounded launch
+        there reads into its noise and advances (``kernels._multi_tensor.finish_launch``), kept
+        here rather than in a launch plan so that a new plan does not restart it."""
+        epoch = self._epochs.get(device)
+        if epoch is None:
+            epoch = self._epochs[device] = torch.full((1,), self._first_epoch, dtype=torch.int32, device=device)
+        return epoch
 
     # torch's wrapper of a step (profiler range, hooks), used when one is on; Dynamo breaks the graph here.
     _hooked_step = torch.compiler.disable(torch.optim.Optimizer.profile_hook_step(_step))
@@ -656,7 +643,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _prepare(self, index, group, params, grads, options) -> _PreparedGroup:
         """The slow path: validate the group's tensors, make missing states, and plan its launches."""
         name = type(self).__name__
-        group_params, grads_given = tuple(params), grads
+        group_params = tuple(params)
         sharded = any_dtensor(params)
         if sharded:  # DTensors (FSDP2, tensor parallel): each rank updates its local shards
             check_sharded_pairs(name, params, grads)
@@ -690,16 +677,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                         for plan, has_master, sr, positions in prepare_launches(
                             name, roles, self._algorithm.roles, self._plans, index, group["stochastic_rounding"])]
             touched = tuple(t for role, tensors in roles.items() if role != "grad" for t in tensors)
-        reusable = copies is None and all(type(a) is int for a in addresses)  # (no sparse gradient)
-        prepared = _PreparedGroup(group_params, addresses if reusable else None,
-                                  layout_check(present) if reusable else None,
+        grad_layout = layout_check(present) if copies is None and all(type(a) is int for a in addresses) else None
+        reusable = grad_layout is not None  # (not with copied or sparse gradients, nor without a layout check)
+        prepared = _PreparedGroup(group_params, addresses if reusable else None, grad_layout,
                                   self._generation.value, self._structure(group), launches,
                                   every_grad and bool(launches), touched, tuple(map(_ADDRESS, touched)), copies)
         prepared.set_options(options, self._launcher(group))
         prepared.sharded = sharded
-        prepared.plain = reusable and not sharded and all(type(p) in _PLAIN_TYPES for p in group_params)
-        if prepared.plain:
-            prepared.compiled = _compiled_check(prepared, grads_given)
         self._prepared[index] = prepared
         return prepared
 

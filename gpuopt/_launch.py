@@ -32,41 +32,14 @@ import threading
 
 import torch
 
-from . import _host_check
 from ._runtime import interpreter_enabled, multiprocessor, resident_programs
 
-def _make_keyer(kinds: tuple):
-    """A function of a launch's arguments (whose classes are ``kinds``) returning what Triton may
-    specialise them on: each tensor's dtype and 16-byte alignment, each int's and bool's value
-    (floats and ``None`` are told apart by their class, which is part of the key already).
-    Generated once per pattern of classes, as Triton's own binder is: a loop calling a Python
-    function per argument cost ~6 µs per launch, this ~2."""
-    parts = []
-    for i, kind in enumerate(kinds):
-        if issubclass(kind, torch.Tensor):
-            parts.append(f"a[{i}].dtype, a[{i}].data_ptr() % 16 == 0")
-        elif kind is int or kind is bool:
-            parts.append(f"a[{i}]")
-    return eval(f"lambda a: ({', '.join(parts)},)")  # noqa: S307 - source built above from indices only
-
-
-_keyers: dict = {}
-
-
-def _argument_key(args: tuple):
-    """What Triton may specialise ``args`` on (see the module's docstring): one C++ call when
-    the compiled host check is loaded (``_host_check.cpp``'s ``argument_key``, ~0.8 µs for ten
-    arguments), else the generated Python keyer (~2 µs)."""
-    host = _host_check.module()
-    if host is not None:
-        key = host.argument_key(args)
-        if key is not None:
-            return key
-    kinds = tuple(map(type, args))
-    keyer = _keyers.get(kinds)
-    if keyer is None:
-        keyer = _keyers[kinds] = _make_keyer(kinds)
-    return kinds, keyer(args)
+def _argument_key(args: tuple) -> tuple:
+    """What Triton may specialise ``args`` on (see the module's docstring): each tensor's dtype
+    and 16-byte alignment, each int's and bool's value, every other argument's class (a float is
+    never specialised on its value; ``None`` is a constexpr)."""
+    return tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                  else a if type(a) is int else (bool, a) if type(a) is bool else type(a) for a in args])
 
 
 _kept: dict = {}  # kernel → (names of its constexprs in signature order, {key: launcher})
@@ -179,12 +152,14 @@ def resident_per_sm(kernel, args: tuple, constexprs: dict, num_warps: int) -> in
 
 
 def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_ptr=None, grad_scale=None,
-                  found_inf=None, seed=0, has_step=False) -> None:
+                  found_inf=None, seed=0, epoch=None, has_step=False) -> None:
     """``algorithm``'s update (a ``kernels._multi_tensor.Algorithm``) over every tensor of
     ``plan``, through the shared walk (``_step_kernel``, or its float64 variant for float64
     tensors). ``hyperparameters``: the update's floats; ``flags``: its constexpr namedtuple;
     ``lr_ptr``: a device tensor the kernel reads ``lr`` from (capturable steps), else ``lr`` by
-    value; ``has_step``: the ``step`` role (index 2) is read and advanced.
+    value; ``epoch``: the stochastic-rounding epoch (an int32 device tensor the kernel reads
+    into the noise and advances; None: 0); ``has_step``: the ``step`` role (index 2) is read
+    and advanced.
 
     ``RUN``: with fp32 master weights beside 16-bit tensors, every access is 4 elements per
     thread. Left alone, Triton gives the 16-bit accesses 8 per thread (16 bytes) but caps each
@@ -197,10 +172,10 @@ def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_
     n_roles, n_hyper = len(bases), len(hyperparameters)
     launch(walk._step_f64_kernel if plan.float64 else walk._step_kernel, plan.grid,
            (*plan.schedule_args(), *bases, *(bases[0],) * (walk.MAX_ROLES - n_roles), plan.counter, lr, lr_ptr,
-            *hyperparameters, *(0.0,) * (walk.MAX_HYPER - n_hyper), grad_scale, found_inf, seed),
+            *hyperparameters, *(0.0,) * (walk.MAX_HYPER - n_hyper), grad_scale, found_inf, seed, epoch),
            dict(UPDATE=algorithm.update, PER_TENSOR=algorithm.per_tensor or walk.step_only, FLAGS=flags,
                 N_ROLES=n_roles, N_HYPER=n_hyper, HAS_STEP=has_step,
-                COUNT_LAUNCHES=getattr(flags, "stochastic_rounding", False) and not has_step,
+                COUNT_EPOCH=epoch is not None,
                 LR_ON_DEVICE=lr_ptr is not None,
                 HAS_FOUND_INF=found_inf is not None, ALIGNED=plan.aligned, BLOCK=plan.block,
                 RUN=4 if getattr(flags, "has_master", False) else 0),
@@ -210,11 +185,11 @@ def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_
 def launch_step(algorithm, plan, step_args, lr, hyperparameters: tuple, flags: dict, *, has_master,
                 stochastic_rounding, has_step) -> None:
     """One optimizer step over ``plan``: ``launch_update`` with the step's shared arguments
-    (``step_args``: AMP's tensors, the seed; ``lr``) and ``flags`` completed with the ones every
+    (``step_args``: AMP's tensors, the rounding seed and epoch; ``lr``) and ``flags`` completed with the ones every
     optimizer update reads (``COMMON_FLAGS``; ``flags`` brings ``maximize``)."""
     lr_value, lr_ptr = step_args.lr_args(lr)
     launch_update(algorithm, plan, hyperparameters,
                   algorithm.flags(**flags, has_grad_scale=step_args.has_grad_scale, has_master=has_master,
                                   stochastic_rounding=stochastic_rounding),
                   lr=lr_value, lr_ptr=lr_ptr, grad_scale=step_args.grad_scale, found_inf=step_args.found_inf,
-                  seed=step_args.seed, has_step=has_step)
+                  seed=step_args.seed, epoch=step_args.epoch if stochastic_rounding else None, has_step=has_step)

@@ -76,9 +76,8 @@ class LaunchPlan:
         else:
             programs = INTERPRETER_PROGRAMS
         self.grid = (min(self.n_blocks, programs),)
-        # Arrival counter for kernels whose last program finishes the step (advance_steps,
-        # count_launch), and the count of stochastically rounded step-less launches.
-        self.counter = torch.zeros(2, dtype=torch.int32, device=self.device)
+        # Arrival counter: the last program of a launch finishes the step (finish_launch).
+        self.counter = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._addresses = None
         self.refresh(roles)
 

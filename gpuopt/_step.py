@@ -21,12 +21,15 @@ _FUNCTIONAL_PLANS = ThreadPlans()  # for the functional API, whose callers keep 
 @dataclass
 class StepArgs:
     """Arguments shared by every launch of one ``step()``: AMP's scale and overflow flag (device
-    tensors, never read on the host) and the stochastic-rounding seed."""
+    tensors, never read on the host), the stochastic-rounding seed and epoch (an optimizer's
+    launch count on the device, advanced by each rounded launch; None for the functional API,
+    whose caller varies the seed)."""
 
     device: torch.device
     grad_scale: torch.Tensor | None = None
     found_inf: torch.Tensor | None = None
     seed: int = 0
+    epoch: torch.Tensor | None = None
 
     @property
     def has_grad_scale(self) -> bool:
@@ -113,7 +116,7 @@ def dense_grads(algorithm, grads, weight_decay):
 
 
 def run_functional(name: str, algorithm, roles: dict, options: dict, *, lr, grad_scale, found_inf, seed,
-                   stochastic_rounding) -> None:
+                   stochastic_rounding, epoch=None) -> None:
     """The functional API's path: the caller's lists are new every call, so they are checked every
     call (params and grads, then every role), grads copied to their params' layout if needed,
     then one launch per (device, dtypes) group."""
@@ -132,7 +135,7 @@ def run_functional(name: str, algorithm, roles: dict, options: dict, *, lr, grad
     roles = dict(roles, grad=[matching_layout(g, p) for g, p in zip(roles["grad"], params)])
     launches = prepare_launches(name, roles, algorithm.roles, _FUNCTIONAL_PLANS.plans, name, stochastic_rounding)
     device = params[0].device
-    step_args = StepArgs(device, on_device(grad_scale, device), on_device(found_inf, device), seed)
+    step_args = StepArgs(device, on_device(grad_scale, device), on_device(found_inf, device), seed, epoch)
     launch = step_launcher(algorithm, options)
     for plan, has_master, sr, _ in launches:
         launch(plan, step_args, lr=lr, has_master=has_master, stochastic_rounding=sr)

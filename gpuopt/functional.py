@@ -6,7 +6,10 @@ Common keyword arguments:
     grad_scale, found_inf: AMP's device tensors (gradients divided by ``grad_scale`` in the kernel;
         the step is skipped on the device when ``found_inf`` is nonzero).
     master_params: fp32 copies of bf16/fp16 params, updated and rounded back in the same pass.
-    stochastic_rounding: round bf16 params stochastically (no master copy).
+    stochastic_rounding: round bf16 params stochastically (no master copy). The noise mixes
+        ``seed`` with each tensor's index and ``step`` (0 without one): a step-less call (SGD
+        without momentum) draws the same noise for the same ``seed``, so vary ``seed`` per call
+        (the optimizer classes keep an epoch on the device instead).
     state_steps: one-element float32 tensors on the parameters' device, incremented by the kernel.
 
 Every call checks every tensor against what the kernel assumes (``gpuopt._validate``): states

@@ -223,33 +223,26 @@ def one_minus_pow(log_base, t):
 
 
 @triton.jit
-def advance_steps(counter_ptr, step_base_ptr, offsets_ptr, STEP_ROLE: tl.constexpr, n_tensors,
-                  skipped, BLOCK: tl.constexpr):
-    """Add 1 to every tensor's ``step`` (0 when the step was skipped), once all programs have read it.
+def finish_launch(counter_ptr, step_base_ptr, offsets_ptr, STEP_ROLE: tl.constexpr, n_tensors, skipped,
+                  epoch_ptr, HAS_STEP: tl.constexpr, COUNT_EPOCH: tl.constexpr, BLOCK: tl.constexpr):
+    """Once all programs have read them: add 1 to every tensor's ``step`` (0 when the step was
+    skipped) and to the stochastic-rounding epoch.
 
-    Every program reads its tensors' step before arriving here; the program that arrives last
-    (an acq_rel atomic counts arrivals) does the increment and resets the counter for the next
-    launch. So the step lives on the device, the launch is the whole optimizer step, and nothing
-    synchronises with the host."""
+    Every program reads its tensors' step and the epoch before arriving here; the program that
+    arrives last (an acq_rel atomic counts arrivals) does the increments and resets the counter
+    for the next launch. So both live on the device, the launch is the whole optimizer step (a
+    CUDA-graph replay advances them too), and nothing synchronises with the host."""
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if arrived == tl.num_programs(0) - 1:
-        increment = tl.where(skipped, 0.0, 1.0)
-        for first in range(0, n_tensors, BLOCK):
-            t = first + tl.arange(0, BLOCK)
-            in_range = t < n_tensors
-            step_ptrs = step_base_ptr + tl.load(offsets_ptr + STEP_ROLE * n_tensors + t, mask=in_range, other=0)
-            tl.store(step_ptrs, tl.load(step_ptrs, mask=in_range) + increment, mask=in_range)
-        tl.store(counter_ptr, 0)
-
-
-@triton.jit
-def count_launch(counter_ptr):
-    """Add 1 to the launch count (``counter[1]``) once all programs have read it: the epoch of a
-    step-less algorithm's stochastic rounding, kept on the device so that a CUDA-graph replay
-    advances it too. Arrivals are counted as in ``advance_steps``."""
-    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-    if arrived == tl.num_programs(0) - 1:
-        tl.store(counter_ptr + 1, tl.load(counter_ptr + 1) + 1)
+        if HAS_STEP:
+            increment = tl.where(skipped, 0.0, 1.0)
+            for first in range(0, n_tensors, BLOCK):
+                t = first + tl.arange(0, BLOCK)
+                in_range = t < n_tensors
+                step_ptrs = step_base_ptr + tl.load(offsets_ptr + STEP_ROLE * n_tensors + t, mask=in_range, other=0)
+                tl.store(step_ptrs, tl.load(step_ptrs, mask=in_range) + increment, mask=in_range)
+        if COUNT_EPOCH:
+            tl.store(epoch_ptr, tl.load(epoch_ptr) + 1)
         tl.store(counter_ptr, 0)
 
 
@@ -337,14 +330,20 @@ def _role_pointers(bases, offsets_ptr, t, n_tensors, N_ROLES: tl.constexpr, ALIG
 def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_blocks, n_tensors,
                  base_0, base_1, base_2, base_3, base_4, base_5, base_6, counter_ptr, lr, lr_ptr,
                  hyper_0, hyper_1, hyper_2, hyper_3, hyper_4, hyper_5, hyper_6, hyper_7,
-                 grad_scale_ptr, found_inf_ptr, seed,
+                 grad_scale_ptr, found_inf_ptr, seed, epoch_ptr,
                  UPDATE: tl.constexpr, PER_TENSOR: tl.constexpr, FLAGS: tl.constexpr, N_ROLES: tl.constexpr,
-                 N_HYPER: tl.constexpr, HAS_STEP: tl.constexpr, COUNT_LAUNCHES: tl.constexpr,
+                 N_HYPER: tl.constexpr, HAS_STEP: tl.constexpr, COUNT_EPOCH: tl.constexpr,
                  LR_ON_DEVICE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                  RUN: tl.constexpr):
     """One update of every tensor of a launch group: ``UPDATE`` on each block of the schedule (a
-    full block unmasked, a tensor's last block masked), each tensor's ``step`` advanced once all
-    programs have read it (``advance_steps``), nothing written when AMP's ``found_inf`` is set."""
+    full block unmasked, a tensor's last block masked), each tensor's ``step`` and the rounding
+    epoch advanced once all programs have read them (``finish_launch``), nothing written when
+    AMP's ``found_inf`` is set.
+
+    Stochastic rounding's noise is ``tl.randint`` of the caller's ``seed`` mixed with the tensor's
+    index, its ``step`` (0 without one) and the epoch at ``epoch_ptr`` (``COUNT_EPOCH``: a launch
+    count the optimizer keeps per device; 0 without one, for the functional API, whose caller
+    varies ``seed``): fresh on every step, for every algorithm."""
     bases = (base_0, base_1, base_2, base_3, base_4, base_5, base_6)
     slots = (hyper_0, hyper_1, hyper_2, hyper_3, hyper_4, hyper_5, hyper_6, hyper_7)
     lr = scalar(lr, lr_ptr, LR_ON_DEVICE, base_0)
@@ -352,8 +351,8 @@ def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_bl
     for k in tl.static_range(N_HYPER):
         hyper_values = hyper_values + (hyper(slots[k], base_0),)
     skipped = step_is_skipped(found_inf_ptr, HAS_FOUND_INF)
-    if COUNT_LAUNCHES:  # stochastic rounding without a step: the noise's epoch is the launch count
-        epoch = tl.load(counter_ptr + 1)
+    if COUNT_EPOCH:
+        epoch = tl.load(epoch_ptr)
     else:
         epoch = 0
     if not skipped:
@@ -374,10 +373,9 @@ def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_bl
             else:
                 UPDATE(ptrs, offsets, offsets < numel, scalars, lr, hyper_values, grad_scale_ptr, tensor_seed,
                        FLAGS)
-    if HAS_STEP:
-        advance_steps(counter_ptr, base_2, offsets_ptr, STEP_ROLE, n_tensors, skipped, BLOCK)
-    elif COUNT_LAUNCHES:
-        count_launch(counter_ptr)
+    if HAS_STEP or COUNT_EPOCH:
+        finish_launch(counter_ptr, base_2, offsets_ptr, STEP_ROLE, n_tensors, skipped, epoch_ptr, HAS_STEP,
+                      COUNT_EPOCH, BLOCK)
 
 
 _step_f64_kernel = float64_variant(_step_kernel, ("lr",) + tuple(f"hyper_{k}" for k in range(MAX_HYPER)))

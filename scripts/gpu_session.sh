@@ -21,10 +21,6 @@ python3 -m pip install --no-deps --no-build-isolation -q -e . > "$OUT/pip.log" 2
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
     | tee -a "$OUT/gpu.txt"
-# gpuopt's compiled host helpers (gpuopt/_host_check.cpp), built once per machine (~45 s) and cached:
-# the tests of both forms and the eager bench rows use them.
-python3 -c "from gpuopt import _host_check; _host_check.wait(); print('host check:', _host_check.status())" \
-    | tee -a "$OUT/gpu.txt"
 case "${1:-tests}" in
   first)
     timeout 300 python3 -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25 || true

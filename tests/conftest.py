@@ -44,18 +44,3 @@ def seed(request):
     random.seed(value)
     print(f"[seed] GPUOPT_TEST_SEED={value}")
     return value
-
-
-@pytest.fixture(params=["python", "compiled"])
-def host_check(request, monkeypatch):
-    """Run a test with gpuopt's compiled host helpers (``gpuopt._host_check``: the optimizer's
-    fast-path check, the launch key) off — their Python forms —, then on (waiting for the
-    build). Returns whether they are on."""
-    from gpuopt import _host_check
-
-    if request.param == "python":
-        monkeypatch.setattr(_host_check, "module", lambda: None)
-        return False
-    from .helpers import compiled_host_check
-
-    return compiled_host_check() is not None

@@ -80,16 +80,3 @@ def count_launches(module, kernel_name: str):
         yield counter
     finally:
         _launch.launch = original
-
-
-def compiled_host_check():
-    """The compiled check's module (waiting for its build): a test of it fails where it should
-    build and does not, and is skipped only where it cannot be built (no C++ compiler)."""
-    from gpuopt import _host_check
-
-    host = _host_check.wait()
-    if host is None:
-        if _host_check._command(_host_check._target()) is None:
-            pytest.skip(f"the compiled check cannot be built here: {_host_check.status()}")
-        pytest.fail(f"the compiled check did not build: {_host_check.status()}")
-    return host

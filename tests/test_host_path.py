@@ -165,11 +165,10 @@ class _FakeKernel:
         return _FakeCompiled(self.log)
 
 
-def test_kept_launch_is_keyed_by_everything_triton_specialises_on(monkeypatch, host_check):
+def test_kept_launch_is_keyed_by_everything_triton_specialises_on(monkeypatch):
     """A launch whose key was seen calls the kept launcher with every argument in signature
     order (constexprs included, as JITFunction.run does); a new constexpr, int value, tensor dtype
-    or 16-byte alignment goes through Triton again; a new float value does not. The key in C++
-    and in Python alike (an int wider than 64 bits takes the Python key)."""
+    or 16-byte alignment goes through Triton again; a new float value does not."""
     monkeypatch.setattr(_launch, "_compiled_launches", True)
     monkeypatch.setattr(_launch, "_current_device", lambda: 0)
     kernel = _FakeKernel()
@@ -192,7 +191,8 @@ def test_kept_launch_is_keyed_by_everything_triton_specialises_on(monkeypatch, h
     assert go(b=storage[32:40]) == "kept"  # another aligned address: the same specialisation
     assert go(b=storage[16:24].double()) == "triton"  # a dtype
     assert go(a=None) == "triton"  # None is a constexpr to Triton
-    assert go(a=torch.nn.Parameter(a)) == "triton"  # another type
+    assert go(a=torch.nn.Parameter(a)) == "kept"  # a Parameter is a tensor like any other to Triton
+    assert go(n=True) == "triton"  # a bool is not the int 1
     assert go(n=1 << 70) == "triton"
     assert go(n=1 << 70) == "kept"
     assert go(n=(1 << 70) + 16) == "triton"
@@ -223,7 +223,7 @@ class _KeyCheckingKernel:
         return Compiled()
 
 
-def test_batch_norm_kept_launches_keep_their_keys(monkeypatch, host_check):
+def test_batch_norm_kept_launches_keep_their_keys(monkeypatch):
     """A batch-norm layer's passes (``_launch.Launch``) call their kept launchers directly after
     the first launch: every such call has the launch key it was compiled for — through plan
     hits, a new plan for a misaligned input, eval mode, a misaligned upstream gradient (keyed

@@ -15,7 +15,7 @@ import gpuopt
 from gpuopt.kernels import _multi_tensor as walk
 
 from .conftest import DEVICE
-from .helpers import assert_close, compiled_host_check, count_launches
+from .helpers import assert_close, count_launches
 
 OPTIMIZERS = [("Adam", dict(lr=0.01)), ("AdamW", dict(lr=0.01, weight_decay=0.1)),
               ("SGD", dict(lr=0.01, momentum=0.9)), ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True)),
@@ -445,19 +445,19 @@ def test_convert_batchnorm_keeps_hooks(device):
 # ---------------------------------------------------------------- the fast path stays checked ------
 
 
-def _check_form(opt) -> list:
-    """Which check each of ``opt``'s prepared groups runs: 'compiled' or 'python'."""
-    return ["compiled" if prepared.compiled is not None else "python" for prepared in opt._prepared.values()]
+def _reused(opt) -> list:
+    """Whether each of ``opt``'s prepared groups can be reused by the next step."""
+    return [prepared.grad_addresses is not None for prepared in opt._prepared.values()]
 
 
-def test_replaced_state_is_validated_on_the_next_step(device, host_check):
+def test_replaced_state_is_validated_on_the_next_step(device):
     """opt.state[p][key] = ... changes the state's generation: the next step re-validates."""
     p = torch.nn.Parameter(torch.randn(64, device=device))
     opt = gpuopt.Adam([p])
     p.grad = torch.randn_like(p)
     opt.step()
     opt.step()
-    assert _check_form(opt) == ["compiled" if host_check else "python"]
+    assert _reused(opt) == [True]
     opt.state[p]["exp_avg"] = torch.zeros(3, device=device)
     with pytest.raises(RuntimeError, match=r"exp_avg 0 has shape \(3,\)"):
         opt.step()
@@ -466,7 +466,7 @@ def test_replaced_state_is_validated_on_the_next_step(device, host_check):
     assert opt.state[p]["step"].item() == 3
 
 
-def test_steady_state_step_launches_without_revalidating(device, monkeypatch, host_check):
+def test_steady_state_step_launches_without_revalidating(device, monkeypatch):
     """Nothing changed → no validation, one launch; gradients alone moved → their table row is
     rewritten without a full validation; a gradient in another layout or dtype, a new parameter
     address, a gradient that vanished → validated again. Results match a fresh optimizer's."""
@@ -490,7 +490,7 @@ def test_steady_state_step_launches_without_revalidating(device, monkeypatch, ho
             assert_close(p, t, rtol=1e-5, atol=1e-6)
 
     step()
-    assert len(checks) == 1 and _check_form(opt) == ["compiled" if host_check else "python"]
+    assert len(checks) == 1 and _reused(opt) == [True]
     kept = [p.grad for p in params]
     with count_launches(walk, "_step_kernel") as counter:
         for _ in range(2):
@@ -527,33 +527,37 @@ def test_steady_state_step_launches_without_revalidating(device, monkeypatch, ho
     step()
     assert len(checks) == 7
     step()
-    assert len(checks) == 7 and _check_form(opt) == ["compiled" if host_check else "python"]
+    assert len(checks) == 7 and _reused(opt) == [True]
 
 
-def test_python_check_gives_way_to_the_compiled_one_when_it_is_ready(device, monkeypatch):
-    """A group validated while the compiled check was still building is validated once more when
-    it is ready, then checked by it; the steps match torch's throughout."""
-    from gpuopt import _host_check
+def test_plain_path_alone_without_the_layout_check(device, monkeypatch):
+    """Where torch has no usable layout check (``_validate.layout_check`` gives None), nothing
+    validated is reused: every step is validated afresh, and the steps match torch's, a
+    replaced state is refused, a gradient in another layout is read as torch reads it."""
+    import gpuopt._step as plain_path
+    from gpuopt import _validate
 
-    compiled_host_check()
-    ready = _host_check.module
-    monkeypatch.setattr(_host_check, "module", lambda: None)
+    monkeypatch.setattr(_validate, "_TENSOR_GUARDS", None)
+    checks = []
+    original = plain_path.check_roles
+    monkeypatch.setattr(plain_path, "check_roles", lambda *a: (checks.append(1), original(*a))[1])
     params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in [(6,), (2, 3)]]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt, ref = gpuopt.SGD(params, lr=0.1, momentum=0.9), torch.optim.SGD(twins, lr=0.1, momentum=0.9)
-    forms = []
     for step in range(4):
-        if step == 2:
-            monkeypatch.setattr(_host_check, "module", ready)
         for p, t in zip(params, twins):
-            p.grad = torch.randn_like(p)
+            p.grad = torch.randn(p.shape[::-1], device=device).T if step == 2 and p.dim() == 2 else torch.randn_like(p)
             t.grad = p.grad.clone()
         opt.step()
         ref.step()
-        forms.append(_check_form(opt)[0])
+        assert _reused(opt) == [False] and len(checks) == step + 1
         for p, t in zip(params, twins):
             assert_close(p, t, rtol=1e-5, atol=1e-6)
-    assert forms == ["python", "python", "compiled", "compiled"]
+    opt.state[params[0]]["momentum_buffer"] = torch.zeros(5, device=device)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="momentum_buffer 0 has shape"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
 
 
 def test_tracked_state_pickles_as_plain_dicts_and_deepcopies(device, tmp_path):
@@ -629,7 +633,7 @@ def _twin_steps(device, opt_name, kwargs, change):
             assert_close(p.grad, t.grad, rtol=0, atol=0)
 
 
-def test_gradient_view_at_the_same_address_is_revalidated(device, host_check):
+def test_gradient_view_at_the_same_address_is_revalidated(device):
     """A gradient replaced by another view of the same storage keeps its address: the fast path
     compares strides too. A transposed view pairs other elements; an expanded one (stride 0) is
     smaller in memory than the parameter, so reading it as a dense gradient would overrun it."""
@@ -640,7 +644,7 @@ def test_gradient_view_at_the_same_address_is_revalidated(device, host_check):
     _twin_steps(device, "Adam", dict(lr=0.05), transpose_and_expand)
 
 
-def test_gradient_changed_in_place_is_revalidated(device, host_check):
+def test_gradient_changed_in_place_is_revalidated(device):
     """The same gradient object, its metadata changed in place at the same address: transposed
     by ``as_strided_`` (other elements paired), or ``resize_``d within its storage's capacity (a
     dense read of the parameter's size would overrun what the gradient now covers). The fast
@@ -664,19 +668,15 @@ def test_gradient_changed_in_place_is_revalidated(device, host_check):
         assert torch.equal(p, b)
 
 
-@pytest.mark.parametrize("python_record", [False, True])
-def test_layout_check_sees_every_change_it_promises(python_record, monkeypatch):
-    """``_validate.layout_check``, in both forms (torch's C++ TensorGuards when present, the
-    Python record otherwise): equal layouts pass at any address; a change of size, stride, dtype,
-    device index or tensor type fails; it holds no reference to the tensors it was made from."""
+def test_layout_check_sees_every_change_it_promises():
+    """``_validate.layout_check`` (torch's C++ TensorGuards, probed at import; CI's torch has
+    it): equal layouts pass at any address; a change of size, stride, dtype, device index or
+    tensor type fails; it holds no reference to the tensors it was made from."""
     import weakref
 
     from gpuopt import _validate
 
-    if python_record:
-        monkeypatch.setattr(_validate, "_TENSOR_GUARDS", None)
-    elif _validate._TENSOR_GUARDS is None:
-        pytest.skip("this torch has no usable TensorGuards (the Python record is tested)")
+    assert _validate._TENSOR_GUARDS is not None, "the layout check's probe failed on this torch"
     tensors = [torch.randn(4, 6), torch.randn(7), torch.randn(2, 3, 5).to(torch.bfloat16)]
     check = _validate.layout_check(tensors)
     assert check.check(*[torch.randn_like(t) for t in tensors])
@@ -691,53 +691,49 @@ def test_layout_check_sees_every_change_it_promises(python_record, monkeypatch):
     assert all(ref() is None for ref in alive)
 
 
-def test_compiled_check_sees_every_change_the_fast_path_must_see():
-    """``gpuopt._host_check``'s C++ ``check`` on each change the fast path must see: nothing
-    changed → HIT; every gradient at a new address with the same layout → MOVED (their
-    addresses returned); a parameter replaced or reordered, a parameter or state moved, a
-    gradient transposed, expanded, resized in place, sparse, conjugated, vanished or appeared,
-    a list of another length → MISS. Nothing is raised, and it keeps no gradient alive."""
+def test_prepared_group_sees_every_change_the_fast_path_must_see(device):
+    """``_PreparedGroup.same_tensors`` on each change the fast path must see: nothing changed,
+    or every gradient at a new address with the same layout (every parameter having one) →
+    reused; gradients moved while a parameter has none, a parameter replaced or
+    reordered, a parameter or state moved, a gradient transposed, expanded, resized in place,
+    sparse, conjugated, vanished or appeared, a list of another length → not reused. It keeps
+    no gradient alive."""
     import weakref
 
-    import numpy as np
-
-    from gpuopt import _host_check
-
-    host = compiled_host_check()
-    params = [torch.nn.Parameter(torch.randn(s)) for s in [(4, 6), (7,), (2, 3, 5)]]
-    params.append(torch.nn.Parameter(torch.randn(3)))  # without a gradient
-    states = tuple(torch.zeros_like(p) for p in params)
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in [(4, 6), (7,), (2, 3, 5)]]
+    params.append(torch.nn.Parameter(torch.randn(3, device=device)))  # without a gradient
+    opt = gpuopt.Adam(params, lr=0.1)
     for p in params[:3]:
         p.grad = torch.randn_like(p)
-    kept, touched = tuple(params), tuple(params) + states
-    touched_addresses = np.array([t.data_ptr() for t in touched], dtype=np.int64)
-    grads = [p.grad for p in params]
-    record = host.layout_record(grads)
-    addresses = np.array([-1 if g is None else g.data_ptr() for g in grads], dtype=np.int64)
-    now = np.empty(len(params), dtype=np.int64)
-
-    def answer(group=None):
-        return host.check(params if group is None else group, kept, touched, touched_addresses, record,
-                          addresses, now)
-
-    assert answer() == _host_check.HIT and answer(tuple(params)) == _host_check.HIT
-    alive = [weakref.ref(g) for g in grads[:3]]
-    del grads
+    opt.step()
+    prepared = opt._prepared[0]
+    assert prepared.same_tensors(params) and prepared.same_tensors(tuple(params))
+    alive = [weakref.ref(p.grad) for p in params[:3]]
     for p in params[:3]:
         p.grad = torch.randn_like(p)
     assert all(ref() is None for ref in alive)
-    assert answer() == _host_check.MOVED
-    assert now.tolist() == [p.grad.data_ptr() for p in params[:3]] + [-1]
-    addresses[:] = now
-    assert answer() == _host_check.HIT
+    assert not prepared.same_tensors(params)  # moved, and a parameter without one: validated again
+    opt.step()
+    prepared = opt._prepared[0]
+    full = params[:3]
+    fopt = gpuopt.Adam(full, lr=0.1)
+    fopt.step()
+    for p in full:
+        p.grad = torch.randn_like(p)
+    assert fopt._prepared[0].same_tensors(full)  # every one moved: their rows are rewritten
+    for p, g in zip(params, [torch.randn_like(p) for p in full]):
+        p.grad = g
+    opt.step()
+    prepared = opt._prepared[0]
+    assert prepared.same_tensors(params)
 
     def misses(change, undo):
         change()
         try:
-            return answer() == _host_check.MISS
+            return not prepared.same_tensors(params)
         finally:
             undo()
-            assert answer() == _host_check.HIT
+            assert prepared.same_tensors(params)
 
     g0, g1 = params[0].grad, params[1].grad
 
@@ -748,29 +744,27 @@ def test_compiled_check_sees_every_change_the_fast_path_must_see():
     assert misses(put(1, g1[:1].expand(7)), put(1, g1))  # stride 0
     assert misses(put(1, g1.to_sparse()), put(1, g1))
     assert misses(put(1, None), put(1, g1))
-    assert misses(put(3, torch.randn(3)), put(3, None))
+    assert misses(put(3, torch.randn(3, device=device)), put(3, None))
     assert misses(lambda: g1.resize_(4), lambda: g1.resize_(7))  # in place, same object and address
     assert misses(lambda: g0.as_strided_((4, 6), (1, 4)), lambda: g0.as_strided_((4, 6), (6, 1)))
-    complex_param = torch.nn.Parameter(torch.randn(5, dtype=torch.complex64))
-    complex_param.grad = torch.randn_like(complex_param)
-    complex_record = host.layout_record([complex_param.grad])
-    complex_address = np.array([complex_param.grad.data_ptr()], dtype=np.int64)
-    assert host.check([complex_param], (complex_param,), (), np.zeros(0, dtype=np.int64), complex_record,
-                      complex_address, now[:1]) == _host_check.HIT
-    complex_param.grad = complex_param.grad.conj()  # the same memory, read conjugated
-    assert host.check([complex_param], (complex_param,), (), np.zeros(0, dtype=np.int64), complex_record,
-                      complex_address, now[:1]) == _host_check.MISS
     data = params[2].data
     assert misses(lambda: setattr(params[2], "data", data.clone()), lambda: setattr(params[2], "data", data))
-    state = states[1].data
-    assert misses(lambda: setattr(states[1], "data", state.clone()), lambda: setattr(states[1], "data", state))
+    state = opt.state[params[1]]["exp_avg"].data
+    assert misses(lambda: setattr(opt.state[params[1]]["exp_avg"], "data", state.clone()),
+                  lambda: setattr(opt.state[params[1]]["exp_avg"], "data", state))
     stranger = torch.nn.Parameter(params[0].detach().clone())
-    assert answer([stranger, *params[1:]]) == _host_check.MISS
-    assert answer(params[::-1]) == _host_check.MISS and answer(params[:3]) == _host_check.MISS
-    assert answer(set(params)) == _host_check.MISS
+    assert not prepared.same_tensors([stranger, *params[1:]])
+    assert not prepared.same_tensors(params[::-1]) and not prepared.same_tensors(params[:3])
+    complex_param = torch.nn.Parameter(torch.randn(5, dtype=torch.complex64, device=device))
+    complex_param.grad = torch.randn_like(complex_param)
+    copt = gpuopt.Adam([complex_param])
+    copt.step()
+    assert copt._prepared[0].same_tensors([complex_param])
+    complex_param.grad = complex_param.grad.conj()  # the same memory, read conjugated
+    assert not copt._prepared[0].same_tensors([complex_param])
 
 
-def test_batch_norm_module_reuses_its_last_call_only_while_nothing_changed(device, monkeypatch, host_check):
+def test_batch_norm_module_reuses_its_last_call_only_while_nothing_changed(device, monkeypatch):
     """A gpuopt batch-norm module calls its kernels directly while its last call's plan fits
     (``_batch_norm.LayerPlan``), and takes the checked path again — matching torch's module
     throughout, forward, backward and buffers — when the input's layout or shape, an option
@@ -810,7 +804,7 @@ def test_batch_norm_module_reuses_its_last_call_only_while_nothing_changed(devic
     both(expect_checks=1)
     both(expect_checks=1)  # the plan: no checks
     plan = bn.__dict__["_gpuopt_plan"]
-    assert (plan.record.words is not None) == host_check
+    assert plan.layouts is not None
     both(memory_format=torch.channels_last, expect_checks=2)  # another layout
     both(memory_format=torch.channels_last, expect_checks=2)
     both(shape=(3, 6, 5, 5), expect_checks=3)  # another shape
@@ -850,7 +844,7 @@ def test_batch_norm_module_reuses_its_last_call_only_while_nothing_changed(devic
 
 
 @pytest.mark.parametrize("target", ["param", "state"])
-def test_tensor_moved_through_data_is_followed(target, host_check):
+def test_tensor_moved_through_data_is_followed(target):
     """``t.data = ...`` gives a parameter or a state new storage without changing the object or
     bumping the state's generation (how some code offloads optimizer states to the CPU and back):
     the next step sees the new address and updates the new storage, never the old one, which is
@@ -876,6 +870,6 @@ def test_tensor_moved_through_data_is_followed(target, host_check):
             for p, t in zip(params, twins):
                 torch.testing.assert_close(p, t, rtol=1e-5, atol=1e-6)
         assert opt.state[params[0]]["step"].item() == 4
-        print("followed", opt._prepared[0].compiled is not None)
-    """, GPUOPT_HOST_CHECK="1" if host_check else "0")
-    assert f"followed {host_check}" in out
+        print("followed", opt._prepared[0].grad_addresses is not None)
+    """)
+    assert "followed True" in out
