@@ -109,10 +109,11 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             torch.ones_like(x))
 # SyncBatchNorm's combine: a rank's summary, then the fold of the ranks' (here one rank's own).
 from gpuopt._batch_norm import layer_of
+from gpuopt import _batch_norm_launch
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
     x, layer = layer_of(torch.randn(2, 8, 16, 16).to(dtype), None, None, torch.zeros(8), True, 0.1, 1e-5, True)
-    bn.forward_training(x, layer, None, None, torch.zeros(8), torch.ones(8), None,
-                        exchange=lambda summary: summary.view(3, 1, -1))
+    _batch_norm_launch.forward_training(x, layer, None, None, torch.zeros(8), torch.ones(8), None,
+                                        exchange=lambda summary: summary.view(3, 1, -1))
 for extra in CAPTURE_EXTRA:
     exec(extra)
 seen, unique = set(), []
@@ -299,7 +300,7 @@ def batch_norm_suite_launches():
 
     from bench.bn_suite import SHAPES
     from gpuopt._runtime import H100
-    from gpuopt.kernels import batch_norm as bn
+    from gpuopt import _batch_norm_launch as bn
 
     cases = []
     for shape in SHAPES:
@@ -328,7 +329,7 @@ def waves_tables(compiled_rows: list[dict], suite: list, figures_of) -> list[str
     from bench.shapes import gpt2_medium_shapes, resnet50_shapes
     from gpuopt._multi_tensor import GPU_BLOCK
     from gpuopt._runtime import H100
-    from gpuopt.kernels import batch_norm as bn
+    from gpuopt import _batch_norm_launch as bn
 
     lines = [f"Waves on H100 ({H100.count} SMs), grids from the compiled occupancy"]
     lines.append(f"{'kernels':12s} {'case':26s} {'per SM':>6s} {'blocks/regs':>11s} {'programs':>8s} {'waves':>6s}"

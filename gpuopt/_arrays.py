@@ -17,6 +17,7 @@ import functools
 import inspect
 import itertools
 
+import numpy
 import torch
 
 
@@ -50,8 +51,6 @@ def as_tensor(x, what: str, written: bool) -> torch.Tensor:
 def as_array(t: torch.Tensor, kind: str):
     """``t`` as an array of library ``kind`` on the same memory."""
     if kind == "numpy":
-        import numpy
-
         return numpy.from_dlpack(t.detach())
     if kind == "cupy":
         import cupy

@@ -1,46 +1,19 @@
 """Host side of batch normalization: input checks, the (R, C, S) view, and the autograd Function
-whose forward and closed-form backward are the launchers of ``gpuopt.kernels.batch_norm``."""
+whose forward and closed-form backward call the launches of ``gpuopt._batch_norm_launch``."""
 
 from __future__ import annotations
 
-import functools
 import math
 import operator
 
 import torch
 
-from ._runtime import ASSUMED_SM_COUNT, check_kernel_device, multiprocessor, use_gpu_config
+from . import _batch_norm_launch as launches
+from ._runtime import check_kernel_device
 from ._validate import layout_check
 from .kernels import batch_norm as kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def grid_of(x: torch.Tensor, R: int, C: int, S: int, channels_last: bool) -> kernels.Grid:
-    """The launch grid of the (R, C, S) view of ``x`` on its device (cached per shape)."""
-    device = x.device
-    if device.type == "cuda":
-        return _cuda_grid(R, C, S, channels_last, x.dtype,
-                          device.index if device.index is not None else torch.cuda.current_device())
-    return _cpu_grid(R, C, S, channels_last, x.element_size(), use_gpu_config(device))
-
-
-@functools.lru_cache(maxsize=256)
-def _cpu_grid(R: int, C: int, S: int, channels_last: bool, element_size: int, gpu_config: bool) -> kernels.Grid:
-    """The interpreter's grid (or, with GPUOPT_GPU_CONFIG=1, an assumed H100's), cached per shape
-    as the GPU's is."""
-    return kernels.make_grid(R, C, S, channels_last, element_size, gpu_config, ASSUMED_SM_COUNT)
-
-
-@functools.lru_cache(maxsize=256)
-def _cuda_grid(R: int, C: int, S: int, channels_last: bool, dtype: torch.dtype, device_index: int) -> kernels.Grid:
-    """Tiles first, then splits for whole waves of the passes' compiled occupancy on this device
-    (the first call of a shape compiles the four passes to read their registers)."""
-    element_size, sm_count = dtype.itemsize, multiprocessor(device_index).count
-    grid = kernels.make_grid(R, C, S, channels_last, element_size, True, sm_count)
-    with torch.cuda.device(device_index):
-        per_sm = kernels.resident_per_sm(grid, dtype)
-    return grid if per_sm is None else kernels.make_grid(R, C, S, channels_last, element_size, True, sm_count, per_sm)
 
 
 # ----------------------------------------------------------------------------- layout ---------
@@ -66,11 +39,11 @@ def view_of(x: torch.Tensor):
 
 
 def layer_of(input: torch.Tensor, weight, bias, running_mean, training, momentum, eps, eps_inside_sqrt, *,
-             count: bool = False) -> tuple[torch.Tensor, kernels.Layer]:
-    """``(x, layer)``: the input as the kernels read it (``view_of``) and the ``kernels.Layer`` of a
+             count: bool = False) -> tuple[torch.Tensor, launches.Layer]:
+    """``(x, layer)``: the input as the kernels read it (``view_of``) and the ``launches.Layer`` of a
     call with these tensors and options (``count``: the statistics pass counts the batch)."""
     x, R, C, S, channels_last = view_of(input)
-    return x, kernels.Layer(grid_of(x, R, C, S, channels_last), bool(training), momentum, float(eps),
+    return x, launches.Layer(launches.grid_of(x, R, C, S, channels_last), bool(training), momentum, float(eps),
                             bool(eps_inside_sqrt), weight is not None, bias is not None, running_mean is not None,
                             count)
 
@@ -187,11 +160,11 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, call):
         x, running_mean, running_var, num_batches_tracked, layer = call
         if layer.training:  # the backward reads the batch's statistics
-            y, statistics = kernels.forward_training(x, layer, weight, bias, running_mean, running_var,
+            y, statistics = launches.forward_training(x, layer, weight, bias, running_mean, running_var,
                                                      num_batches_tracked)
             ctx.save_for_backward(x, weight)
         else:  # the backward reads the running statistics (constants)
-            y = kernels.forward_eval(x, layer, weight, bias, running_mean, running_var)
+            y = launches.forward_eval(x, layer, weight, bias, running_mean, running_var)
             ctx.save_for_backward(x, weight, running_mean, running_var)
             statistics = None
         # The statistics are this call's own scratch, which nothing else holds or changes: kept on
@@ -222,7 +195,7 @@ def _backward(ctx, grad_output):
         x, weight, running_mean, running_var = ctx.saved_tensors
     dy = same_layout(grad_output, x, layer.grid.channels_last)
     needs = ctx.needs_input_grad
-    dx, grad_weight, grad_bias = kernels.backward(
+    dx, grad_weight, grad_bias = launches.backward(
         x, dy, layer, weight, ctx.statistics, running_mean, running_var, need_input=needs[0],
         need_weight=weight is not None and needs[1], need_bias=ctx.bias_dtype is not None and needs[2],
         bias_dtype=ctx.bias_dtype)
@@ -262,17 +235,17 @@ class SyncBatchNormFunction(torch.autograd.Function):
         empty = input.numel() == 0
         if empty:
             x = input
-            layer = kernels.Layer(grid_of(input, 1, C, 1, True), True, momentum, eps, eps_inside_sqrt,  # (the combine's
+            layer = launches.Layer(launches.grid_of(input, 1, C, 1, True), True, momentum, eps, eps_inside_sqrt,  # (the combine's
                                   weight is not None, bias is not None, running_mean is not None)  # settings, C channels)
             acc_dtype = layer.grid.acc_dtype
             statistics = torch.zeros(kernels.N_STATISTICS * C, dtype=acc_dtype, device=input.device)
             summaries = exchange(torch.zeros(3, C, dtype=acc_dtype, device=input.device))
-            kernels.fold_statistics(layer, summaries, world_size, statistics, running_mean, running_var,
+            launches.fold_statistics(layer, summaries, world_size, statistics, running_mean, running_var,
                                     num_batches_tracked)
             y = input.clone()
         else:
             x, layer = layer_of(input, weight, bias, running_mean, True, momentum, eps, eps_inside_sqrt)
-            y, statistics = kernels.forward_training(x, layer, weight, bias, running_mean, running_var,
+            y, statistics = launches.forward_training(x, layer, weight, bias, running_mean, running_var,
                                                      num_batches_tracked, exchange=exchange)
         ctx.save_for_backward(x, weight, statistics, counts[0])
         ctx.layer, ctx.empty = layer, empty
@@ -294,7 +267,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             grad_bias = torch.zeros(C, dtype=ctx.bias_dtype, device=x.device) if need_bias else None
         else:
             dy = same_layout(grad_output, x, g.channels_last)
-            sums, grad_weight, grad_bias = kernels.backward_sums(
+            sums, grad_weight, grad_bias = launches.backward_sums(
                 x, dy, layer, weight, statistics, None, None, need_weight=need_weight, need_bias=need_bias,
                 bias_dtype=ctx.bias_dtype)
         dx = None
@@ -307,7 +280,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 # The kernel divides the sums by this rank's count (R·S); the group's sums are divided
                 # by the group's count.
                 group_sums.mul_((g.R * g.S) / count)
-                dx = kernels.backward_input(x, dy, layer, weight, statistics, None, sums)
+                dx = launches.backward_input(x, dy, layer, weight, statistics, None, sums)
         return dx, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
@@ -334,7 +307,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 def batch_norm_planned(input, running_mean, running_var, weight, bias, training, momentum, eps, eps_inside_sqrt,
-                       num_batches_tracked, *, count=False) -> tuple[torch.Tensor, kernels.Layer | None]:
+                       num_batches_tracked, *, count=False) -> tuple[torch.Tensor, launches.Layer | None]:
     """``batch_norm``, and the ``Layer`` it ran: ``(output, layer)``, ``layer`` None unless
     ``BatchNormFunction`` read every tensor as given (no copy to the kernels' layout, a non-empty
     input, eager), so that a module may call it again with that layer (``LayerPlan``).
@@ -391,7 +364,7 @@ class LayerPlan:
 
     __slots__ = ("options", "addresses", "layouts", "layer", "pass_buffers")
 
-    def __init__(self, options: tuple, tensors: tuple, layer: kernels.Layer, pass_buffers: bool):
+    def __init__(self, options: tuple, tensors: tuple, layer: launches.Layer, pass_buffers: bool):
         self.options, self.layer, self.pass_buffers = options, layer, pass_buffers
         self.addresses = _addresses(tensors)
         self.layouts = layout_check([t for t in tensors if t is not None])
@@ -439,8 +412,8 @@ def batch_norm_forward(input, running_mean, running_var, weight, bias, training,
     stats = (running_mean, running_var)
     running_mean, running_var = per_channel(running_mean), per_channel(running_var)
     if not training:
-        return kernels.forward_eval(x, layer, per_channel(weight), per_channel(bias), running_mean, running_var), None
-    y, statistics = kernels.forward_training(x, layer, per_channel(weight), per_channel(bias), running_mean,
+        return launches.forward_eval(x, layer, per_channel(weight), per_channel(bias), running_mean, running_var), None
+    y, statistics = launches.forward_training(x, layer, per_channel(weight), per_channel(bias), running_mean,
                                              running_var, num_batches_tracked)
     write_back(stats, (running_mean, running_var))
     return y, statistics[:kernels.N_STATISTICS * C].view(kernels.N_STATISTICS, C)  # (then the partials)
@@ -469,7 +442,7 @@ def batch_norm_backward(grad_output, input, weight, statistics, running_mean, ru
                 torch.zeros_like(weight) if need_weight else None,
                 torch.zeros(C, dtype=parameter_dtype, device=input.device) if need_bias else None)
     x, layer = layer_of(input, weight, None, running_mean, training, None, eps, eps_inside_sqrt)
-    return kernels.backward(x, same_layout(grad_output, x, layer.grid.channels_last), layer, per_channel(weight),
+    return launches.backward(x, same_layout(grad_output, x, layer.grid.channels_last), layer, per_channel(weight),
                             statistics.reshape(-1) if training else None,
                             None if training else per_channel(running_mean),
                             None if training else per_channel(running_var),
@@ -520,11 +493,11 @@ def _batch_norm_op(input: Tensor, weight: Tensor | None, bias: Tensor | None, ru
     x, layer = layer_of(input, weight, bias, running_mean, training, momentum, eps, eps_inside_sqrt)
     weight, bias = per_channel(weight), per_channel(bias)
     if not training:
-        y = kernels.forward_eval(x, layer, weight, bias, per_channel(running_mean), per_channel(running_var))
+        y = launches.forward_eval(x, layer, weight, bias, per_channel(running_mean), per_channel(running_var))
         return y, x.new_empty(0, dtype=layer.grid.acc_dtype), x.new_empty(0), x.new_empty(0)  # (outputs may not alias)
     new_mean = None if running_mean is None else running_mean.clone(memory_format=torch.contiguous_format)
     new_var = None if running_var is None else running_var.clone(memory_format=torch.contiguous_format)
-    y, statistics = kernels.forward_training(x, layer, weight, bias, new_mean, new_var, num_batches_tracked)
+    y, statistics = launches.forward_training(x, layer, weight, bias, new_mean, new_var, num_batches_tracked)
     statistics = statistics[:kernels.N_STATISTICS * layer.grid.C]  # (then the partials)
     return y, statistics, x.new_empty(0) if new_mean is None else new_mean, x.new_empty(0) if new_var is None else new_var
 
@@ -549,7 +522,7 @@ def _batch_norm_backward_op(grad_output: Tensor, input: Tensor, weight: Tensor |
     ``statistics`` empty: the forward ran in evaluation mode."""
     training = statistics.numel() > 0
     x, layer = layer_of(input, weight, None, running_mean, training, None, eps, eps_inside_sqrt)
-    dx, grad_weight, grad_bias = kernels.backward(
+    dx, grad_weight, grad_bias = launches.backward(
         x, same_layout(grad_output, x, layer.grid.channels_last), layer, per_channel(weight),
         statistics if training else None, None if training else per_channel(running_mean),
         None if training else per_channel(running_var), need_input=need_input, need_weight=need_weight, need_bias=bias_dtype is not None,

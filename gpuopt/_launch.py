@@ -33,6 +33,7 @@ import threading
 import torch
 
 from ._runtime import interpreter_enabled, multiprocessor, resident_programs
+from .kernels import _multi_tensor as walk
 
 def _argument_key(args: tuple) -> tuple:
     """What Triton may specialise ``args`` on (see the module's docstring): each tensor's dtype
@@ -91,7 +92,7 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, *
 class Launch:
     """One launch site with its kernel, grid, constexprs, warps and trailing runtime arguments
     (``fixed``: the ones every call passes alike, e.g. the view's sizes) resolved once: a batch-norm
-    layer's passes (``kernels.batch_norm.Layer``), whose calls pass arguments of the same kinds
+    layer's passes (``_batch_norm_launch.Layer``), whose calls pass arguments of the same kinds
     every time (the layer's own tensors, fresh scratch; a module's plan checks the rest).
 
     ``site(kept, *head)`` launches with the runtime arguments ``(*head, *fixed)``. ``kept`` is the
@@ -166,8 +167,6 @@ def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_
     fp32 store at 4 (16 bytes), and converts the master's new value between the two layouts
     through shared memory: 4 barriers per iteration (compile report). With 4 throughout the fp32
     streams keep 16-byte accesses, the 16-bit ones take 8-byte ones, and no conversion is left."""
-    from .kernels import _multi_tensor as walk  # looked up per launch: the host bench swaps it
-
     bases = plan.bases()
     n_roles, n_hyper = len(bases), len(hyperparameters)
     launch(walk._step_f64_kernel if plan.float64 else walk._step_kernel, plan.grid,

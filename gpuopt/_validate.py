@@ -26,6 +26,11 @@ import torch
 
 from ._runtime import check_kernel_device
 
+try:  # a private torch API: probed below before it is used
+    from torch._C._dynamo.guards import TensorGuards
+except ImportError:
+    TensorGuards = None
+
 FLOAT_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
 COMPLEX_DTYPES = frozenset((torch.complex64, torch.complex128))
 PARAM_DTYPES = FLOAT_DTYPES | COMPLEX_DTYPES
@@ -204,8 +209,9 @@ def _torch_tensor_guards():
     tensor's Python type, dtype, device, sizes, strides and dispatch keys in one C call, holding
     no reference to the tensors. Probed once, at import; checked on torch 2.13 (CI). Else None:
     no layout check, so nothing validated is reused (every step takes the plain path)."""
+    if TensorGuards is None:
+        return None
     try:
-        from torch._C._dynamo.guards import TensorGuards
         t = torch.zeros(2, 3)
         guard = TensorGuards(t, dynamic_dims_sizes=[[2, 3]], dynamic_dims_strides=[[3, 1]])
         same = guard.check(torch.ones(2, 3))

@@ -1,5 +1,6 @@
-"""Device code: ``@triton.jit`` kernels and their thin launchers (installed as ``gpuopt.kernels``).
+"""Device code: ``@triton.jit`` kernels, the equations they implement, and each optimizer's
+algorithm spec (installed as ``gpuopt.kernels``).
 
-Nothing here imports from ``gpuopt``: the host API calls down into this package, never the reverse.
-Launchers write into the tensors they are given and allocate nothing.
+Nothing here imports from ``gpuopt``: the host (``gpuopt/``) calls down into this package, never
+the reverse. Grids, occupancy, launches and allocation are the host's.
 """

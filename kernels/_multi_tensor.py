@@ -40,7 +40,6 @@ register spill.
 
 import collections
 import dataclasses
-import sys
 import types
 from typing import Callable
 
@@ -257,13 +256,12 @@ STEP_ROLE = tl.constexpr(2)  # every optimizer's ROLES begin ("param", "grad", "
 COMMON_FLAGS = ("maximize", "has_grad_scale", "has_master", "stochastic_rounding")
 
 
-def step_flags(name: str, fields: str = ""):
+def step_flags(name: str, fields: str = "", module: str = __name__):
     """The namedtuple type of an algorithm's constexpr ``FLAGS``: its own ``fields`` and the
-    ones every optimizer update reads (``COMMON_FLAGS``)."""
-    # Made here, the type would belong to this module; it belongs to the caller, as a namedtuple
-    # made there would (pickling, the compile report's records find it by module and name).
-    return collections.namedtuple(name, fields.split() + list(COMMON_FLAGS),
-                                  module=sys._getframe(1).f_globals["__name__"])
+    ones every optimizer update reads (``COMMON_FLAGS``). ``module``: the caller's
+    ``__name__``, which the type belongs to as a namedtuple made there would (pickling, the
+    compile report's records find it by module and name)."""
+    return collections.namedtuple(name, fields.split() + list(COMMON_FLAGS), module=module)
 
 
 def _no_states(options) -> tuple:

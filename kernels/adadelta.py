@@ -16,7 +16,7 @@ from ._multi_tensor import (Algorithm, add_weight_decay, load_compute, load_grad
                             store_param)
 
 ROLES = ("param", "grad", "step", "square_avg", "acc_delta", "master")
-AdadeltaFlags = step_flags("AdadeltaFlags")
+AdadeltaFlags = step_flags("AdadeltaFlags", "", __name__)
 
 
 @triton.jit

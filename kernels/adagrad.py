@@ -15,7 +15,7 @@ from ._multi_tensor import (Algorithm, add_weight_decay, load_compute, load_grad
                             store_param)
 
 ROLES = ("param", "grad", "step", "sum", "master")
-AdagradFlags = step_flags("AdagradFlags")
+AdagradFlags = step_flags("AdagradFlags", "", __name__)
 
 
 @triton.jit

@@ -19,7 +19,7 @@ from ._multi_tensor import (Algorithm, add_weight_decay, load_compute, load_grad
                             store_as, store_param)
 
 ROLES = ("param", "grad", "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
-AdamFlags = step_flags("AdamFlags", "amsgrad decoupled eps_inside_sqrt")
+AdamFlags = step_flags("AdamFlags", "amsgrad decoupled eps_inside_sqrt", __name__)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ from ._multi_tensor import (Algorithm, add_weight_decay, load_compute, load_grad
                             store_param)
 
 ROLES = ("param", "grad", "step", "square_avg", "grad_avg", "momentum_buffer", "master")
-RMSpropFlags = step_flags("RMSpropFlags", "centered has_momentum eps_inside_sqrt")
+RMSpropFlags = step_flags("RMSpropFlags", "centered has_momentum eps_inside_sqrt", __name__)
 
 
 @triton.jit

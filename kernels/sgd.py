@@ -17,7 +17,7 @@ import triton.language as tl
 from ._multi_tensor import Algorithm, add_weight_decay, load_grad, load_param, step_flags, store_as, store_param
 
 ROLES = ("param", "grad", "step", "momentum_buffer", "master")
-SGDFlags = step_flags("SGDFlags", "has_momentum has_step nesterov")
+SGDFlags = step_flags("SGDFlags", "has_momentum has_step nesterov", __name__)
 
 
 @triton.jit

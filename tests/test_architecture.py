@@ -37,7 +37,7 @@ def _no_step(options):
     return False
 
 
-SIGN_SGD = Algorithm(roles=("param", "grad", "master"), update=_sign_sgd_update, flags=step_flags("SignSGDFlags"),
+SIGN_SGD = Algorithm(roles=("param", "grad", "master"), update=_sign_sgd_update, flags=step_flags("SignSGDFlags", "", __name__),
                      hyperparameters=_sign_sgd_hyperparameters, uses_step=_no_step)
 
 
@@ -100,3 +100,82 @@ def test_sign_sgd_is_validated_like_the_others(device):
                                      dict(weight_decay=0.0, maximize=False), lr=0.1, grad_scale=None,
                                      found_inf=None, seed=0, stochastic_rounding=False)
     assert torch.equal(p, before)
+
+
+# ------------------------------------------------------------------ how the package is layered ----
+
+def _imports():
+    """``{module: (modules it imports from gpuopt, imports made inside a function)}`` for every
+    module of gpuopt/ and kernels/ (kernels/ is installed as gpuopt.kernels)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(gpuopt.__file__).parent.parent
+    found = {}
+    for folder, package in (("gpuopt", "gpuopt"), ("kernels", "gpuopt.kernels")):
+        for path in sorted((root / folder).glob("*.py")):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            tree = ast.parse(path.read_text())
+            imported, inside = set(), []
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom):
+                    base = package.split(".") if path.stem == "__init__" else name.split(".")[:-1]
+                    module = ".".join(base[:len(base) - node.level + 1] + [node.module] if node.module else
+                                      base[:len(base) - node.level + 1]) if node.level else node.module
+                    targets = [module] if node.module else [f"{module}.{a.name}" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    targets = [a.name for a in node.names]
+                else:
+                    continue
+                targets = [t for t in targets if t.startswith("gpuopt")]
+                imported.update(targets)
+            for function in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+                inside += [f"{name}.{function.name}" for n in ast.walk(function)
+                           if isinstance(n, (ast.Import, ast.ImportFrom))
+                           and not (isinstance(n, ast.Import) and [a.name for a in n.names] == ["cupy"])]
+            found[name] = (imported, inside)
+    return found
+
+
+def test_imports_flow_one_way():
+    """kernels/ imports nothing from gpuopt's host modules; no module imports inside a function
+    (but CuPy, optional, imported where a CuPy array arrives); the host modules import each
+    other without a cycle."""
+    imports = _imports()
+    for name, (imported, inside) in imports.items():
+        if name.startswith("gpuopt.kernels"):
+            assert all(t.startswith("gpuopt.kernels") for t in imported), (name, imported)
+        assert not inside, inside
+    graph = {name: {t for t in imported if t in imports and t != name} for name, (imported, _) in imports.items()}
+    done, path = set(), []
+
+    def visit(node):
+        if node in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(node):] + [node]))
+        if node in done:
+            return
+        path.append(node)
+        for nxt in sorted(graph[node] - {"gpuopt"}):  # (a submodule importing its package's __init__ is not a cycle)
+            visit(nxt)
+        path.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node)
+
+
+def test_nothing_is_compiled_or_generated_at_run_time():
+    """No C/C++ source in the package, no eval/exec/sys._getframe, no compiler invoked."""
+    import pathlib
+
+    root = pathlib.Path(gpuopt.__file__).parent.parent
+    files = list((root / "gpuopt").iterdir()) + list((root / "kernels").iterdir())
+    assert not [f for f in files if f.suffix in (".c", ".cc", ".cpp", ".h", ".so")]
+    import ast
+
+    for f in files:
+        if f.suffix == ".py":
+            for node in ast.walk(ast.parse(f.read_text())):
+                name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else (
+                    node.module if isinstance(node, ast.ImportFrom) else None)
+                assert name not in ("eval", "exec", "_getframe", "cpp_extension", "subprocess"), (f.name, name)

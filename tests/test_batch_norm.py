@@ -218,7 +218,7 @@ def test_every_value_is_counted_once_by_the_splits():
     """The launch grid covers each (row, channel) exactly once: rows split in rows_per_split
     pieces, channels-first columns in cols_per_split pieces, channels-last channels in blocks
     (a channels-last C of 67 over 64-wide blocks once made two programs read the same rows)."""
-    from gpuopt.kernels.batch_norm import make_grid
+    from gpuopt._batch_norm_launch import make_grid
 
     for R, C, S, channels_last in [(1, 1, 300, False), (2, 1, 323, False), (9, 67, 1, True), (18, 67, 1, True),
                                    (256 * 196, 256, 1, True), (256, 64, 3136, False), (8, 64, 65536, False),
@@ -241,7 +241,7 @@ def test_every_value_is_counted_once_by_the_splits():
 def test_short_rows_switch_restores_channels_first_tiles(monkeypatch):
     """GPUOPT_SHORT_ROWS=0 (read at import; the bench's A/B switch) gives rows of 49 the
     channels-first tiles again: one program per channel, 4-byte accesses."""
-    from gpuopt.kernels import batch_norm as bn
+    from gpuopt import _batch_norm_launch as bn
 
     monkeypatch.setattr(bn, "_SHORT_ROWS", False)
     g = bn.make_grid.__wrapped__(256, 2048, 49, False, 4, True, 132)
@@ -683,7 +683,7 @@ def test_splits_fill_whole_waves_of_the_compiled_occupancy():
     ``sm_count × programs_per_sm`` programs: one wave when the channel blocks fit in one, else
     a last wave nearly full. (bench/compile_report.py shows it on every suite shape with the
     compiled kernels' occupancy; tests/test_compile.py asserts it.)"""
-    from gpuopt.kernels.batch_norm import make_grid
+    from gpuopt._batch_norm_launch import make_grid
 
     for R, C, S, channels_last in [(256 * 3136, 64, 1, True), (256, 64, 3136, False), (256, 2048, 49, False),
                                    (8192, 4096, 1, True), (128, 128, 784, False)]:
