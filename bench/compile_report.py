@@ -213,7 +213,7 @@ def compile_record(r: dict, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
 
     from gpuopt._multi_tensor import GPU_BLOCK, GPU_WARPS
-    from gpuopt._runtime import resident_programs
+    from gpuopt._launch import resident_programs
 
     dtypes = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
     module = importlib.import_module(r["module"])
@@ -299,7 +299,7 @@ def batch_norm_suite_launches():
     import torch
 
     from bench.bn_suite import SHAPES
-    from gpuopt._runtime import H100
+    from gpuopt._launch import H100
     from gpuopt import _batch_norm_launch as bn
 
     cases = []
@@ -328,7 +328,7 @@ def waves_tables(compiled_rows: list[dict], suite: list, figures_of) -> list[str
 
     from bench.shapes import gpt2_medium_shapes, resnet50_shapes
     from gpuopt._multi_tensor import GPU_BLOCK
-    from gpuopt._runtime import H100
+    from gpuopt._launch import H100
     from gpuopt import _batch_norm_launch as bn
 
     lines = [f"Waves on H100 ({H100.count} SMs), grids from the compiled occupancy"]

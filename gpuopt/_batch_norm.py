@@ -9,7 +9,7 @@ import operator
 import torch
 
 from . import _batch_norm_launch as launches
-from ._runtime import check_kernel_device
+from ._launch import check_kernel_device
 from ._validate import layout_check
 from .kernels import batch_norm as kernels
 

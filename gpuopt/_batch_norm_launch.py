@@ -13,7 +13,7 @@ import torch
 import triton.language as tl
 
 from . import _launch
-from ._runtime import ASSUMED_SM_COUNT, multiprocessor, use_gpu_config
+from ._launch import ASSUMED_SM_COUNT, multiprocessor, use_gpu_config
 from .kernels import batch_norm as kernels
 
 # ------------------------------------------------------------------ launch geometry ----------

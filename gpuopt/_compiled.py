@@ -16,7 +16,7 @@ import inspect
 import torch
 
 from ._distributed import any_dtensor
-from ._step import needed_roles, run_functional
+from ._multi_tensor import needed_roles, run_functional
 from .kernels._multi_tensor import MAX_ROLES  # the operator has one list argument per role slot
 
 _ALGORITHMS: dict = {}  # key → (the optimizer's name, its Algorithm)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._runtime import interpreter_enabled
+from ._launch import interpreter_enabled
 
 try:  # torch.distributed may be left out of a build
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor

@@ -14,8 +14,9 @@ import torch.optim.optimizer as _torch_optimizer
 
 from . import _compiled
 from ._distributed import any_dtensor, check_sharded_pairs, is_dtensor, like_dtensor, local, local_roles
-from ._multi_tensor import PlanCache
-from ._step import StepArgs, dense_grads, needed_roles, on_device, prepare_launches, step_launcher
+from ._launch import launch_step
+from ._multi_tensor import (PlanCache, StepArgs, dense_grads, has_step, needed_roles, on_device, prepare_buckets,
+                            step_options)
 from .clip import get_total_norm
 from ._validate import check_params_and_grads, follow_layout, layout_check, like_param, matching_layout
 
@@ -154,13 +155,13 @@ class _PreparedGroup:
     grad_layout: object  # layout_check of the gradients present at validation (when reusable)
     generation: int
     structure: tuple
-    launches: list  # [(plan, has_master, stochastic_rounding, positions in the group's param list)]
+    buckets: list  # [_step.Bucket], positions in the group's param list
     movable: bool = False  # every parameter had a gradient: moved gradients rewrite one table row
     touched: tuple = ()  # params, states, master copies of the launches (not grads)
     touched_addresses: tuple = ()
     grad_copies: list | None = None  # gradients copied into their param's layout, for this step's launch
-    options: tuple | None = None  # the group's options the launcher was made from (None: remake every step)
-    launcher: object = None  # launch(plan, step_args, lr=, has_master=, stochastic_rounding=)
+    options: tuple | None = None  # the group's options ``step_options`` read (None: read again every step)
+    step_options: object = None  # _launch.StepOptions
     sharded: bool = False  # DTensor parameters: the addresses and launches are of their local tensors
 
     def same_tensors(self, params) -> bool:
@@ -190,22 +191,12 @@ class _PreparedGroup:
         self.grad_addresses = addresses
         return True
 
-    def grad(self, params, position):
-        """The gradient the plans read at ``position`` this step (a DTensor's local shard)."""
-        grad = params[position].grad
-        return local(grad) if self.sharded else grad
-
-    def same_options(self, options) -> bool:
-        """The group's options are the very objects the launcher was made from (held here, so
-        identity is exact: an object still referenced cannot share its id with a new one)."""
-        kept = self.options
-        return kept is not None and len(kept) == len(options) and all(map(operator.is_, kept, options))
-
-    def set_options(self, options, launcher) -> None:
-        # An option that can change in place (betas as tensors, or as a list edited after a
-        # checkpoint went through JSON/YAML) is read again: its launcher is remade every step.
+    def set_options(self, options, step_options) -> None:
+        # Held, so that identity is exact (an object still referenced cannot share its id with a
+        # new one). An option that can change in place (betas as tensors, or as a list edited
+        # after a checkpoint went through JSON/YAML) is read again every step.
         self.options = None if any(map(_mutable, options)) else options
-        self.launcher = launcher
+        self.step_options = step_options
 
     def move_grads(self, addresses: np.ndarray) -> bool:
         """The gradients alone moved (``zero_grad(set_to_none=True)`` and a new backward), with
@@ -213,7 +204,8 @@ class _PreparedGroup:
         ``addresses`` (int64, one per parameter): if they are aligned, rewrite the gradient row
         of each plan's table and return True; else False (validate all)."""
         moves = []
-        for plan, _, _, index in self.launches:
+        for bucket in self.buckets:
+            plan, index = bucket.plan, bucket.positions
             mine = addresses if len(index) == len(addresses) else addresses[index]
             low_bits = int(np.bitwise_or.reduce(mine))  # (element sizes are powers of 2: one OR, no modulo)
             if low_bits & (plan.element_size(GRAD_ROLE) - 1):  # misaligned: the slow path explains it
@@ -322,7 +314,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._generation.value += 1
         self._plans = PlanCache()
         self._prepared: dict[int, _PreparedGroup] = {}
-        # The options a group's launcher is made from; lr is read at every launch instead.
+        # The options a group's step options are made from; lr is read at every launch instead.
         self._option_names = tuple(name for name in self.defaults if name != "lr")
 
     def __setstate__(self, state):
@@ -378,7 +370,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _uses_step(self, group) -> bool:
         """The group's state has a ``step`` (SGD's only with momentum; see gpuopt.SGD)."""
-        return self._algorithm.uses_step(self._options(group))
+        return has_step(self._algorithm, self._options(group))
 
     def _state_roles(self, group) -> tuple:
         """The state keys (= kernel roles) that the group's options need, besides step and master."""
@@ -567,25 +559,31 @@ class FusedOptimizer(torch.optim.Optimizer):
         loss, grad_scale, found_inf = self._begin_step(closure, grad_scale, found_inf)
         if type(self.state) is not _OptimizerState:  # `opt.state = ...` replaced it
             self._reset_host_caches()
-        step_args = {}
-        # Every group is validated before any launches: a group that fails leaves all unchanged.
-        prepared_groups = [self._prepared_group(index, group) for index, group in enumerate(self.param_groups)]
+        # Every group is validated before any launch: a group that fails leaves all unchanged.
+        prepared_groups = []
+        for index, group in enumerate(self.param_groups):
+            prepared_groups.append(self._prepared_group(index, group))
+        step_args = {}  # device → StepArgs
         for group, prepared in zip(self.param_groups, prepared_groups):
             params, lr = group["params"], group["lr"]
-            for plan, has_master, sr, positions in prepared.launches:
-                device = plan.device
-                args = step_args.get(device)
+            for bucket in prepared.buckets:
+                plan = bucket.plan
+                args = step_args.get(plan.device)
                 if args is None:
-                    args = step_args[device] = StepArgs(device, on_device(grad_scale, device),
-                                                        on_device(found_inf, device), self._seed or 0,
-                                                        None if self._seed is None else self._epoch(device))
+                    args = step_args[plan.device] = self._step_args(plan.device, grad_scale, found_inf)
                 if prepared.grad_copies is None:  # else the plan points at the copies, made this step
-                    plan.point(GRAD_ROLE, prepared.grad(params, positions[0]))
-                prepared.launcher(plan, args, lr=lr, has_master=has_master, stochastic_rounding=sr)
+                    grad = params[bucket.positions[0]].grad
+                    plan.point(GRAD_ROLE, local(grad) if prepared.sharded else grad)
+                launch_step(self._algorithm, bucket, prepared.step_options, args, lr)
                 plan.release(GRAD_ROLE)
             prepared.grad_copies = None
         self._clip.value = None
         return loss
+
+    def _step_args(self, device, grad_scale, found_inf) -> StepArgs:
+        return StepArgs(device, None if grad_scale is None else on_device(grad_scale, device),
+                        None if found_inf is None else on_device(found_inf, device), self._seed or 0,
+                        None if self._seed is None else self._epoch(device))
 
     def _epoch(self, device) -> torch.Tensor:
         """The stochastic-rounding epoch on ``device``: an int32 device tensor every rounded launch
@@ -608,9 +606,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         params = group["params"]
         prepared = self._prepared.get(index)
         options = tuple(map(group.get, self._option_names))
-        if prepared is not None and not prepared.same_options(options):
+        if prepared is not None and (prepared.options is None or len(prepared.options) != len(options)
+                                     or not all(map(operator.is_, prepared.options, options))):
             if prepared.structure == self._structure(group):  # new hyperparameters, the same tensors
-                prepared.set_options(options, self._launcher(group))
+                prepared.set_options(options, step_options(self._algorithm, self._options(group)))
             else:
                 prepared = None
         if (prepared is None or prepared.generation != self._generation.value
@@ -655,7 +654,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         local_params = [local(p) for p in params] if sharded else params
         grads = [grads[i] for i in chosen]
         densified = dense_grads(self._algorithm, grads, group.get("weight_decay", 0.0))
-        launches, touched, copies = [], (), None
+        buckets, touched, copies = [], (), None
         if params:
             check_params_and_grads(name, local_params, densified)  # before any state is made for them
             matched = [matching_layout(g, p) for g, p in zip(densified, local_params)]
@@ -673,16 +672,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             roles = self._roles(group, params, matched)
             if sharded:
                 roles = local_roles(roles)
-            launches = [(plan, has_master, sr, [chosen[i] for i in positions])
-                        for plan, has_master, sr, positions in prepare_launches(
-                            name, roles, self._algorithm.roles, self._plans, index, group["stochastic_rounding"])]
+            buckets = prepare_buckets(name, roles, self._algorithm.roles, self._plans, index,
+                                      group["stochastic_rounding"])
+            for bucket in buckets:  # (positions in the group's param list)
+                bucket.positions = [chosen[i] for i in bucket.positions]
             touched = tuple(t for role, tensors in roles.items() if role != "grad" for t in tensors)
         grad_layout = layout_check(present) if copies is None and all(type(a) is int for a in addresses) else None
         reusable = grad_layout is not None  # (not with copied or sparse gradients, nor without a layout check)
         prepared = _PreparedGroup(group_params, addresses if reusable else None, grad_layout,
-                                  self._generation.value, self._structure(group), launches,
-                                  every_grad and bool(launches), touched, tuple(map(_ADDRESS, touched)), copies)
-        prepared.set_options(options, self._launcher(group))
+                                  self._generation.value, self._structure(group), buckets,
+                                  every_grad and bool(buckets), touched, tuple(map(_ADDRESS, touched)), copies)
+        prepared.set_options(options, step_options(self._algorithm, self._options(group)))
         prepared.sharded = sharded
         self._prepared[index] = prepared
         return prepared
@@ -699,10 +699,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             # land in a different launch group (dtype differs), where the master flag is off.
             roles["master"] = [s.get("master_param", p) for p, s in zip(params, states)]
         return roles
-
-    def _launcher(self, group):
-        """``launch(plan, step_args, *, lr, has_master, stochastic_rounding)`` with the group's options."""
-        return step_launcher(self._algorithm, self._options(group))
 
 
 def validate_common(lr, eps=None, weight_decay=0.0):

@@ -1,4 +1,5 @@
-"""Kernel launches without Triton's per-call argument binding.
+"""Where kernels run (the device checks, the SM limits a grid is sized from) and how they are
+launched: without Triton's per-call argument binding.
 
 ``kernel[grid](*args, **constexprs)`` goes through ``JITFunction.run``, which binds and
 specialises every argument on every call (~10 µs for the optimizers' ~26 arguments) before the
@@ -28,12 +29,86 @@ constant tail (see ``Launch``).
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
+from dataclasses import dataclass
 
 import torch
 
-from ._runtime import interpreter_enabled, multiprocessor, resident_programs
 from .kernels import _multi_tensor as walk
+
+# ---------------------------------------------------------------- where kernels run ----------
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def check_kernel_device(tensor: torch.Tensor, what: str) -> None:
+    """Raise a clear error if Triton kernels cannot run on ``tensor``'s device."""
+    kind = tensor.device.type
+    if kind == "cuda":
+        return
+    if kind == "cpu":
+        if interpreter_enabled():
+            return
+        raise RuntimeError(
+            f"gpuopt: {what} is on the CPU, where gpuopt's Triton kernels cannot run. Move the "
+            "model to a CUDA GPU (model.cuda()), or set TRITON_INTERPRET=1 before triton is "
+            "imported to run the kernels (slowly) through Triton's interpreter."
+        )
+    raise RuntimeError(f"gpuopt: {what} is on device '{tensor.device}'; gpuopt runs on CUDA GPUs "
+                       "(or on the CPU through Triton's interpreter).")
+
+
+def use_gpu_config(device: torch.device) -> bool:
+    """Launch with the block sizes and grids of a GPU: on a GPU, or in the interpreter when
+    ``GPUOPT_GPU_CONFIG=1`` (the tests check the GPU's configurations on the CPU that way, and
+    bench/compile_report.py records the launches a GPU would make)."""
+    return device.type == "cuda" or os.environ.get("GPUOPT_GPU_CONFIG") == "1"
+
+
+# What GPUOPT_GPU_CONFIG=1 pretends to run on when there is no GPU: an H100 SXM.
+ASSUMED_SM_COUNT, ASSUMED_THREADS_PER_SM = 132, 2048
+
+
+@dataclass(frozen=True)
+class Multiprocessor:
+    """What one SM holds at once, the limits of how many programs (CTAs) are resident on it."""
+
+    registers: int = 65536
+    threads: int = 2048
+    shared: int = 233472  # bytes (228 KB)
+    blocks: int = 32
+    count: int = ASSUMED_SM_COUNT  # SMs on the device
+
+
+H100 = Multiprocessor()
+
+
+@functools.lru_cache(maxsize=16)
+def multiprocessor(device_index: int) -> Multiprocessor:
+    """The SM limits of a CUDA device (H100's where torch does not report one)."""
+    props = torch.cuda.get_device_properties(device_index)
+    return Multiprocessor(getattr(props, "regs_per_multiprocessor", H100.registers),
+                          getattr(props, "max_threads_per_multi_processor", H100.threads),
+                          getattr(props, "shared_memory_per_multiprocessor", H100.shared),
+                          H100.blocks, props.multi_processor_count)
+
+
+def resident_programs(registers: int, num_warps: int, shared: int, sm: Multiprocessor = H100) -> int:
+    """Programs of a compiled kernel resident on one SM at once: the least that its registers
+    (allocated per warp in units of 256: a warp holds ceil(32·regs / 256)·256), its warps, its
+    shared memory and the SM's block slots allow. A grid of ``resident × SMs`` programs is one
+    *wave*; a grid a little over a whole number of waves leaves most SMs idle for its last."""
+    per_warp = -(-32 * max(registers, 1) // 256) * 256
+    by_registers = (sm.registers // per_warp) // num_warps
+    by_shared = sm.shared // shared if shared else sm.blocks
+    return max(1, min(sm.blocks, sm.threads // (32 * num_warps), by_registers, by_shared))
+
+
+# -------------------------------------------------------------------------- launches ----------
 
 def _argument_key(args: tuple) -> tuple:
     """What Triton may specialise ``args`` on (see the module's docstring): each tensor's dtype
@@ -61,7 +136,7 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, *
     ``persistent``: the kernel walks its work grid-stride along axis 0 (any number of programs
     does all of it), and ``grid[0]`` is an upper bound, lowered to one *wave* of the compiled
     kernel: as many programs as every SM keeps resident at once, from the kernel's registers,
-    warps and shared memory (``_runtime.resident_programs``). A grid just over a whole number of
+    warps and shared memory (``resident_programs``). A grid just over a whole number of
     waves would leave most SMs idle while the last few programs run."""
     if not _compiled_launches:
         with _interpreter_lock:  # Triton's interpreter keeps the running grid's state in globals
@@ -167,10 +242,10 @@ def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_
     fp32 store at 4 (16 bytes), and converts the master's new value between the two layouts
     through shared memory: 4 barriers per iteration (compile report). With 4 throughout the fp32
     streams keep 16-byte accesses, the 16-bit ones take 8-byte ones, and no conversion is left."""
-    bases = plan.bases()
+    bases = plan.bases
     n_roles, n_hyper = len(bases), len(hyperparameters)
     launch(walk._step_f64_kernel if plan.float64 else walk._step_kernel, plan.grid,
-           (*plan.schedule_args(), *bases, *(bases[0],) * (walk.MAX_ROLES - n_roles), plan.counter, lr, lr_ptr,
+           (*plan.schedule, *bases, *(bases[0],) * (walk.MAX_ROLES - n_roles), plan.counter, lr, lr_ptr,
             *hyperparameters, *(0.0,) * (walk.MAX_HYPER - n_hyper), grad_scale, found_inf, seed, epoch),
            dict(UPDATE=algorithm.update, PER_TENSOR=algorithm.per_tensor or walk.step_only, FLAGS=flags,
                 N_ROLES=n_roles, N_HYPER=n_hyper, HAS_STEP=has_step,
@@ -181,14 +256,26 @@ def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_
            plan.num_warps, persistent=True)
 
 
-def launch_step(algorithm, plan, step_args, lr, hyperparameters: tuple, flags: dict, *, has_master,
-                stochastic_rounding, has_step) -> None:
-    """One optimizer step over ``plan``: ``launch_update`` with the step's shared arguments
-    (``step_args``: AMP's tensors, the rounding seed and epoch; ``lr``) and ``flags`` completed with the ones every
-    optimizer update reads (``COMMON_FLAGS``; ``flags`` brings ``maximize``)."""
-    lr_value, lr_ptr = step_args.lr_args(lr)
-    launch_update(algorithm, plan, hyperparameters,
-                  algorithm.flags(**flags, has_grad_scale=step_args.has_grad_scale, has_master=has_master,
-                                  stochastic_rounding=stochastic_rounding),
-                  lr=lr_value, lr_ptr=lr_ptr, grad_scale=step_args.grad_scale, found_inf=step_args.found_inf,
-                  seed=step_args.seed, epoch=step_args.epoch if stochastic_rounding else None, has_step=has_step)
+@dataclass(frozen=True)
+class StepOptions:
+    """An optimizer's launch arguments worked out from its options (``_step.step_options``)."""
+
+    hyperparameters: tuple  # the floats ``update`` reads, in the order of ``Algorithm.hyper``
+    flags: dict  # the algorithm's own constexpr flags by name (``maximize`` included)
+    has_step: bool  # the ``step`` role is read and advanced
+
+
+def launch_step(algorithm, bucket, options: StepOptions, step_args, lr) -> None:
+    """One optimizer step over ``bucket`` (a ``_step.Bucket``, its plan pointed at this step's
+    tensors): ``launch_update`` with the step's shared arguments (``step_args``: AMP's tensors,
+    the rounding seed and epoch) and the flags every optimizer update reads (``COMMON_FLAGS``)
+    completed. A tensor ``lr`` on the parameters' device is read by the kernel; a float or a CPU
+    tensor (reading it does not synchronise) is passed by value, as a float64 argument."""
+    on_device = isinstance(lr, torch.Tensor) and lr.device == step_args.device
+    rounded = bucket.stochastic_rounding
+    launch_update(algorithm, bucket.plan, options.hyperparameters,
+                  algorithm.flags(**options.flags, has_grad_scale=step_args.grad_scale is not None,
+                                  has_master=bucket.has_master, stochastic_rounding=rounded),
+                  lr=0.0 if on_device else float(lr), lr_ptr=lr if on_device else None,
+                  grad_scale=step_args.grad_scale, found_inf=step_args.found_inf, seed=step_args.seed,
+                  epoch=step_args.epoch if rounded else None, has_step=options.has_step)

@@ -1,20 +1,28 @@
-"""Host side of the one-launch-per-group kernels: block schedules and pointer-offset tables.
+"""The plain path of a multi-tensor step, host side: validate → plan → launch.
 
-See ``gpuopt/kernels/_multi_tensor.py`` for what the device side expects. A ``LaunchPlan`` is
-built once per group of tensors and kept: the schedule depends only on the tensors' sizes, and the
-offsets table is rebuilt (one small host-to-device copy) only when some tensor's storage moved,
-e.g. when ``zero_grad(set_to_none=True)`` let the next backward allocate new gradients.
+``gpuopt/kernels/_multi_tensor.py`` is the device side (the walk every optimizer shares). Here: a
+``LaunchPlan`` holds one launch's block schedule and pointer-offset table (the schedule depends
+only on the tensors' sizes; the table is rebuilt, one small host-to-device copy, only when some
+tensor's storage moved, e.g. when ``zero_grad(set_to_none=True)`` let the next backward allocate
+new gradients); ``prepare_buckets`` validates a call's tensors and splits them into buckets (one
+launch each); ``run_functional`` is the whole path for ``gpuopt.functional`` and the
+``torch.compile`` operator (``_compiled``), every call. The optimizer classes (``_fused``) use the
+same pieces and keep what they validated between steps.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ._runtime import ASSUMED_SM_COUNT, ASSUMED_THREADS_PER_SM, use_gpu_config
+from . import _launch
+from ._distributed import any_dtensor, check_sharded_pairs, local_roles
+from ._launch import ASSUMED_SM_COUNT, ASSUMED_THREADS_PER_SM, use_gpu_config
+from ._validate import check_params_and_grads, check_roles, matching_layout, real_views
 
 # Block size and warps: 8 fp32 elements per thread (two 16-byte accesses per stream) on a GPU.
 # The interpreter runs blocks one after another in NumPy, at a cost per block rather than per
@@ -89,7 +97,7 @@ class LaunchPlan:
         """Point the plan at ``roles``' current storage; copies a new table only if it moved."""
         # map over a C method, not a generator expression: this runs every step for every tensor
         addresses = tuple(itertools.chain.from_iterable(map(torch.Tensor.data_ptr, role) for role in roles))
-        self._bases = [role[0] for role in roles]
+        self.bases = [role[0] for role in roles]  # each role's base pointer (its first tensor)
         if addresses == self._addresses:
             return
         self._element_sizes = [role[0].element_size() for role in roles]
@@ -101,6 +109,8 @@ class LaunchPlan:
         if self.device.type == "cuda":
             table = table.pin_memory().to(self.device, non_blocking=True)
         self.offsets = table
+        # Kernel arguments shared by every multi-tensor kernel, in the order they declare them.
+        self.schedule = (self.block_tensor, self.block_start, self.numel, self.offsets, self.n_blocks, self.n_tensors)
         n = self.n_tensors
         self._role_aligned = [all(a % 16 == 0 for a in addresses[k * n:(k + 1) * n]) for k in range(len(roles))]
         self.aligned = all(self._role_aligned)
@@ -118,7 +128,7 @@ class LaunchPlan:
         if self.device.type == "cuda":
             row = row.pin_memory()
         self.offsets[role].copy_(row, non_blocking=True)
-        self._bases[role] = None
+        self.bases[role] = None
         self._role_aligned[role] = aligned
         self.aligned = all(self._role_aligned)
         self._addresses = None  # the whole-table address cache no longer describes the table
@@ -126,7 +136,7 @@ class LaunchPlan:
     def point(self, role: int, first: torch.Tensor) -> None:
         """Make ``first`` (the role's tensor 0, at the address the table was built from; a complex
         tensor is taken as its real view) the role's base pointer for the next launch."""
-        self._bases[role] = torch.view_as_real(first) if first.is_complex() else first
+        self.bases[role] = torch.view_as_real(first) if first.is_complex() else first
 
     def release(self, role: int | None = None) -> None:
         """Drop the plan's reference to one role's base tensor (all roles with ``None``), so that a
@@ -134,20 +144,12 @@ class LaunchPlan:
         ``zero_grad(set_to_none=True)``, or a functional caller's tensors. ``refresh`` or
         ``point`` gives it back before the next launch."""
         if role is None:
-            self._bases = [None] * len(self._bases)
+            self.bases = [None] * len(self.bases)
         else:
-            self._bases[role] = None
+            self.bases[role] = None
 
     def element_size(self, role: int) -> int:
         return self._element_sizes[role]
-
-    def schedule_args(self):
-        """Kernel arguments shared by every multi-tensor kernel, in the order they declare them."""
-        return (self.block_tensor, self.block_start, self.numel, self.offsets, self.n_blocks, self.n_tensors)
-
-    def bases(self):
-        """The base pointer (first tensor) of each role, in role order."""
-        return self._bases
 
 
 class PlanCache:
@@ -203,3 +205,139 @@ def plan_launches(roles: dict, role_names: tuple, plans: PlanCache, key) -> list
             ordered.append(tensors if len(index) == len(first) else [tensors[i] for i in index])
         launches.append((plans.get((key, bucket_key), ordered), index))
     return launches
+
+
+# ------------------------------------------------------------------ one step, planned ----------
+
+_FUNCTIONAL_PLANS = ThreadPlans()  # for the functional API, whose callers keep no plans
+
+
+@dataclass
+class StepArgs:
+    """Arguments shared by every launch of one ``step()``: AMP's scale and overflow flag (device
+    tensors, never read on the host), the stochastic-rounding seed and epoch (an optimizer's
+    launch count on the device, advanced by each rounded launch; None for the functional API,
+    whose caller varies the seed)."""
+
+    device: torch.device
+    grad_scale: torch.Tensor | None = None
+    found_inf: torch.Tensor | None = None
+    seed: int = 0
+    epoch: torch.Tensor | None = None
+
+
+@dataclass
+class Bucket:
+    """The tensors of one call (a param group, a functional call) that share a device and every
+    role's dtype, updated by one launch: their ``LaunchPlan``, the launch's precision flags
+    (``bucket_precision``), and where they are in the call's lists."""
+
+    plan: LaunchPlan
+    has_master: bool
+    stochastic_rounding: bool
+    positions: list
+
+
+def step_options(algorithm, options: dict) -> _launch.StepOptions:
+    """``algorithm``'s launch arguments (a ``kernels._multi_tensor.Algorithm``) from ``options``
+    (its keyword arguments but ``lr``, which is read at every launch), worked out once: the
+    kernel's hyperparameters packed by name in the order of ``algorithm.hyper``."""
+    options = {name: plain_number(value) for name, value in options.items()}
+    values, flags = algorithm.hyperparameters(**options)
+    return _launch.StepOptions(tuple(float(values[name]) for name in algorithm.hyper), flags,
+                               has_step(algorithm, options))
+
+
+def plain_number(value):
+    """An option as the kernel takes it: a one-element tensor (torch computes with 0-d tensor
+    hyperparameters; a device tensor is read once, a host sync) or a NumPy scalar as the Python
+    number it holds; anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def needed_roles(algorithm, options: dict) -> tuple:
+    """The state roles ``options`` make the kernel read and write (``step`` first, when used)."""
+    return (("step",) if has_step(algorithm, options) else ()) + tuple(algorithm.states(options))
+
+
+def has_step(algorithm, options: dict) -> bool:
+    """``options`` make the kernel read and advance the ``step`` role."""
+    return algorithm.uses_step is None or algorithm.uses_step(options)
+
+
+def bucket_precision(plan, master_role: int | None, has_masters: bool, stochastic_rounding: bool):
+    """(HAS_MASTER, STOCHASTIC_ROUNDING) for one bucket: a master copy only for bf16/fp16
+    params (fp32 params in the same call carry themselves as a stand-in), stochastic rounding only
+    for bf16 params without one."""
+    param_dtype = plan.bases[0].dtype
+    low_precision = param_dtype in (torch.bfloat16, torch.float16)
+    has_master = (has_masters and low_precision and master_role is not None
+                  and plan.bases[master_role].dtype == torch.float32)
+    return has_master, bool(stochastic_rounding) and not has_master and param_dtype == torch.bfloat16
+
+
+def prepare_buckets(name: str, roles: dict, role_names: tuple, plans: PlanCache, key,
+                    stochastic_rounding: bool) -> list[Bucket]:
+    """Validate one call's tensors (``gpuopt._validate.check_roles``) and split them into
+    buckets. The slow path, shared by the functional API (every call) and the optimizer classes
+    (only when something changed)."""
+    roles = real_views(roles)
+    check_roles(name, roles, role_names)
+    has_masters = roles.get("master") is not None
+    master_role = role_names.index("master") if "master" in role_names else None
+    return [Bucket(plan, *bucket_precision(plan, master_role, has_masters, stochastic_rounding), index)
+            for plan, index in plan_launches(roles, role_names, plans, key)]
+
+
+def dense_grads(algorithm, grads, weight_decay):
+    """Sparse gradients (``nn.Embedding(sparse=True)``) as dense ones, for the algorithms torch
+    takes them in (SGD, Adagrad: ``Algorithm.sparse_grads``): there a zero gradient element
+    leaves the parameter and state exactly as torch's sparse update leaves an absent one (SGD's
+    momentum decays everywhere in both). Other algorithms get them unchanged, for
+    ``check_params_and_grads`` to refuse with torch's message."""
+    rule = algorithm.sparse_grads
+    if rule is None or all(g is None or g.layout is torch.strided for g in grads):
+        return grads
+    if rule == "without weight decay" and weight_decay != 0:
+        raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+    return [g if g is None or g.layout is torch.strided else g.to_dense() for g in grads]
+
+
+def run_functional(name: str, algorithm, roles: dict, options: dict, *, lr, grad_scale, found_inf, seed,
+                   stochastic_rounding, epoch=None) -> None:
+    """The functional API's path: the caller's lists are new every call, so they are checked every
+    call (params and grads, then every role), grads copied to their params' layout if needed,
+    then one launch per (device, dtypes) group."""
+    if not roles["param"]:
+        return
+    missing = [role for role in needed_roles(algorithm, options) if roles.get(role) is None]
+    if missing:  # the kernel would write them: refused, as torch's functional API refuses them
+        raise ValueError(f"{name}: the {' and '.join(missing)} tensors are None, but these options update them; "
+                         "pass one tensor per parameter (zeros for a new state)")
+    if any_dtensor(roles["param"]):  # DTensors: each rank updates its local shards
+        check_sharded_pairs(name, roles["param"], roles["grad"])
+        roles = local_roles(roles)
+    params = roles["param"]
+    roles = dict(roles, grad=dense_grads(algorithm, roles["grad"], options.get("weight_decay", 0.0)))
+    check_params_and_grads(name, params, roles["grad"])
+    roles = dict(roles, grad=[matching_layout(g, p) for g, p in zip(roles["grad"], params)])
+    buckets = prepare_buckets(name, roles, algorithm.roles, _FUNCTIONAL_PLANS.plans, name, stochastic_rounding)
+    device = params[0].device
+    step_args = StepArgs(device, on_device(grad_scale, device), on_device(found_inf, device), seed, epoch)
+    launch_options = step_options(algorithm, options)
+    for bucket in buckets:
+        _launch.launch_step(algorithm, bucket, launch_options, step_args, lr)
+        bucket.plan.release()  # the cache of plans keeps none of the caller's tensors alive
+
+
+def on_device(t, device):
+    """AMP tensors arrive on the scaler's device; the kernel needs them on the parameters'."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor(float(t))
+    return t.to(device=device, dtype=torch.float32)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._runtime import check_kernel_device
+from ._launch import check_kernel_device
 
 try:  # a private torch API: probed below before it is used
     from torch._C._dynamo.guards import TensorGuards

@@ -13,7 +13,7 @@ import torch
 from . import _launch
 from ._distributed import is_dtensor, local, replicated
 from ._multi_tensor import ThreadPlans, plan_launches
-from ._runtime import check_kernel_device
+from ._launch import check_kernel_device
 from ._validate import is_dense
 from .kernels import grad_norm as kernels
 
@@ -87,7 +87,7 @@ def _local_total(tensors, norm_type: float, kind) -> torch.Tensor:
     partials = []
     for plan, _ in plan_launches({"grad": tensors}, ("grad",), _PLANS.plans, "norm"):
         out = torch.zeros(plan.grid[0], dtype=torch.float64 if plan.float64 else torch.float32, device=plan.device)
-        _launch.launch(kernels.norm_partials_kernel, plan.grid, (*plan.schedule_args(), plan.bases()[0], out, norm_type),
+        _launch.launch(kernels.norm_partials_kernel, plan.grid, (*plan.schedule, plan.bases[0], out, norm_type),
                        dict(KIND=kind, ALIGNED=plan.aligned, BLOCK=plan.block), plan.num_warps, persistent=True)
         plan.release()  # the plan cache keeps none of the caller's tensors alive
         partials.append(out.to(tensors[0].device, accumulate))

@@ -7,9 +7,9 @@ import torch
 from . import _launch
 from ._arrays import as_array, as_tensor, caller_stream, is_array, kind_of
 from ._distributed import any_dtensor, like_dtensor, local
-from ._step import prepare_launches
+from ._multi_tensor import prepare_buckets, step_options
 from ._multi_tensor import PlanCache
-from ._runtime import check_kernel_device
+from ._launch import check_kernel_device
 from ._validate import follow_layout
 from .kernels import ema as ema_kernel
 
@@ -93,10 +93,10 @@ class EMA:
         fingerprint = (tuple(map(_ADDRESS, params)), tuple(map(_ADDRESS, averages)))
         if self._prepared is None or self._prepared[0] != fingerprint:
             self._prepared = (fingerprint, self._prepare())
-        hyperparameters, flags = ema_kernel.AVERAGE.hyperparameters(gamma=gamma)
+        options = step_options(ema_kernel.AVERAGE, dict(gamma=gamma))
         with caller_stream(self._kind):
             for plan in self._prepared[1]:
-                _launch.launch_update(ema_kernel.AVERAGE, plan, hyperparameters, flags)
+                _launch.launch_update(ema_kernel.AVERAGE, plan, options.hyperparameters, options.flags)
         self.num_updates = t  # only once the launches are made: a failed update changes nothing
 
     def _prepare(self):
@@ -109,7 +109,7 @@ class EMA:
         if not chosen:
             return []
         roles = {"average": [averages[i] for i in chosen], "value": [params[i].detach() for i in chosen]}
-        return [plan for plan, *_ in prepare_launches("EMA", roles, ema_kernel.AVERAGE.roles, self._plans, "ema", False)]
+        return [bucket.plan for bucket in prepare_buckets("EMA", roles, ema_kernel.AVERAGE.roles, self._plans, "ema", False)]
 
     @torch.no_grad()
     def copy_to(self, params=None) -> None:

@@ -28,7 +28,7 @@ from ._arrays import accepts_arrays
 from ._batch_norm import batch_norm as _batch_norm
 from ._batch_norm import batch_norm_backward as _batch_norm_backward
 from ._batch_norm import batch_norm_forward as _batch_norm_forward
-from ._step import run_functional
+from ._multi_tensor import run_functional
 from .kernels import adadelta as adadelta_kernel
 from .kernels import adagrad as adagrad_kernel
 from .kernels import adam as adam_kernel

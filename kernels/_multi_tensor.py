@@ -268,10 +268,6 @@ def _no_states(options) -> tuple:
     return ()
 
 
-def _always(options) -> bool:
-    return True
-
-
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
     """One multi-tensor algorithm, all that gpuopt needs to run it: the kernel's part (``update``,
@@ -284,28 +280,35 @@ class Algorithm:
     rounding), which every optimizer shares.
 
     Attributes:
-        roles: the kernel's roles, in the order ``update`` unpacks ``ptrs``. An optimizer's begin
-            ``("param", "grad", "step")`` (the walk reads ``step`` at index 2) and end with
-            ``"master"`` if it supports fp32 master weights.
+        roles: the kernel's roles, in the order ``update`` unpacks ``ptrs`` (``<role>_ptr``, or
+            ``_`` for one it does not read). An optimizer's begin ``("param", "grad", "step")``
+            (the walk reads ``step`` at index 2) and end with ``"master"`` if it supports fp32
+            master weights. The names are the optimizer's state keys and the roles' argument
+            names in the ``torch.compile`` operator (``gpuopt._compiled``).
+        hyper: the names of the runtime floats ``update`` and ``per_tensor`` read, in the order
+            they unpack ``hyper`` (at most ``MAX_HYPER``); ``tests/test_architecture.py``
+            checks every unpacking of ``ptrs`` and ``hyper`` against ``roles`` and ``hyper``.
         update: the ``@triton.jit`` update of one block.
         flags: the namedtuple type of its ``FLAGS`` (``step_flags``); ``None`` for none.
-        hyperparameters: ``options -> (floats, flags)``: the ``hyper`` tuple ``update`` reads
-            (Python floats, at most ``MAX_HYPER``) and its own flags by name (``maximize``
-            included; the other common flags are the launch's).
+        hyperparameters: ``options -> (values, flags)``: the ``hyper`` values by name (the host
+            packs them in ``hyper``'s order) and its own flags by name (``maximize`` included;
+            the other common flags are the launch's).
         per_tensor: the per-tensor scalars (``None``: ``step_only``).
         states: ``options -> state roles`` that the options need (made by the optimizer classes).
-        uses_step: ``options -> bool``: the ``step`` role is read and advanced.
+        uses_step: ``options -> bool``: the ``step`` role is read and advanced (``None``:
+            always).
         sparse_grads: sparse gradients taken densified: ``"always"``, ``"without weight
             decay"``, or ``None`` (refused, as torch refuses them).
     """
 
     roles: tuple
+    hyper: tuple
     update: object
     flags: type | None
     hyperparameters: Callable
     per_tensor: object = None
     states: Callable = _no_states
-    uses_step: Callable = _always
+    uses_step: Callable | None = None
     sparse_grads: str | None = None
 
 

@@ -16,6 +16,7 @@ from ._multi_tensor import (Algorithm, add_weight_decay, load_compute, load_grad
                             store_param)
 
 ROLES = ("param", "grad", "step", "square_avg", "acc_delta", "master")
+HYPER = ("rho", "one_minus_rho", "eps", "weight_decay")
 AdadeltaFlags = step_flags("AdadeltaFlags", "", __name__)
 
 
@@ -36,11 +37,11 @@ def _adadelta_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, se
 
 
 def _hyperparameters(*, rho, eps, weight_decay, maximize):
-    return (float(rho), 1.0 - rho, float(eps), float(weight_decay)), dict(maximize=maximize)
+    return dict(rho=rho, one_minus_rho=1.0 - rho, eps=eps, weight_decay=weight_decay), dict(maximize=maximize)
 
 
 def _states(options) -> tuple:
     return ("square_avg", "acc_delta")
 
 
-ADADELTA = Algorithm(ROLES, _adadelta_update, AdadeltaFlags, _hyperparameters, states=_states)
+ADADELTA = Algorithm(ROLES, HYPER, _adadelta_update, AdadeltaFlags, _hyperparameters, states=_states)

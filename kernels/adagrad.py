@@ -15,6 +15,7 @@ from ._multi_tensor import (Algorithm, add_weight_decay, load_compute, load_grad
                             store_param)
 
 ROLES = ("param", "grad", "step", "sum", "master")
+HYPER = ("lr_decay", "eps", "weight_decay")
 AdagradFlags = step_flags("AdagradFlags", "", __name__)
 
 
@@ -40,7 +41,7 @@ def _adagrad_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, see
 
 
 def _hyperparameters(*, lr_decay, eps, weight_decay, maximize):
-    return (float(lr_decay), float(eps), float(weight_decay)), dict(maximize=maximize)
+    return dict(lr_decay=lr_decay, eps=eps, weight_decay=weight_decay), dict(maximize=maximize)
 
 
 def _states(options) -> tuple:
@@ -49,5 +50,5 @@ def _states(options) -> tuple:
 
 # Sparse gradients are taken densified (gpuopt._fused.dense_grads), as torch takes them sparse
 # (not with weight decay, as torch).
-ADAGRAD = Algorithm(ROLES, _adagrad_update, AdagradFlags, _hyperparameters, per_tensor=_adagrad_step_size,
+ADAGRAD = Algorithm(ROLES, HYPER, _adagrad_update, AdagradFlags, _hyperparameters, per_tensor=_adagrad_step_size,
                     states=_states, sparse_grads="without weight decay")

@@ -19,6 +19,7 @@ from ._multi_tensor import (Algorithm, add_weight_decay, load_compute, load_grad
                             store_as, store_param)
 
 ROLES = ("param", "grad", "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
+HYPER = ("beta1", "one_minus_beta1", "log_beta1", "beta2", "one_minus_beta2", "log_beta2", "eps", "weight_decay")
 AdamFlags = step_flags("AdamFlags", "amsgrad decoupled eps_inside_sqrt", __name__)
 
 
@@ -66,7 +67,8 @@ def _hyperparameters(*, beta1, beta2, eps, weight_decay, amsgrad, maximize, eps_
                              "torch.optim.Adam's constructor does (its bias correction 1 - β^t is computed from log β)")
     log_beta1 = math.log(beta1) if beta1 > 0 else float("-inf")
     log_beta2 = math.log(beta2) if beta2 > 0 else float("-inf")
-    return ((beta1, 1.0 - beta1, log_beta1, beta2, 1.0 - beta2, log_beta2, float(eps), float(weight_decay)),
+    return (dict(beta1=beta1, one_minus_beta1=1.0 - beta1, log_beta1=log_beta1, beta2=beta2,
+                 one_minus_beta2=1.0 - beta2, log_beta2=log_beta2, eps=eps, weight_decay=weight_decay),
             dict(amsgrad=amsgrad, maximize=maximize, decoupled=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt))
 
 
@@ -74,4 +76,5 @@ def _states(options) -> tuple:
     return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if options["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
 
-ADAM = Algorithm(ROLES, _adam_update, AdamFlags, _hyperparameters, per_tensor=_adam_bias_corrections, states=_states)
+ADAM = Algorithm(ROLES, HYPER, _adam_update, AdamFlags, _hyperparameters, per_tensor=_adam_bias_corrections,
+                 states=_states)

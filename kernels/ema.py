@@ -13,6 +13,7 @@ import triton.language as tl
 from ._multi_tensor import Algorithm, load_compute, store_as
 
 ROLES = ("average", "value")
+HYPER = ("gamma", "one_minus_gamma")
 
 
 @triton.jit
@@ -26,11 +27,11 @@ def _ema_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, seed, F
 
 
 def _hyperparameters(*, gamma):
-    return (float(gamma), float(1.0 - gamma)), None
+    return dict(gamma=gamma, one_minus_gamma=1.0 - gamma), None
 
 
 def _no_step(options) -> bool:
     return False
 
 
-AVERAGE = Algorithm(ROLES, _ema_update, None, _hyperparameters, uses_step=_no_step)
+AVERAGE = Algorithm(ROLES, HYPER, _ema_update, None, _hyperparameters, uses_step=_no_step)

@@ -17,12 +17,13 @@ from ._multi_tensor import (Algorithm, add_weight_decay, load_compute, load_grad
                             store_param)
 
 ROLES = ("param", "grad", "step", "square_avg", "grad_avg", "momentum_buffer", "master")
+HYPER = ("alpha", "one_minus_alpha", "eps", "weight_decay", "momentum")
 RMSpropFlags = step_flags("RMSpropFlags", "centered has_momentum eps_inside_sqrt", __name__)
 
 
 @triton.jit
 def _rmsprop_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, seed, FLAGS: tl.constexpr):
-    param_ptr, grad_ptr, _, square_avg_ptr, grad_avg_ptr, buf_ptr, master_ptr = ptrs
+    param_ptr, grad_ptr, _, square_avg_ptr, grad_avg_ptr, momentum_buffer_ptr, master_ptr = ptrs
     alpha, one_minus_alpha, eps, weight_decay, momentum = hyper
     w = load_param(param_ptr, master_ptr, offsets, mask, FLAGS.has_master)
     g = add_weight_decay(load_grad(grad_ptr, offsets, mask, grad_scale_ptr, FLAGS.has_grad_scale, FLAGS.maximize),
@@ -39,8 +40,8 @@ def _rmsprop_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, see
     else:
         avg = tl.sqrt(variance) + eps
     if FLAGS.has_momentum:
-        buf = momentum * load_compute(buf_ptr + offsets, mask) + g / avg
-        store_as(buf_ptr + offsets, buf, mask)
+        buf = momentum * load_compute(momentum_buffer_ptr + offsets, mask) + g / avg
+        store_as(momentum_buffer_ptr + offsets, buf, mask)
         w = w - lr * buf
     else:
         w = w - lr * g / avg
@@ -48,7 +49,7 @@ def _rmsprop_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, see
 
 
 def _hyperparameters(*, alpha, eps, weight_decay, momentum, centered, maximize, eps_inside_sqrt):
-    return ((float(alpha), 1.0 - alpha, float(eps), float(weight_decay), float(momentum)),
+    return (dict(alpha=alpha, one_minus_alpha=1.0 - alpha, eps=eps, weight_decay=weight_decay, momentum=momentum),
             dict(centered=centered, has_momentum=momentum > 0, maximize=maximize, eps_inside_sqrt=eps_inside_sqrt))
 
 
@@ -57,4 +58,4 @@ def _states(options) -> tuple:
             + (("momentum_buffer",) if options["momentum"] > 0 else ()))
 
 
-RMSPROP = Algorithm(ROLES, _rmsprop_update, RMSpropFlags, _hyperparameters, states=_states)
+RMSPROP = Algorithm(ROLES, HYPER, _rmsprop_update, RMSpropFlags, _hyperparameters, states=_states)

@@ -17,6 +17,7 @@ import triton.language as tl
 from ._multi_tensor import Algorithm, add_weight_decay, load_grad, load_param, step_flags, store_as, store_param
 
 ROLES = ("param", "grad", "step", "momentum_buffer", "master")
+HYPER = ("momentum", "one_minus_dampening", "weight_decay", "first_step")
 SGDFlags = step_flags("SGDFlags", "has_momentum has_step nesterov", __name__)
 
 
@@ -35,7 +36,7 @@ def _sgd_buffer_in_use(step, lr, hyper, FLAGS: tl.constexpr):
 
 @triton.jit
 def _sgd_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, seed, FLAGS: tl.constexpr):
-    param_ptr, grad_ptr, _, buf_ptr, master_ptr = ptrs
+    param_ptr, grad_ptr, _, momentum_buffer_ptr, master_ptr = ptrs
     momentum, _, weight_decay, _ = hyper
     in_use, d_p_weight = scalars
     w = load_param(param_ptr, master_ptr, offsets, mask, FLAGS.has_master)
@@ -50,8 +51,8 @@ def _sgd_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, seed, F
             read = tl.where(in_use, tl.full(offsets.shape, 1, tl.int1), tl.full(offsets.shape, 0, tl.int1))
         else:
             read = tl.where(in_use, mask, tl.full(offsets.shape, 0, tl.int1))
-        buf = momentum * tl.load(buf_ptr + offsets, mask=read, other=0.0).to(d_p.dtype) + d_p_weight * d_p
-        store_as(buf_ptr + offsets, buf, mask)
+        buf = momentum * tl.load(momentum_buffer_ptr + offsets, mask=read, other=0.0).to(d_p.dtype) + d_p_weight * d_p
+        store_as(momentum_buffer_ptr + offsets, buf, mask)
         if FLAGS.nesterov:
             d_p = d_p + momentum * buf
         else:
@@ -63,7 +64,8 @@ def _sgd_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, seed, F
 def _hyperparameters(*, momentum, dampening, weight_decay, nesterov, maximize, has_step, first_step=False):
     """With ``has_step`` each tensor's ``step`` says whether its momentum buffer is new (0: ``buf
     = d_p``) and is advanced by the kernel; without, ``first_step`` says it for every tensor."""
-    return ((float(momentum), 1.0 - dampening, float(weight_decay), float(bool(first_step))),
+    return (dict(momentum=momentum, one_minus_dampening=1.0 - dampening, weight_decay=weight_decay,
+                 first_step=float(bool(first_step))),
             dict(has_momentum=momentum != 0, has_step=has_step, nesterov=nesterov, maximize=maximize))
 
 
@@ -76,5 +78,5 @@ def _uses_step(options) -> bool:
 
 
 # Sparse gradients are taken densified (gpuopt._fused.dense_grads), as torch takes them sparse.
-SGD = Algorithm(ROLES, _sgd_update, SGDFlags, _hyperparameters, per_tensor=_sgd_buffer_in_use, states=_states,
+SGD = Algorithm(ROLES, HYPER, _sgd_update, SGDFlags, _hyperparameters, per_tensor=_sgd_buffer_in_use, states=_states,
                 uses_step=_uses_step, sparse_grads="always")

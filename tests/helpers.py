@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
-import pytest
 import torch
 
 # (rtol, atol) when a kernel that computes in fp32 is compared with a float64 oracle, by the

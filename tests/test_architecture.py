@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 import gpuopt
-import gpuopt._step
+import gpuopt._multi_tensor
 from gpuopt._fused import FusedOptimizer
 from gpuopt.kernels import _multi_tensor as walk
 from gpuopt.kernels._multi_tensor import Algorithm, load_grad, load_param, step_flags, store_param
@@ -30,15 +30,16 @@ def _sign_sgd_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, se
 
 
 def _sign_sgd_hyperparameters(*, weight_decay, maximize):
-    return (float(weight_decay),), dict(maximize=maximize)
+    return dict(weight_decay=weight_decay), dict(maximize=maximize)
 
 
 def _no_step(options):
     return False
 
 
-SIGN_SGD = Algorithm(roles=("param", "grad", "master"), update=_sign_sgd_update, flags=step_flags("SignSGDFlags", "", __name__),
-                     hyperparameters=_sign_sgd_hyperparameters, uses_step=_no_step)
+SIGN_SGD = Algorithm(roles=("param", "grad", "master"), hyper=("weight_decay",), update=_sign_sgd_update,
+                     flags=step_flags("SignSGDFlags", "", __name__), hyperparameters=_sign_sgd_hyperparameters,
+                     uses_step=_no_step)
 
 
 class SignSGD(FusedOptimizer):
@@ -96,7 +97,7 @@ def test_sign_sgd_is_validated_like_the_others(device):
     p = torch.randn(6, device=device)
     before = p.clone()
     with pytest.raises(RuntimeError, match=r"SignSGD: gradient shape \(5,\) does not match parameter shape \(6,\)"):
-        gpuopt._step.run_functional("SignSGD", SIGN_SGD, dict(param=[p], grad=[torch.ones(5, device=device)]),
+        gpuopt._multi_tensor.run_functional("SignSGD", SIGN_SGD, dict(param=[p], grad=[torch.ones(5, device=device)]),
                                      dict(weight_decay=0.0, maximize=False), lr=0.1, grad_scale=None,
                                      found_inf=None, seed=0, stochastic_rounding=False)
     assert torch.equal(p, before)
@@ -179,3 +180,50 @@ def test_nothing_is_compiled_or_generated_at_run_time():
                 name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else (
                     node.module if isinstance(node, ast.ImportFrom) else None)
                 assert name not in ("eval", "exec", "_getframe", "cpp_extension", "subprocess"), (f.name, name)
+
+
+def _algorithms():
+    from gpuopt.kernels import adadelta, adagrad, adam, ema, rmsprop, sgd
+
+    return {"Adam": adam.ADAM, "SGD": sgd.SGD, "RMSprop": rmsprop.RMSPROP, "Adagrad": adagrad.ADAGRAD,
+            "Adadelta": adadelta.ADADELTA, "EMA": ema.AVERAGE, "SignSGD": SIGN_SGD}
+
+
+@pytest.mark.parametrize("name", list(_algorithms()))
+def test_kernels_unpack_the_names_their_spec_declares(name):
+    """Each algorithm names its roles and hyperparameters once (``Algorithm.roles``,
+    ``Algorithm.hyper``): the host packs the values by those names, and every unpacking of
+    ``ptrs`` and ``hyper`` in its update and per-tensor function lists them in that order
+    (``<role>_ptr`` or ``_``; a hyperparameter's name or ``_``)."""
+    import ast
+    import inspect
+    import textwrap
+
+    algorithm = _algorithms()[name]
+    unpacked = {"ptrs": [], "hyper": []}
+    for function in (algorithm.update, algorithm.per_tensor):
+        if function is None:
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function.fn)))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Name) and node.value.id in unpacked
+                    and isinstance(node.targets[0], ast.Tuple)):
+                unpacked[node.value.id].append([t.id for t in node.targets[0].elts])
+    assert unpacked["ptrs"] and unpacked["hyper"], unpacked
+    for names in unpacked["ptrs"]:
+        assert len(names) == len(algorithm.roles), names
+        assert all(n == "_" or n == f"{role}_ptr" for n, role in zip(names, algorithm.roles)), names
+    for names in unpacked["hyper"]:
+        assert len(names) == len(algorithm.hyper), names
+        assert all(n == "_" or n == h for n, h in zip(names, algorithm.hyper)), names
+    values, _ = algorithm.hyperparameters(**_some_options(algorithm))
+    assert set(values) == set(algorithm.hyper)
+
+
+def _some_options(algorithm) -> dict:
+    import inspect
+
+    defaults = dict(maximize=False, weight_decay=0.0, eps=1e-8, beta1=0.9, beta2=0.999, amsgrad=False,
+                    eps_inside_sqrt=False, decoupled_weight_decay=True, momentum=0.9, dampening=0.0, nesterov=False,
+                    has_step=True, alpha=0.99, centered=False, lr_decay=0.0, rho=0.9, gamma=0.5)
+    return {n: defaults[n] for n in inspect.signature(algorithm.hyperparameters).parameters if n in defaults}

@@ -118,13 +118,16 @@ def test_tensor_betas_changed_in_place_take_effect(device):
     _step_both(params, twins, opt, ref)
 
 
-def test_launcher_is_made_once_while_the_options_are_unchanged(device, monkeypatch):
-    """A group's launcher is reused while its options are the same objects; ``lr`` (which
-    schedulers change every step) is read at each launch and never remakes it."""
+def test_step_options_are_made_once_while_the_options_are_unchanged(device, monkeypatch):
+    """A group's launch arguments (``step_options``) are reused while its options are the same
+    objects; ``lr`` (which schedulers change every step) is read at each launch and never
+    remakes them."""
+    from gpuopt import _fused
+
     params, twins, opt, ref = _pair(device, "SGD", lr=0.1, momentum=0.9)
     made = []
-    original = type(opt)._launcher
-    monkeypatch.setattr(type(opt), "_launcher", lambda self, group: (made.append(1), original(self, group))[1])
+    original = _fused.step_options
+    monkeypatch.setattr(_fused, "step_options", lambda *a: (made.append(1), original(*a))[1])
     scheduler, twin_scheduler = (torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (opt, ref))
     for _ in range(3):
         _step_both(params, twins, opt, ref)
@@ -395,7 +398,7 @@ def test_a_persistent_launch_runs_one_wave_of_the_compiled_kernel(monkeypatch):
     CompiledKernel launcher reads grid[0..2]) and the runtime arguments then the constexprs."""
     from types import SimpleNamespace
 
-    from gpuopt import _launch, _runtime
+    from gpuopt import _launch
 
     launched, compiles = [], []
 
@@ -414,7 +417,7 @@ def test_a_persistent_launch_runs_one_wave_of_the_compiled_kernel(monkeypatch):
 
     monkeypatch.setattr(_launch, "_compiled_launches", True)
     monkeypatch.setattr(_launch, "_current_device", lambda: 0)
-    monkeypatch.setattr(_launch, "multiprocessor", lambda index: _runtime.H100)
+    monkeypatch.setattr(_launch, "multiprocessor", lambda index: _launch.H100)
     monkeypatch.setattr(_launch, "_kept", {})
     x, kernel = torch.zeros(4), Kernel()
     for blocks in (5000, 5000, 100):
@@ -429,6 +432,47 @@ def test_a_persistent_launch_runs_one_wave_of_the_compiled_kernel(monkeypatch):
 @pytest.mark.parametrize("registers,warps,shared,expected", [(32, 8, 0, 8), (64, 8, 0, 4), (72, 8, 0, 3),
                                                              (128, 8, 0, 2), (255, 8, 0, 1), (40, 4, 100_000, 2)])
 def test_resident_programs_follow_registers_warps_and_shared_memory(registers, warps, shared, expected):
-    from gpuopt._runtime import resident_programs
+    from gpuopt._launch import resident_programs
 
     assert resident_programs(registers, warps, shared) == expected
+
+
+def _host_functions(fn) -> list:
+    """The distinct (file, function) pairs of gpuopt/ and kernels/ that ``fn`` calls, in order."""
+    import os
+    import sys
+
+    package = os.path.dirname(gpuopt.__file__)
+    roots = (package + os.sep, os.path.join(os.path.dirname(package), "kernels") + os.sep)
+    seen = {}
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(roots):
+            seen.setdefault((os.path.basename(frame.f_code.co_filename), frame.f_code.co_name), None)
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return list(seen)
+
+
+def test_an_adamw_step_passes_few_host_functions():
+    """Counted by a profiler over eager AdamW steps with the launches stubbed (the GPU's host
+    path down to the C launcher): a steady step passes at most 14 gpuopt functions in at most 4
+    files from ``opt.step()`` to the launch; a first step (validation, states, plans) at most 7
+    files. (Issue 28's targets; the lists are in DESIGN.md.)"""
+    from bench.host_suite import stubbed_launches
+
+    with stubbed_launches():
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(64, 3), (64,), (10, 64)]]
+        opt = gpuopt.AdamW(params, lr=1e-3)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        first = _host_functions(opt.step)
+        opt.step()
+        steady = _host_functions(opt.step)
+    assert len({f for f, _ in first}) <= 7, sorted({f for f, _ in first})
+    assert len({f for f, _ in steady}) <= 4 and len(steady) <= 14, steady
+    assert ("_launch.py", "launch") in steady and ("_fused.py", "_prepare") not in steady

@@ -470,7 +470,7 @@ def test_steady_state_step_launches_without_revalidating(device, monkeypatch):
     """Nothing changed → no validation, one launch; gradients alone moved → their table row is
     rewritten without a full validation; a gradient in another layout or dtype, a new parameter
     address, a gradient that vanished → validated again. Results match a fresh optimizer's."""
-    import gpuopt._step as plain_path  # (where every validation of a step's tensors is made)
+    import gpuopt._multi_tensor as plain_path  # (where every validation of a step's tensors is made)
 
     shapes = [(7,), (3, 5), (2, 3, 4, 5)]
     params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
@@ -534,7 +534,7 @@ def test_plain_path_alone_without_the_layout_check(device, monkeypatch):
     """Where torch has no usable layout check (``_validate.layout_check`` gives None), nothing
     validated is reused: every step is validated afresh, and the steps match torch's, a
     replaced state is refused, a gradient in another layout is read as torch reads it."""
-    import gpuopt._step as plain_path
+    import gpuopt._multi_tensor as plain_path
     from gpuopt import _validate
 
     monkeypatch.setattr(_validate, "_TENSOR_GUARDS", None)

@@ -277,7 +277,7 @@ def test_plan_tables_rebuilt_only_when_storage_moves(device):
     opt.step()
     # only the gradient row is rewritten, in place
     assert plan.offsets is table and torch.equal(table[0], before[0]) and torch.equal(table[2:], before[2:])
-    assert plan.bases()[1] is None  # released after the launch: the plan keeps no gradient alive
+    assert plan.bases[1] is None  # released after the launch: the plan keeps no gradient alive
     base = params[0].grad.data_ptr()
     assert table[1].tolist() == [(p.grad.data_ptr() - base) // 4 for p in params]
 
