@@ -10,7 +10,6 @@ import torch
 
 from . import _batch_norm_launch as launches
 from ._launch import check_kernel_device
-from ._validate import layout_check
 from .kernels import batch_norm as kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -350,52 +349,6 @@ def batch_norm_planned(input, running_mean, running_var, weight, bias, training,
         write_back(given[2:], read[2:])
     as_given = x is input and all(map(operator.is_, read, given))
     return out, layer if as_given else None
-
-
-class LayerPlan:
-    """A batch-norm module's last call, kept to call ``BatchNormFunction`` directly next time
-    (``gpuopt.nn``'s modules): valid while the module's options are equal and its tensors
-    have the layouts they had (``_validate.layout_check``), the input its 16-byte alignment, and
-    weight, bias, running statistics and counter their addresses (a tensor replaced, or moved
-    through ``.data``, is checked again) — and neither a running statistic nor the counter
-    requires grad (an error to raise, on the full path). Anything else takes the full path,
-    which makes a new plan. The layer's kernels count the batch when the module tracks it
-    (``layer.count``: a plan is made only by a call that ran them, so the two agree)."""
-
-    __slots__ = ("options", "addresses", "layouts", "layer", "pass_buffers")
-
-    def __init__(self, options: tuple, tensors: tuple, layer: launches.Layer, pass_buffers: bool):
-        self.options, self.layer, self.pass_buffers = options, layer, pass_buffers
-        self.addresses = _addresses(tensors)
-        self.layouts = layout_check([t for t in tensors if t is not None])
-
-    def _matches(self, tensors: tuple) -> bool:
-        try:
-            return (self.layouts is not None and _addresses(tensors) == self.addresses
-                    and self.layouts.check(*[t for t in tensors if t is not None]))
-        except (AttributeError, RuntimeError, TypeError):  # not a tensor, or a tensor without storage
-            return False
-
-    def run(self, options: tuple, input, weight, bias, running_mean, running_var, num_batches_tracked):
-        """The output, or None (nothing done) when the plan does not fit this call."""
-        if (options != self.options
-                or not self._matches((input, weight, bias, running_mean, running_var, num_batches_tracked))
-                or (running_mean is not None and running_mean.requires_grad)
-                or (running_var is not None and running_var.requires_grad)
-                or (num_batches_tracked is not None and num_batches_tracked.requires_grad)):
-            return None
-        if not self.pass_buffers:
-            running_mean = running_var = None
-        return BatchNormFunction.apply(input, weight, bias, (input, running_mean, running_var,
-                                                             num_batches_tracked if self.layer.count else None,
-                                                             self.layer))
-
-
-def _addresses(tensors: tuple) -> tuple:
-    """A module call's tensors as ``LayerPlan`` compares them: the input's 16-byte alignment,
-    the others' exact addresses (None for an absent one)."""
-    input, *others = tensors
-    return (input.data_ptr() % 16, *(None if t is None else t.data_ptr() for t in others))
 
 
 @torch.no_grad()

@@ -5,227 +5,19 @@ from __future__ import annotations
 
 import operator
 import warnings
-from collections import OrderedDict, defaultdict
-from dataclasses import dataclass
+from collections import OrderedDict
 
-import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
 from . import _compiled
-from ._distributed import any_dtensor, check_sharded_pairs, is_dtensor, like_dtensor, local, local_roles
+from ._distributed import DTensor, check_sharded_pairs, like_dtensor, local, local_roles
 from ._launch import launch_step
-from ._multi_tensor import (PlanCache, StepArgs, dense_grads, has_step, needed_roles, on_device, prepare_buckets,
-                            step_options)
+from ._multi_tensor import (GRAD_ROLE, PlanCache, StepArgs, dense_grads, has_step, needed_roles, on_device,
+                            prepare_buckets, step_options)
+from ._reuse import Generation, OptimizerState, PreparedGroup, by_value, fingerprint, grad_addresses
 from .clip import get_total_norm
 from ._validate import check_params_and_grads, follow_layout, layout_check, like_param, matching_layout
-
-class _Generation:
-    """A counter every optimizer state dict bumps when it changes: the fast path's cue to re-validate."""
-
-    __slots__ = ("value",)
-
-    def __init__(self):
-        self.value = 0
-
-
-def _bumps(method):
-    def wrapper(self, *args, **kwargs):
-        self._generation.value += 1
-        return method(self, *args, **kwargs)
-    wrapper.__name__ = method.__name__
-    return wrapper
-
-
-def _tracked(cls):
-    """Make every dict mutator of ``cls`` that it does not define itself bump the generation."""
-    for name in ("__setitem__", "__delitem__", "__ior__", "pop", "popitem", "clear", "update", "setdefault"):
-        if name not in vars(cls):
-            setattr(cls, name, _bumps(getattr(dict, name)))
-    return cls
-
-
-@_tracked
-class _ParamState(dict):
-    """One parameter's state (``opt.state[p]``): a plain dict that bumps its optimizer's
-    generation on every change, so a state a user replaces (``opt.state[p]["exp_avg"] = ...``) is
-    validated before the kernel touches it."""
-
-    __slots__ = ("_generation",)
-
-    def __init__(self, generation, *args):
-        super().__init__(*args)
-        self._generation = generation
-
-    def __reduce__(self):  # pickles (and deep-copies) as the plain dict it is
-        return dict, (dict(self),)
-
-
-@_tracked
-class _OptimizerState(defaultdict):
-    """``opt.state``: parameter → ``_ParamState`` (a plain dict put in is converted), bumping the
-    generation on every change."""
-
-    def __init__(self, generation, items=()):
-        super().__init__(None)
-        self._generation = generation
-        for key, value in dict(items).items():
-            dict.__setitem__(self, key, _ParamState(generation, value))
-
-    def __missing__(self, key):
-        value = _ParamState(self._generation)
-        dict.__setitem__(self, key, value)
-        return value
-
-    def __setitem__(self, key, value):
-        self._generation.value += 1
-        dict.__setitem__(self, key, value if isinstance(value, _ParamState) else _ParamState(self._generation, value))
-
-    def setdefault(self, key, default=None):
-        if key not in self:
-            self[key] = {} if default is None else default
-        return dict.__getitem__(self, key)
-
-    def update(self, *args, **kwargs):
-        for key, value in dict(*args, **kwargs).items():
-            self[key] = value
-
-    def __reduce__(self):
-        return _plain_state, (dict(self),)
-
-
-def _plain_state(items):
-    state = defaultdict(dict)
-    state.update((k, dict(v)) for k, v in items.items())
-    return state
-
-
-_GRAD = operator.attrgetter("grad")
-_NO_STATE: dict = {}
-_LOCAL_TENSOR = operator.attrgetter("_local_tensor")  # a DTensor's local shard (see _distributed.local)
-_ADDRESS = torch.Tensor.data_ptr
-
-
-def _grad_addresses(grads) -> tuple[tuple, list]:
-    """``(addresses, present)``: the gradients' addresses (-1 where a parameter has none) and the
-    gradients there are. Cheap when every parameter has an ordinary strided gradient: one C-level
-    map, and ``present`` is ``grads`` itself."""
-    try:
-        return tuple(map(_ADDRESS, grads)), grads
-    except (TypeError, RuntimeError):  # a missing gradient, or a tensor without storage (sparse)
-        return tuple(map(_address, grads)), [g for g in grads if g is not None]
-
-
-def _fingerprint(params, grads) -> tuple:
-    """What a captured step (``gpuopt.graphed_step``) read through ``param_groups`` and ``.grad``:
-    the parameters by identity, the gradients' addresses and strides."""
-    return tuple(map(id, params)), _grad_addresses(grads)[0], tuple(map(_strides, grads))
-
-
-def _address(t):
-    if t is None:
-        return -1
-    if t.layout is not torch.strided or is_dtensor(t):  # sparse; a DTensor (no storage of its own)
-        return object()  # equal to nothing: such a step is always validated (refused, or made local)
-    return t.data_ptr()
-
-
-def _strides(t):
-    return None if t is None or t.layout is not torch.strided else t.stride()
-
-
-@dataclass
-class _PreparedGroup:
-    """One param group's validated launches, reused by every step while nothing changed.
-
-    It holds the tensors it validated except the gradients: a gradient freed by
-    ``zero_grad(set_to_none=True)`` is freed (the plans point at the current ones only during a
-    step's launches), while the parameters and states, which the optimizer keeps anyway, are held
-    with their addresses at validation, so that one compare tells that none of them was moved
-    through ``.data`` (which bumps no generation). Of the gradients it keeps their addresses and
-    a layout check (``_validate.layout_check``: sizes, strides, dtypes, devices, no reference).
-
-    A gradient's address alone is not enough: after ``zero_grad(set_to_none=True)`` the
-    allocator may hand the next gradient the same address, and a gradient assigned by hand may be
-    a view there with other strides (``p.grad = g.t()``, or an expanded tensor whose storage is
-    smaller than the parameter)."""
-
-    params: tuple  # the group's parameters (compared by identity; DTensors as given)
-    grad_addresses: tuple | None  # None: cannot be reused (a gradient had to be copied to its param's layout)
-    grad_layout: object  # layout_check of the gradients present at validation (when reusable)
-    generation: int
-    structure: tuple
-    buckets: list  # [_step.Bucket], positions in the group's param list
-    movable: bool = False  # every parameter had a gradient: moved gradients rewrite one table row
-    touched: tuple = ()  # params, states, master copies of the launches (not grads)
-    touched_addresses: tuple = ()
-    grad_copies: list | None = None  # gradients copied into their param's layout, for this step's launch
-    options: tuple | None = None  # the group's options ``step_options`` read (None: read again every step)
-    step_options: object = None  # _launch.StepOptions
-    sharded: bool = False  # DTensor parameters: the addresses and launches are of their local tensors
-
-    def same_tensors(self, params) -> bool:
-        """The fast path's check: the same parameters, every parameter and state where it was
-        validated (``p.data = ...`` and ``state.data = ...`` move a tensor without telling
-        anyone), and the gradients where they were with the validated layout — or moved
-        elsewhere with it (``move_grads``)."""
-        if self.grad_addresses is None:
-            return False
-        if (len(params) != len(self.params) or not all(map(operator.is_, params, self.params))
-                or tuple(map(_ADDRESS, self.touched)) != self.touched_addresses):
-            return False
-        grads = list(map(_GRAD, params))
-        if self.sharded:
-            try:  # C-level attribute reads; a missing gradient (None) takes the general path
-                grads = list(map(_LOCAL_TENSOR, grads))
-            except AttributeError:
-                grads = list(map(local, grads))
-        addresses, present = _grad_addresses(grads)
-        kept = addresses == self.grad_addresses
-        if not (kept or (self.movable and present is grads)):  # a gradient appeared or vanished, ...
-            return False
-        if not self.grad_layout.check(*present):  # (the validated count of gradients, by now)
-            return False
-        if not kept and not self.move_grads(np.array(addresses, dtype=np.int64)):
-            return False
-        self.grad_addresses = addresses
-        return True
-
-    def set_options(self, options, step_options) -> None:
-        # Held, so that identity is exact (an object still referenced cannot share its id with a
-        # new one). An option that can change in place (betas as tensors, or as a list edited
-        # after a checkpoint went through JSON/YAML) is read again every step.
-        self.options = None if any(map(_mutable, options)) else options
-        self.step_options = step_options
-
-    def move_grads(self, addresses: np.ndarray) -> bool:
-        """The gradients alone moved (``zero_grad(set_to_none=True)`` and a new backward), with
-        the validated layout, every parameter having one (both checked by the caller), to
-        ``addresses`` (int64, one per parameter): if they are aligned, rewrite the gradient row
-        of each plan's table and return True; else False (validate all)."""
-        moves = []
-        for bucket in self.buckets:
-            plan, index = bucket.plan, bucket.positions
-            mine = addresses if len(index) == len(addresses) else addresses[index]
-            low_bits = int(np.bitwise_or.reduce(mine))  # (element sizes are powers of 2: one OR, no modulo)
-            if low_bits & (plan.element_size(GRAD_ROLE) - 1):  # misaligned: the slow path explains it
-                return False
-            moves.append((plan, mine, not low_bits & 15))
-        for plan, mine, aligned in moves:
-            plan.move_role(GRAD_ROLE, mine, aligned)
-        return True
-
-
-def _mutable(value) -> bool:
-    """An option whose value can change while it stays the same object: a tensor, a list, a dict."""
-    return isinstance(value, (torch.Tensor, list, dict)) or (isinstance(value, tuple) and any(map(_mutable, value)))
-
-
-def _by_value(value):
-    """What of an option ``_graph_key`` compares by value: a list's items (as a tuple), else None."""
-    return tuple(map(_by_value, value)) if isinstance(value, (list, tuple)) else (
-        value if isinstance(value, (int, float, bool, str)) else None)
-
 
 class _PendingClip:
     """``opt.clip_grad_norm_``'s ``(max_norm, norm)`` until the step that applies it succeeds. A
@@ -245,7 +37,8 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**30, (), dtype=torch.int64).item())
 
 
-GRAD_ROLE = 1  # every optimizer kernel's ROLES begin ("param", "grad", ...)
+_GRAD = operator.attrgetter("grad")
+_NO_STATE: dict = {}
 _GLOBAL_PRE_HOOKS = _torch_optimizer._global_optimizer_pre_hooks  # torch's registries (dicts), read directly
 _GLOBAL_POST_HOOKS = _torch_optimizer._global_optimizer_post_hooks
 _profiler_enabled = torch._C._autograd._profiler_enabled
@@ -265,7 +58,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     assumes is validated (``gpuopt._validate``) when a group is new or anything changed — a
     parameter or gradient at a new address, a gradient appearing or vanishing, a state replaced
     or added (``opt.state`` tracks its own changes), a loaded state_dict, an option that changes
-    the roles. Otherwise a step is one cheap check per group (``_PreparedGroup.same_tensors``)
+    the roles. Otherwise a step is one cheap check per group (``PreparedGroup.same_tensors``)
     and the launch.
 
     Extra options, on every subclass:
@@ -300,7 +93,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             _compiled.register(cls._compiled_key, cls.__name__, cls._algorithm)
 
     def __init__(self, params, defaults):
-        self._generation = _Generation()
+        self._generation = Generation()
         self._clip = _PendingClip()
         self._seed = None  # the stochastic-rounding seed, drawn once a group asks for it
         self._epochs = {}  # device → the stochastic-rounding epoch there (see _epoch)
@@ -309,11 +102,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._reset_host_caches()
 
     def _reset_host_caches(self):
-        if not isinstance(self.state, _OptimizerState) or self.state._generation is not self._generation:
-            self.state = _OptimizerState(self._generation, self.state)
+        if not isinstance(self.state, OptimizerState) or self.state._generation is not self._generation:
+            self.state = OptimizerState(self._generation, self.state)
         self._generation.value += 1
         self._plans = PlanCache()
-        self._prepared: dict[int, _PreparedGroup] = {}
+        self._prepared: dict[int, PreparedGroup] = {}
         # The options a group's step options are made from; lr is read at every launch instead.
         self._option_names = tuple(name for name in self.defaults if name != "lr")
 
@@ -322,7 +115,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        self._generation = getattr(self, "_generation", None) or _Generation()
+        self._generation = getattr(self, "_generation", None) or Generation()
         self._clip = getattr(self, "_clip", None) or _PendingClip()
         self._seed = getattr(self, "_seed", None)
         self._epochs = getattr(self, "_epochs", None) or {}
@@ -557,7 +350,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _step(self, closure=None, *, grad_scale=None, found_inf=None):
         loss, grad_scale, found_inf = self._begin_step(closure, grad_scale, found_inf)
-        if type(self.state) is not _OptimizerState:  # `opt.state = ...` replaced it
+        if type(self.state) is not OptimizerState:  # `opt.state = ...` replaced it
             self._reset_host_caches()
         # Every group is validated before any launch: a group that fails leaves all unchanged.
         prepared_groups = []
@@ -597,7 +390,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     # torch's wrapper of a step (profiler range, hooks), used when one is on; Dynamo breaks the graph here.
     _hooked_step = torch.compiler.disable(torch.optim.Optimizer.profile_hook_step(_step))
 
-    def _prepared_group(self, index, group) -> _PreparedGroup:
+    def _prepared_group(self, index, group) -> PreparedGroup:
         """The group's validated launches. The fast path: the same options (by identity; ``lr``
         is read at every launch), no state changed, and ``same_tensors``: the same parameters,
         every parameter and state where it was, the gradients where they were with the
@@ -624,12 +417,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         values, objects = [self._generation.value], []
         for index, group in enumerate(self.param_groups):
             params = group["params"]
-            values.append(_fingerprint(params, list(map(_GRAD, params))))
+            values.append(fingerprint(params, list(map(_GRAD, params))))
             prepared = self._prepared.get(index)
-            values.append(prepared and tuple(map(_ADDRESS, prepared.touched)))
+            values.append(prepared and tuple(map(torch.Tensor.data_ptr, prepared.touched)))
             options = tuple(map(group.get, self._option_names))
             objects.extend(options)
-            values.append(tuple(map(_by_value, options)))  # (a list edited in place)
+            values.append(tuple(map(by_value, options)))  # (a list edited in place)
             objects.append(group["lr"])
         return tuple(values), tuple(objects)
 
@@ -639,15 +432,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group["stochastic_rounding"])
 
     @torch.no_grad()
-    def _prepare(self, index, group, params, grads, options) -> _PreparedGroup:
+    def _prepare(self, index, group, params, grads, options) -> PreparedGroup:
         """The slow path: validate the group's tensors, make missing states, and plan its launches."""
         name = type(self).__name__
         group_params = tuple(params)
-        sharded = any_dtensor(params)
+        sharded = DTensor is not None and any(isinstance(p, DTensor) for p in params)  # (_distributed.any_dtensor)
         if sharded:  # DTensors (FSDP2, tensor parallel): each rank updates its local shards
             check_sharded_pairs(name, params, grads)
             grads = [local(g) for g in grads]
-        addresses, present = _grad_addresses(grads)  # as the fast path will see them
+        addresses, present = grad_addresses(grads)  # as the fast path will see them
         chosen = [i for i, g in enumerate(grads) if g is not None]
         every_grad = len(chosen) == len(params)
         params = [params[i] for i in chosen]  # the states' keys
@@ -679,9 +472,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             touched = tuple(t for role, tensors in roles.items() if role != "grad" for t in tensors)
         grad_layout = layout_check(present) if copies is None and all(type(a) is int for a in addresses) else None
         reusable = grad_layout is not None  # (not with copied or sparse gradients, nor without a layout check)
-        prepared = _PreparedGroup(group_params, addresses if reusable else None, grad_layout,
+        prepared = PreparedGroup(group_params, addresses if reusable else None, grad_layout,
                                   self._generation.value, self._structure(group), buckets,
-                                  every_grad and bool(buckets), touched, tuple(map(_ADDRESS, touched)), copies)
+                                  every_grad and bool(buckets), touched, tuple(map(torch.Tensor.data_ptr, touched)), copies)
         prepared.set_options(options, step_options(self._algorithm, self._options(group)))
         prepared.sharded = sharded
         self._prepared[index] = prepared

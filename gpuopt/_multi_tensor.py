@@ -209,6 +209,7 @@ def plan_launches(roles: dict, role_names: tuple, plans: PlanCache, key) -> list
 
 # ------------------------------------------------------------------ one step, planned ----------
 
+GRAD_ROLE = 1  # every optimizer kernel's roles begin ("param", "grad", ...)
 _FUNCTIONAL_PLANS = ThreadPlans()  # for the functional API, whose callers keep no plans
 
 

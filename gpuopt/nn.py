@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ._batch_norm import LayerPlan, batch_norm_planned, sync_batch_norm
+from ._batch_norm import batch_norm_planned, sync_batch_norm
+from ._reuse import LayerPlan
 
 
 class _GpuoptBatchNorm:

@@ -4,6 +4,10 @@ value, and a launch counter."""
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import torch
@@ -79,3 +83,15 @@ def count_launches(module, kernel_name: str):
         yield counter
     finally:
         _launch.launch = original
+
+
+def run_in_child(code: str, **env) -> str:
+    """Run ``code`` in a fresh Python (same environment and ``env``, same device); a crash is a failure."""
+    from .conftest import DEVICE
+
+    prelude = f"import torch, gpuopt\nDEVICE = torch.device({str(DEVICE)!r})\n"
+    result = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, **env})
+    assert result.returncode == 0, (f"child exited with {result.returncode}\nstdout:\n{result.stdout}\n"
+                                    f"stderr:\n{result.stderr[-3000:]}")
+    return result.stdout

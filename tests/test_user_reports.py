@@ -15,8 +15,7 @@ import gpuopt
 import gpuopt.functional as F
 
 from .conftest import DEVICE
-from .helpers import assert_close
-from .test_memory_safety import run_in_child
+from .helpers import assert_close, run_in_child
 
 # ------------------------------------------- 1. functional state lists the options need, left None
 
