@@ -108,11 +108,11 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         gpuopt.functional.batch_norm(x, torch.zeros(8), torch.ones(8), w, b, training=training).backward(
             torch.ones_like(x))
 # SyncBatchNorm's combine: a rank's summary, then the fold of the ranks' (here one rank's own).
-from gpuopt._batch_norm import layer_of
+from gpuopt._batch_norm import passes_of
 from gpuopt import _batch_norm_launch
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
-    x, layer = layer_of(torch.randn(2, 8, 16, 16).to(dtype), None, None, torch.zeros(8), True, 0.1, 1e-5, True)
-    _batch_norm_launch.forward_training(x, layer, None, None, torch.zeros(8), torch.ones(8), None,
+    x, passes = passes_of(torch.randn(2, 8, 16, 16).to(dtype), None, None, torch.zeros(8), True, 0.1, 1e-5, True)
+    _batch_norm_launch.forward_training(x, passes, None, None, torch.zeros(8), torch.ones(8), None,
                                         exchange=lambda summary: summary.view(3, 1, -1))
 for extra in CAPTURE_EXTRA:
     exec(extra)

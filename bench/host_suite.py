@@ -24,7 +24,7 @@ such medians taken alternately with the reference (``interleaved``), gpuopt and 
   upstream gradient as a network's next layer gives one (until 2026-12-02 ``.sum().backward()``'s
   expanded gradient, which gpuopt copies to the input's layout and the empty function ignores).
 
-Launches take the path they take on a GPU (``gpuopt._launch``: the kept compiled kernel, found
+Launches take the path they take on a GPU (``gpuopt._launch``: the cached launcher of the compiled kernel, found
 by its specialisation key) down to the C launcher, which is stubbed: the ~3-5 µs the driver call
 itself costs per launch on a GPU machine is not in these numbers (nor in torch's).
 """
@@ -56,7 +56,7 @@ class _NoCompiledKernel:
 class _NoLaunch:
     """Stands in for a ``@triton.jit`` function with the real one's argument names: a launch
     does nothing, and hands ``gpuopt._launch`` a compiled kernel to keep, so the host path is
-    the one a GPU runs (the kept launcher and its specialisation key), minus the C launch."""
+    the one a GPU runs (the cached launcher and its specialisation key), minus the C launch."""
 
     def __init__(self, kernel):
         self.arg_names = kernel.arg_names
@@ -78,8 +78,8 @@ def stubbed_launches():
     from gpuopt.kernels import _multi_tensor, batch_norm
 
     saved = [(_launch, "_compiled_launches", _launch._compiled_launches),
-             (_launch, "_current_device", _launch._current_device), (_launch, "_kept", _launch._kept)]
-    _launch._compiled_launches, _launch._current_device, _launch._kept = True, lambda: 0, {}
+             (_launch, "_current_device", _launch._current_device), (_launch, "_launchers", _launch._launchers)]
+    _launch._compiled_launches, _launch._current_device, _launch._launchers = True, lambda: 0, {}
     for module in (_multi_tensor, batch_norm):
         for name in [n for n in vars(module) if n.startswith("_") and n.endswith("_kernel")]:
             saved.append((module, name, getattr(module, name)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import NamedTuple
 
 import torch
 
@@ -37,12 +38,12 @@ def view_of(x: torch.Tensor):
     return x.contiguous(), N, C, S, False
 
 
-def layer_of(input: torch.Tensor, weight, bias, running_mean, training, momentum, eps, eps_inside_sqrt, *,
-             count: bool = False) -> tuple[torch.Tensor, launches.Layer]:
-    """``(x, layer)``: the input as the kernels read it (``view_of``) and the ``launches.Layer`` of a
+def passes_of(input: torch.Tensor, weight, bias, running_mean, training, momentum, eps, eps_inside_sqrt, *,
+             count: bool = False) -> tuple[torch.Tensor, launches.Passes]:
+    """``(x, passes)``: the input as the kernels read it (``view_of``) and the ``launches.Passes`` of a
     call with these tensors and options (``count``: the statistics pass counts the batch)."""
     x, R, C, S, channels_last = view_of(input)
-    return x, launches.Layer(launches.grid_of(x, R, C, S, channels_last), bool(training), momentum, float(eps),
+    return x, launches.Passes(launches.grid_of(x, R, C, S, channels_last), bool(training), momentum, float(eps),
                             bool(eps_inside_sqrt), weight is not None, bias is not None, running_mean is not None,
                             count)
 
@@ -147,28 +148,38 @@ def check_counter(num_batches_tracked, input: torch.Tensor) -> None:
                            "in place; it cannot have requires_grad True.")
 
 
+class BatchNormCall(NamedTuple):
+    """What a ``BatchNormFunction`` call takes besides its differentiable tensors: ``x`` is
+    ``input`` as the kernels read it (``view_of``: ``input`` itself, or a copy made outside the
+    graph); the running statistics and counter (None where absent); the call's ``Passes``."""
+
+    x: torch.Tensor
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    num_batches_tracked: torch.Tensor | None
+    passes: launches.Passes
+
+
 class BatchNormFunction(torch.autograd.Function):
-    """Batch norm with the closed-form backward: ``apply(input, weight, bias, call)``, ``call``
-    being ``(x, running_mean, running_var, num_batches_tracked, layer)``: ``x`` is ``input`` as
-    the kernels read it (``view_of``: ``input`` itself, or a copy made outside the graph). The
-    tensors in ``call`` are not differentiable (checked), and in a tuple autograd does not look
-    into: each tensor argument of ``apply`` costs its bookkeeping (~0.4 µs). Arguments are
+    """Batch norm with the closed-form backward: ``apply(input, weight, bias, call)`` with a
+    ``BatchNormCall``, whose tensors are not differentiable (checked) and which autograd does
+    not look into: each tensor argument of ``apply`` costs its bookkeeping. Arguments are
     checked by :func:`gpuopt.functional.batch_norm`, which is the way to call this."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, call):
-        x, running_mean, running_var, num_batches_tracked, layer = call
-        if layer.training:  # the backward reads the batch's statistics
-            y, statistics = launches.forward_training(x, layer, weight, bias, running_mean, running_var,
-                                                     num_batches_tracked)
+    def forward(ctx, input, weight, bias, call: BatchNormCall):
+        x, passes = call.x, call.passes
+        if passes.training:  # the backward reads the batch's statistics
+            y, statistics = launches.forward_training(x, passes, weight, bias, call.running_mean, call.running_var,
+                                                      call.num_batches_tracked)
             ctx.save_for_backward(x, weight)
         else:  # the backward reads the running statistics (constants)
-            y = launches.forward_eval(x, layer, weight, bias, running_mean, running_var)
-            ctx.save_for_backward(x, weight, running_mean, running_var)
+            y = launches.forward_eval(x, passes, weight, bias, call.running_mean, call.running_var)
+            ctx.save_for_backward(x, weight, call.running_mean, call.running_var)
             statistics = None
         # The statistics are this call's own scratch, which nothing else holds or changes: kept on
-        # ctx rather than saved (a saved tensor's version check and hooks cost ~1 µs).
-        ctx.layer, ctx.statistics, ctx.bias_dtype = layer, statistics, None if bias is None else bias.dtype
+        # ctx rather than saved (a saved tensor's version check and hooks cost more).
+        ctx.passes, ctx.statistics, ctx.bias_dtype = passes, statistics, None if bias is None else bias.dtype
         return y
 
     @staticmethod
@@ -186,16 +197,16 @@ def _backward(ctx, grad_output):
         raise RuntimeError("gpuopt's batch_norm has a first-order backward only (its closed form runs as "
                            "kernels); for double backward (create_graph=True, gradient penalties) use "
                            "torch.nn.functional.batch_norm")
-    layer = ctx.layer
-    if layer.training:
+    passes = ctx.passes
+    if passes.training:
         x, weight = ctx.saved_tensors
         running_mean = running_var = None
     else:
         x, weight, running_mean, running_var = ctx.saved_tensors
-    dy = same_layout(grad_output, x, layer.grid.channels_last)
+    dy = same_layout(grad_output, x, passes.grid.channels_last)
     needs = ctx.needs_input_grad
     dx, grad_weight, grad_bias = launches.backward(
-        x, dy, layer, weight, ctx.statistics, running_mean, running_var, need_input=needs[0],
+        x, dy, passes, weight, ctx.statistics, running_mean, running_var, need_input=needs[0],
         need_weight=weight is not None and needs[1], need_bias=ctx.bias_dtype is not None and needs[2],
         bias_dtype=ctx.bias_dtype)
     return dx, grad_weight, grad_bias, None
@@ -234,20 +245,20 @@ class SyncBatchNormFunction(torch.autograd.Function):
         empty = input.numel() == 0
         if empty:
             x = input
-            layer = launches.Layer(launches.grid_of(input, 1, C, 1, True), True, momentum, eps, eps_inside_sqrt,  # (the combine's
+            passes = launches.Passes(launches.grid_of(input, 1, C, 1, True), True, momentum, eps, eps_inside_sqrt,  # (the combine's
                                   weight is not None, bias is not None, running_mean is not None)  # settings, C channels)
-            acc_dtype = layer.grid.acc_dtype
+            acc_dtype = passes.grid.acc_dtype
             statistics = torch.zeros(kernels.N_STATISTICS * C, dtype=acc_dtype, device=input.device)
             summaries = exchange(torch.zeros(3, C, dtype=acc_dtype, device=input.device))
-            launches.fold_statistics(layer, summaries, world_size, statistics, running_mean, running_var,
+            launches.fold_statistics(passes, summaries, world_size, statistics, running_mean, running_var,
                                     num_batches_tracked)
             y = input.clone()
         else:
-            x, layer = layer_of(input, weight, bias, running_mean, True, momentum, eps, eps_inside_sqrt)
-            y, statistics = launches.forward_training(x, layer, weight, bias, running_mean, running_var,
+            x, passes = passes_of(input, weight, bias, running_mean, True, momentum, eps, eps_inside_sqrt)
+            y, statistics = launches.forward_training(x, passes, weight, bias, running_mean, running_var,
                                                      num_batches_tracked, exchange=exchange)
         ctx.save_for_backward(x, weight, statistics, counts[0])
-        ctx.layer, ctx.empty = layer, empty
+        ctx.passes, ctx.empty = passes, empty
         ctx.process_group, ctx.bias_dtype = process_group, None if bias is None else bias.dtype
         return y
 
@@ -255,8 +266,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @torch.compiler.disable
     def backward(ctx, grad_output):
         x, weight, statistics, count = ctx.saved_tensors
-        layer, C = ctx.layer, x.shape[1]
-        g = layer.grid
+        passes, C = ctx.passes, x.shape[1]
+        g = passes.grid
         need_input = ctx.needs_input_grad[0]
         need_weight = weight is not None and ctx.needs_input_grad[1]
         need_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
@@ -267,7 +278,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         else:
             dy = same_layout(grad_output, x, g.channels_last)
             sums, grad_weight, grad_bias = launches.backward_sums(
-                x, dy, layer, weight, statistics, None, None, need_weight=need_weight, need_bias=need_bias,
+                x, dy, passes, weight, statistics, None, None, need_weight=need_weight, need_bias=need_bias,
                 bias_dtype=ctx.bias_dtype)
         dx = None
         if need_input:
@@ -279,7 +290,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 # The kernel divides the sums by this rank's count (R·S); the group's sums are divided
                 # by the group's count.
                 group_sums.mul_((g.R * g.S) / count)
-                dx = launches.backward_input(x, dy, layer, weight, statistics, None, sums)
+                dx = launches.backward_input(x, dy, passes, weight, statistics, None, sums)
         return dx, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
@@ -306,12 +317,12 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 def batch_norm_planned(input, running_mean, running_var, weight, bias, training, momentum, eps, eps_inside_sqrt,
-                       num_batches_tracked, *, count=False) -> tuple[torch.Tensor, launches.Layer | None]:
-    """``batch_norm``, and the ``Layer`` it ran: ``(output, layer)``, ``layer`` None unless
+                       num_batches_tracked, *, count=False) -> tuple[torch.Tensor, launches.Passes | None]:
+    """``batch_norm``, and the ``Passes`` it ran: ``(output, passes)``, ``passes`` None unless
     ``BatchNormFunction`` read every tensor as given (no copy to the kernels' layout, a non-empty
-    input, eager), so that a module may call it again with that layer (``LayerPlan``).
+    input, eager), so that a module may call it again with that layer (``ModulePlan``).
     ``count``: add this batch to ``num_batches_tracked`` first (a module's forward in training),
-    once the arguments passed their checks: in the statistics kernel (``Layer.count``) when it
+    once the arguments passed their checks: in the statistics kernel (``Passes.count``) when it
     runs, else here."""
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, num_batches_tracked,
                           eps)
@@ -339,16 +350,17 @@ def batch_norm_planned(input, running_mean, running_var, weight, bias, training,
                 running_var.copy_(new_var)
         return out, None
     with torch.no_grad():  # a copy of the input for the kernels is no part of the graph
-        x, layer = layer_of(input, weight, bias, running_mean, training, momentum, eps, eps_inside_sqrt, count=count)
+        x, passes = passes_of(input, weight, bias, running_mean, training, momentum, eps, eps_inside_sqrt, count=count)
     # Per-channel tensors in another layout are read from contiguous copies; running stats
     # updated in such a copy are written back to the caller's tensors.
     given = (weight, bias, running_mean, running_var)
     weight, bias, running_mean, running_var = read = tuple(map(per_channel, given))
-    out = BatchNormFunction.apply(input, weight, bias, (x, running_mean, running_var, num_batches_tracked, layer))
+    out = BatchNormFunction.apply(input, weight, bias, BatchNormCall(x, running_mean, running_var, num_batches_tracked,
+                                                                     passes))
     if training:
         write_back(given[2:], read[2:])
     as_given = x is input and all(map(operator.is_, read, given))
-    return out, layer if as_given else None
+    return out, passes if as_given else None
 
 
 @torch.no_grad()
@@ -361,12 +373,12 @@ def batch_norm_forward(input, running_mean, running_var, weight, bias, training,
     if input.numel() == 0:
         return input.clone(), (input.new_zeros(kernels.N_STATISTICS, C, dtype=_statistics_dtype(input))
                                 if training else None)
-    x, layer = layer_of(input, weight, bias, running_mean, training, momentum, eps, eps_inside_sqrt)
+    x, passes = passes_of(input, weight, bias, running_mean, training, momentum, eps, eps_inside_sqrt)
     stats = (running_mean, running_var)
     running_mean, running_var = per_channel(running_mean), per_channel(running_var)
     if not training:
-        return launches.forward_eval(x, layer, per_channel(weight), per_channel(bias), running_mean, running_var), None
-    y, statistics = launches.forward_training(x, layer, per_channel(weight), per_channel(bias), running_mean,
+        return launches.forward_eval(x, passes, per_channel(weight), per_channel(bias), running_mean, running_var), None
+    y, statistics = launches.forward_training(x, passes, per_channel(weight), per_channel(bias), running_mean,
                                              running_var, num_batches_tracked)
     write_back(stats, (running_mean, running_var))
     return y, statistics[:kernels.N_STATISTICS * C].view(kernels.N_STATISTICS, C)  # (then the partials)
@@ -394,8 +406,8 @@ def batch_norm_backward(grad_output, input, weight, statistics, running_mean, ru
         return (torch.empty_like(grad_output) if need_input else None,
                 torch.zeros_like(weight) if need_weight else None,
                 torch.zeros(C, dtype=parameter_dtype, device=input.device) if need_bias else None)
-    x, layer = layer_of(input, weight, None, running_mean, training, None, eps, eps_inside_sqrt)
-    return launches.backward(x, same_layout(grad_output, x, layer.grid.channels_last), layer, per_channel(weight),
+    x, passes = passes_of(input, weight, None, running_mean, training, None, eps, eps_inside_sqrt)
+    return launches.backward(x, same_layout(grad_output, x, passes.grid.channels_last), passes, per_channel(weight),
                             statistics.reshape(-1) if training else None,
                             None if training else per_channel(running_mean),
                             None if training else per_channel(running_var),
@@ -443,15 +455,15 @@ def _batch_norm_op(input: Tensor, weight: Tensor | None, bias: Tensor | None, ru
     """``(y, statistics, new running mean, new running var)``: the statistics are the batch's μ,
     1/s, σ, shift in training; what training does not make is empty. Arguments checked by
     ``batch_norm``."""
-    x, layer = layer_of(input, weight, bias, running_mean, training, momentum, eps, eps_inside_sqrt)
+    x, passes = passes_of(input, weight, bias, running_mean, training, momentum, eps, eps_inside_sqrt)
     weight, bias = per_channel(weight), per_channel(bias)
     if not training:
-        y = launches.forward_eval(x, layer, weight, bias, per_channel(running_mean), per_channel(running_var))
-        return y, x.new_empty(0, dtype=layer.grid.acc_dtype), x.new_empty(0), x.new_empty(0)  # (outputs may not alias)
+        y = launches.forward_eval(x, passes, weight, bias, per_channel(running_mean), per_channel(running_var))
+        return y, x.new_empty(0, dtype=passes.grid.acc_dtype), x.new_empty(0), x.new_empty(0)  # (outputs may not alias)
     new_mean = None if running_mean is None else running_mean.clone(memory_format=torch.contiguous_format)
     new_var = None if running_var is None else running_var.clone(memory_format=torch.contiguous_format)
-    y, statistics = launches.forward_training(x, layer, weight, bias, new_mean, new_var, num_batches_tracked)
-    statistics = statistics[:kernels.N_STATISTICS * layer.grid.C]  # (then the partials)
+    y, statistics = launches.forward_training(x, passes, weight, bias, new_mean, new_var, num_batches_tracked)
+    statistics = statistics[:kernels.N_STATISTICS * passes.grid.C]  # (then the partials)
     return y, statistics, x.new_empty(0) if new_mean is None else new_mean, x.new_empty(0) if new_var is None else new_var
 
 
@@ -474,9 +486,9 @@ def _batch_norm_backward_op(grad_output: Tensor, input: Tensor, weight: Tensor |
     """``(∂L/∂Z, ∂L/∂G, ∂L/∂B)``, each empty when not wanted (``bias_dtype`` None: no ∂L/∂B).
     ``statistics`` empty: the forward ran in evaluation mode."""
     training = statistics.numel() > 0
-    x, layer = layer_of(input, weight, None, running_mean, training, None, eps, eps_inside_sqrt)
+    x, passes = passes_of(input, weight, None, running_mean, training, None, eps, eps_inside_sqrt)
     dx, grad_weight, grad_bias = launches.backward(
-        x, same_layout(grad_output, x, layer.grid.channels_last), layer, per_channel(weight),
+        x, same_layout(grad_output, x, passes.grid.channels_last), passes, per_channel(weight),
         statistics if training else None, None if training else per_channel(running_mean),
         None if training else per_channel(running_var), need_input=need_input, need_weight=need_weight, need_bias=bias_dtype is not None,
         bias_dtype=bias_dtype)

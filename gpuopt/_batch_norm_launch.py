@@ -235,7 +235,7 @@ def resident_per_sm(grid: Grid, dtype: torch.dtype) -> int | None:
 
 
 # ------------------------------------------------------------------------ launchers ----------
-# Plain tensors and numbers in, tensors out. A ``Layer`` says how the passes over the input's
+# Plain tensors and numbers in, tensors out. A ``Passes`` says how the passes over the input's
 # (R, C, S) view are split (its ``Grid``) and with which options; arguments are checked by
 # gpuopt.functional.batch_norm.
 
@@ -252,10 +252,10 @@ def _fold_constexprs(grid: Grid, n_splits: int, group: int, eps_inside_sqrt: boo
 
 
 @dataclass(frozen=True)
-class Layer:
+class Passes:
     """What a batch-norm call's launches take besides its tensors: the grid of the input's view,
     the options, and which optional tensors it has. Made per call, or kept by a module between
-    calls while nothing it was made from changed (``gpuopt._batch_norm.LayerPlan``).
+    calls while nothing it was made from changed (``gpuopt._batch_norm.ModulePlan``).
 
     Each pass is a ``_launch.Launch`` made on first use, its constexprs resolved once: the calls of
     one layer pass arguments of the same kinds (its own tensors, scratch just allocated, a module's
@@ -337,62 +337,62 @@ class Layer:
                               (float(g.R * g.S), self.eps, *g.args))
 
 
-def forward_training(x, layer: Layer, weight, bias, running_mean, running_var, num_batches_tracked, *, exchange=None):
+def forward_training(x, passes: Passes, weight, bias, running_mean, running_var, num_batches_tracked, *, exchange=None):
     """Statistics (split reduction + combine, running stats updated) then normalize: three
     launches. Returns ``(y, statistics)``: μ, 1/s, σ, shift of each channel (``MEAN`` ...) in
-    the accumulation dtype, what the backward needs (then the partials, see ``PARTIALS``). ``layer.count``: the statistics pass first
+    the accumulation dtype, what the backward needs (then the partials, see ``PARTIALS``). ``passes.count``: the statistics pass first
     adds this batch to ``num_batches_tracked`` (a module's counter; no torch op per step).
 
     ``exchange`` (SyncBatchNorm): a function from this rank's summary — (count, μ, M2) per channel,
     ``[3, C]`` — to every rank's, ``[3, ranks, C]`` (one all-gather); the statistics are then the
     fold of those, the whole group's batch."""
-    g, device = layer.grid, x.device
+    g, device = passes.grid, x.device
     statistics = torch.empty(kernels.N_STATISTICS * g.C + 3 * g.n_splits * g.partials_width, dtype=g.acc_dtype, device=device)
     y = torch.empty_like(x)
-    kept = _launch.aligned16(statistics, y)
-    layer.statistics_pass(kept, x, statistics, num_batches_tracked if layer.count else None)
+    cacheable = _launch.aligned16(statistics, y)
+    passes.statistics_pass(cacheable, x, statistics, num_batches_tracked if passes.count else None)
     if exchange is None:
-        layer.fold_pass(kept, None, statistics, g.n_splits, g.group, g.C, running_mean, running_var,
-                        num_batches_tracked if layer.cumulative else None)
+        passes.fold_pass(cacheable, None, statistics, g.n_splits, g.group, g.C, running_mean, running_var,
+                        num_batches_tracked if passes.cumulative else None)
     else:
         summary = torch.empty(3 * g.C, dtype=g.acc_dtype, device=device)
-        fold_statistics(layer, None, g.n_splits, statistics, None, None, None, summary=summary, group=g.group)
+        fold_statistics(passes, None, g.n_splits, statistics, None, None, None, summary=summary, group=g.group)
         summaries = exchange(summary.view(3, g.C))
         shift = int(kernels.SHIFT.value)
         statistics[shift * g.C:(shift + 1) * g.C].zero_()  # the summaries' means are un-shifted already
-        fold_statistics(layer, summaries, summaries.shape[1], statistics, running_mean, running_var,
+        fold_statistics(passes, summaries, summaries.shape[1], statistics, running_mean, running_var,
                         num_batches_tracked)
-    layer.normalize_pass(kept, x, y, statistics, None, None, weight, bias)
+    passes.normalize_pass(cacheable, x, y, statistics, None, None, weight, bias)
     return y, statistics
 
 
-def fold_statistics(layer: Layer, partials, n_splits: int, statistics, running_mean, running_var, num_batches_tracked,
+def fold_statistics(passes: Passes, partials, n_splits: int, statistics, running_mean, running_var, num_batches_tracked,
                     *, summary=None, group: int = 1) -> None:
     """A combine launch of any partials (SyncBatchNorm's: a rank's own, then the ranks'):
     ``partials`` (planes count, mean, M2 of ``n_splits × C·group`` values: ``group`` per channel
     and split, see "Short rows"; None: the statistics pass's, in ``statistics``) folded into ``statistics`` (μ, 1/s, σ; the running statistics
     updated when given), or, with ``summary``, into the channel's (count, μ, M2) only.
-    ``layer``: its C, dtype, combine settings, momentum and ε."""
-    g = layer.grid
+    ``passes``: its C, dtype, combine settings, momentum and ε."""
+    g = passes.grid
     update = running_mean is not None
-    cumulative = update and layer.momentum is None
+    cumulative = update and passes.momentum is None
     _launch.launch(kernels._stats_combine_f64_kernel if g.float64 else kernels._stats_combine_kernel, g.combine_grid,
                    (partials, statistics, n_splits, group, g.C, running_mean, running_var,
                     num_batches_tracked if cumulative else None,
-                    layer.momentum_value, layer.eps, summary),
-                   _fold_constexprs(g, n_splits, group, layer.eps_inside_sqrt, update, cumulative,
+                    passes.momentum_value, passes.eps, summary),
+                   _fold_constexprs(g, n_splits, group, passes.eps_inside_sqrt, update, cumulative,
                                     summary is not None),
                    g.combine_warps)
 
 
-def forward_eval(x, layer: Layer, weight, bias, running_mean, running_var):
+def forward_eval(x, passes: Passes, weight, bias, running_mean, running_var):
     """One elementwise launch from the running statistics."""
     y = torch.empty_like(x)
-    layer.normalize_pass(_launch.aligned16(y), x, y, None, running_mean, running_var, weight, bias)
+    passes.normalize_pass(_launch.aligned16(y), x, y, None, running_mean, running_var, weight, bias)
     return y
 
 
-def backward(x, dy, layer: Layer, weight, statistics, running_mean, running_var, *, need_input, need_weight,
+def backward(x, dy, passes: Passes, weight, statistics, running_mean, running_var, *, need_input, need_weight,
              need_bias, bias_dtype=None):
     """``(∂L/∂Z, ∂L/∂G, ∂L/∂B)`` (None where not needed): reduction (Σ dẐ, Σ dẐ(Z-μ)) + combine,
     then the closed-form input gradient. With ``statistics`` (a training forward's) the batch's
@@ -400,35 +400,35 @@ def backward(x, dy, layer: Layer, weight, statistics, running_mean, running_var,
     in ``x``'s memory layout."""
     sums, grad_weight, grad_bias = None, None, None
     if need_weight or need_bias or (need_input and statistics is not None):
-        sums, grad_weight, grad_bias = backward_sums(x, dy, layer, weight, statistics, running_mean, running_var,
+        sums, grad_weight, grad_bias = backward_sums(x, dy, passes, weight, statistics, running_mean, running_var,
                                                      need_weight=need_weight, need_bias=need_bias,
                                                      bias_dtype=bias_dtype)
     dx = None
     if need_input:
-        dx = backward_input(x, dy, layer, weight, statistics, running_var, sums)
+        dx = backward_input(x, dy, passes, weight, statistics, running_var, sums)
     return dx, grad_weight, grad_bias
 
 
-def backward_sums(x, dy, layer: Layer, weight, statistics, running_mean, running_var, *, need_weight, need_bias,
+def backward_sums(x, dy, passes: Passes, weight, statistics, running_mean, running_var, *, need_weight, need_bias,
                   bias_dtype=None):
     """``(sums, ∂L/∂G, ∂L/∂B)``: the reduction and its combine. ``sums[:2C]`` holds Σ dẐ and
     Σ dẐ(Z-μ) per channel (SyncBatchNorm all-reduces them before ``backward_input``)."""
-    g, device = layer.grid, x.device
+    g, device = passes.grid, x.device
     grad_weight = torch.empty_like(weight) if need_weight else None
     grad_bias = torch.empty(g.C, dtype=bias_dtype, device=device) if need_bias else None
     sums = torch.empty(2 * g.C + 2 * g.n_splits * g.partials_width, dtype=g.acc_dtype, device=device)  # sums, partials
-    kept = _launch.aligned16(dy, statistics, sums, grad_weight, grad_bias)
-    layer.reduce_pass(kept, x, dy, statistics, running_mean, sums)
-    layer.backward_fold_pass(need_weight, need_bias)(kept, sums, g.n_splits, g.group, g.C, statistics, running_var,
-                                                     layer.eps, grad_weight, grad_bias)
+    cacheable = _launch.aligned16(dy, statistics, sums, grad_weight, grad_bias)
+    passes.reduce_pass(cacheable, x, dy, statistics, running_mean, sums)
+    passes.backward_fold_pass(need_weight, need_bias)(cacheable, sums, g.n_splits, g.group, g.C, statistics, running_var,
+                                                     passes.eps, grad_weight, grad_bias)
     return sums, grad_weight, grad_bias
 
 
-def backward_input(x, dy, layer: Layer, weight, statistics, running_var, sums):
+def backward_input(x, dy, passes: Passes, weight, statistics, running_var, sums):
     """∂L/∂Z, elementwise: the closed form with the batch's ``statistics`` and ``sums`` (divided by
     this layer's count of values per channel, R·S), or the running statistics' constants."""
     dx = torch.empty_like(x)
-    layer.input_pass(_launch.aligned16(dy, dx, statistics, sums), x, dy, dx, statistics, running_var, weight, sums)
+    passes.input_pass(_launch.aligned16(dy, dx, statistics, sums), x, dy, dx, statistics, running_var, weight, sums)
     return dx
 
 

@@ -10,7 +10,7 @@ from collections import OrderedDict
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from . import _compiled
+from . import _traced
 from ._distributed import DTensor, check_sharded_pairs, like_dtensor, local, local_roles
 from ._launch import launch_step
 from ._multi_tensor import (GRAD_ROLE, PlanCache, StepArgs, dense_grads, has_step, needed_roles, on_device,
@@ -88,9 +88,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if cls._algorithm is not None:  # callable from a compiled graph under this key
-            cls._compiled_key = f"{cls.__module__}.{cls.__qualname__}"
-            cls._compiled_options = _compiled.option_names(cls._algorithm)
-            _compiled.register(cls._compiled_key, cls.__name__, cls._algorithm)
+            cls._traced_op = _traced.register(cls.__name__, cls._algorithm)
+            cls._traced_options = _traced.option_names(cls._algorithm)
 
     def __init__(self, params, defaults):
         self._generation = Generation()
@@ -302,14 +301,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``register_optimizer_step_pre_hook`` / ``_post_hook``) and the profiler's
         ``Optimizer.step#...`` range work as in torch: torch's own wrapper runs around
         the step whenever one is registered or the profiler is on, and only then. Inside
-        ``torch.compile`` the step is traced into the graph as one ``gpuopt::multi_tensor_step``
-        operator per param group (``gpuopt._compiled``), once its states exist; the first step,
+        ``torch.compile`` the step is traced into the graph as one ``gpuopt::<Class>_step``
+        operator per param group (``gpuopt._traced``), once its states exist; the first step,
         and a step with hooks, runs eagerly (a graph break).
         """
         hooked = (_GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS or self._optimizer_step_pre_hooks
                   or self._optimizer_step_post_hooks)
         if torch.compiler.is_compiling():  # (the profiler's C-level query would itself break the graph)
-            return self._hooked_step(*args, **kwargs) if hooked else _compiled.traced_step(self, *args, **kwargs)
+            return self._hooked_step(*args, **kwargs) if hooked else _traced.traced_step(self, *args, **kwargs)
         if hooked or _profiler_enabled():
             return self._hooked_step(*args, **kwargs)
         return self._step(*args, **kwargs)

@@ -2,10 +2,10 @@
 launched: without Triton's per-call argument binding.
 
 ``kernel[grid](*args, **constexprs)`` goes through ``JITFunction.run``, which binds and
-specialises every argument on every call (~10 µs for the optimizers' ~26 arguments) before the
-C launcher runs. A step launches the same kernel with the same kinds of arguments every time, so
-``launch`` keeps the compiled kernel and its launcher per *specialisation key* and calls it with
-the argument list directly. The key holds everything Triton may compile differently for, and
+specialises every argument on every call before the C launcher runs (its cost: bench/NOTES.md).
+A step launches the same kernel with the same kinds of arguments every time, so ``launch``
+caches the compiled kernel's launcher per *specialisation key* and calls it with the argument
+list directly. The key holds everything Triton may compile differently for, and
 more (a superset is safe, a subset is not):
 
 * every constexpr, ``num_warps`` and the grid;
@@ -17,13 +17,14 @@ more (a superset is safe, a subset is not):
 * the current CUDA device (Triton compiles and loads per device).
 
 A miss asks Triton for the compiled kernel (``JITFunction.run`` with ``warmup=True``: it compiles
-or finds it, and launches nothing), keeps the compiled kernel's own launcher, and launches
+or finds it, and launches nothing), caches the compiled kernel's own launcher, and launches
 through it; a persistent launch's grid is fitted to the compiled kernel's occupancy there (one
 wave, see ``launch``). Through the interpreter (CPU) every launch takes Triton's path: there is
-no compiled kernel to keep.
+no compiled kernel to cache. (``_compiled_launches`` says which; the host bench turns it on
+with stubbed kernels: bench/host_suite.py, the one seam it patches.)
 
-A site that launches with arguments of the same kinds every time (a batch-norm layer's passes)
-skips even the key: a ``Launch`` keeps the launcher its first call found, with the arguments'
+A site that launches with arguments of the same kinds every time (a batch-norm call's passes)
+skips even the key: a ``Launch`` caches the launcher its first call found, with the arguments'
 constant tail (see ``Launch``).
 """
 
@@ -33,10 +34,11 @@ import functools
 import os
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from .kernels import _multi_tensor as walk
+from .kernels import _multi_tensor as multi_tensor
 
 # ---------------------------------------------------------------- where kernels run ----------
 
@@ -118,8 +120,8 @@ def _argument_key(args: tuple) -> tuple:
                   else a if type(a) is int else (bool, a) if type(a) is bool else type(a) for a in args])
 
 
-_kept: dict = {}  # kernel → (names of its constexprs in signature order, {key: launcher})
-_MAX_KEPT = 64  # launchers per kernel; more means some int argument changes every call
+_launchers: dict = {}  # kernel → (names of its constexprs in signature order, {key: launcher})
+_MAX_LAUNCHERS = 64  # per kernel; more means some int argument changes every call
 _compiled_launches = not interpreter_enabled()  # the bench's host suite turns this on with stubs
 _interpreter_lock = threading.Lock()  # one interpreted launch at a time, whichever thread makes it
 
@@ -130,7 +132,7 @@ def _current_device() -> int:
 
 def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, *, persistent: bool = False):
     """``kernel[grid](*args, **constexprs, num_warps=num_warps)``: ``args`` are the kernel's
-    runtime arguments in signature order, ``constexprs`` the rest by name. Returns the kept
+    runtime arguments in signature order, ``constexprs`` the rest by name. Returns the cached
     ``(launcher, constexpr values)`` it launched through, or None (Triton's own path).
 
     ``persistent``: the kernel walks its work grid-stride along axis 0 (any number of programs
@@ -142,21 +144,21 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, *
         with _interpreter_lock:  # Triton's interpreter keeps the running grid's state in globals
             kernel[grid](*args, **constexprs, num_warps=num_warps)
         return None
-    kept = _kept.get(kernel)
-    if kept is None:
-        kept = _kept[kernel] = (tuple(kernel.arg_names[len(args):]), {})
-    names, launchers = kept
+    entry = _launchers.get(kernel)
+    if entry is None:
+        entry = _launchers[kernel] = (tuple(kernel.arg_names[len(args):]), {})
+    names, launchers = entry  # (the constexprs' names in signature order, {key: launcher})
     values = tuple(map(constexprs.__getitem__, names))
     key = (_current_device(), grid, num_warps, values, _argument_key(args))
     runner = launchers.get(key)
     if runner is None:
         compiled = kernel.run(*args, grid=grid, warmup=True, **constexprs, num_warps=num_warps)  # compiles only
         if compiled is None or not hasattr(compiled, "function") or hasattr(compiled, "result"):
-            kernel[grid](*args, **constexprs, num_warps=num_warps)  # not a kernel to keep: Triton's own path
+            kernel[grid](*args, **constexprs, num_warps=num_warps)  # not a kernel to cache: Triton's own path
             return None
         if persistent:
             grid = (min(grid[0], one_wave(compiled, num_warps) or grid[0]), *grid[1:])
-        if len(launchers) >= _MAX_KEPT:
+        if len(launchers) >= _MAX_LAUNCHERS:
             launchers.clear()
         # CompiledKernel's own launcher (stream, hooks, then the C launch) takes a 3-D grid.
         runner = launchers[key] = compiled[(*grid, 1, 1)[:3]]
@@ -164,38 +166,48 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, *
     return runner, values
 
 
+class _CachedLaunch(NamedTuple):
+    """A ``Launch`` site's cached launcher and the arguments every call appends (its fixed runtime
+    arguments, then its constexprs' values), for the device it was found on."""
+
+    launcher: object
+    tail: tuple
+    device: int
+
+
 class Launch:
     """One launch site with its kernel, grid, constexprs, warps and trailing runtime arguments
     (``fixed``: the ones every call passes alike, e.g. the view's sizes) resolved once: a batch-norm
-    layer's passes (``_batch_norm_launch.Layer``), whose calls pass arguments of the same kinds
+    layer's passes (``_batch_norm_launch.Passes``), whose calls pass arguments of the same kinds
     every time (the layer's own tensors, fresh scratch; a module's plan checks the rest).
 
-    ``site(kept, *head)`` launches with the runtime arguments ``(*head, *fixed)``. ``kept`` is the
-    caller's promise that they have the kinds they had at this site's first kept call — each
-    tensor's dtype and 16-byte alignment, each int's value, the same arguments None — on the same
-    current device (checked here). Kept calls after the first skip ``launch``'s key and
-    dictionaries and call the compiled launcher with one prepared tail of arguments (~0.3 µs
-    instead of ~3); ``kept=False`` (e.g. a gradient of unknown alignment) is ``launch`` itself."""
+    ``site(cacheable, *head)`` launches with the runtime arguments ``(*head, *fixed)``.
+    ``cacheable`` is the caller's promise that they have the kinds they had at this site's first
+    cacheable call — each tensor's dtype and 16-byte alignment, each int's value, the same
+    arguments None — on the same current device (checked here). Such calls after the first skip
+    ``launch``'s key and dictionaries and call the cached launcher with one prepared tail of
+    arguments; ``cacheable=False`` (e.g. a gradient of unknown alignment) is ``launch`` itself."""
 
-    __slots__ = ("kernel", "grid", "constexprs", "num_warps", "fixed", "_kept")
+    __slots__ = ("kernel", "grid", "constexprs", "num_warps", "fixed", "_cached")
 
     def __init__(self, kernel, grid: tuple, constexprs: dict, num_warps: int, fixed: tuple = ()):
         self.kernel, self.grid, self.constexprs, self.num_warps, self.fixed = kernel, grid, constexprs, num_warps, fixed
-        self._kept = None  # (launcher, tail of arguments, device): one attribute, replaced whole
+        self._cached = None  # a _CachedLaunch: one attribute, replaced whole
 
-    def __call__(self, kept: bool, *head) -> None:
-        found = self._kept
-        if kept and found is not None and found[2] == _current_device():
-            found[0](*head, *found[1])
+    def __call__(self, cacheable: bool, *head) -> None:
+        cached = self._cached
+        if cacheable and cached is not None and cached.device == _current_device():
+            cached.launcher(*head, *cached.tail)
             return
         found = launch(self.kernel, self.grid, (*head, *self.fixed), self.constexprs, self.num_warps)
-        if kept and found is not None:
-            self._kept = (found[0], (*self.fixed, *found[1]), _current_device())
+        if cacheable and found is not None:
+            launcher, constexpr_values = found
+            self._cached = _CachedLaunch(launcher, (*self.fixed, *constexpr_values), _current_device())
 
 
 def aligned16(*tensors) -> bool:
     """Whether every tensor given (None: skipped) starts on a 16-byte boundary: those torch just
-    allocated are (64 bytes on the CPU, 512 on CUDA; a pluggable allocator may differ), and a kept
+    allocated are (64 bytes on the CPU, 512 on CUDA; a pluggable allocator may differ), and a cached
     launch (``Launch``) is specialised on it."""
     address = 0
     for t in tensors:
@@ -244,10 +256,10 @@ def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_
     streams keep 16-byte accesses, the 16-bit ones take 8-byte ones, and no conversion is left."""
     bases = plan.bases
     n_roles, n_hyper = len(bases), len(hyperparameters)
-    launch(walk._step_f64_kernel if plan.float64 else walk._step_kernel, plan.grid,
-           (*plan.schedule, *bases, *(bases[0],) * (walk.MAX_ROLES - n_roles), plan.counter, lr, lr_ptr,
-            *hyperparameters, *(0.0,) * (walk.MAX_HYPER - n_hyper), grad_scale, found_inf, seed, epoch),
-           dict(UPDATE=algorithm.update, PER_TENSOR=algorithm.per_tensor or walk.step_only, FLAGS=flags,
+    launch(multi_tensor._step_f64_kernel if plan.float64 else multi_tensor._step_kernel, plan.grid,
+           (*plan.schedule, *bases, *(bases[0],) * (multi_tensor.MAX_ROLES - n_roles), plan.counter, lr, lr_ptr,
+            *hyperparameters, *(0.0,) * (multi_tensor.MAX_HYPER - n_hyper), grad_scale, found_inf, seed, epoch),
+           dict(UPDATE=algorithm.update, PER_TENSOR=algorithm.per_tensor or multi_tensor.step_only, FLAGS=flags,
                 N_ROLES=n_roles, N_HYPER=n_hyper, HAS_STEP=has_step,
                 COUNT_EPOCH=epoch is not None,
                 LR_ON_DEVICE=lr_ptr is not None,

@@ -6,7 +6,7 @@ only on the tensors' sizes; the table is rebuilt, one small host-to-device copy,
 tensor's storage moved, e.g. when ``zero_grad(set_to_none=True)`` let the next backward allocate
 new gradients); ``prepare_buckets`` validates a call's tensors and splits them into buckets (one
 launch each); ``run_functional`` is the whole path for ``gpuopt.functional`` and the
-``torch.compile`` operator (``_compiled``), every call. The optimizer classes (``_fused``) use the
+``torch.compile`` operator (``_traced``), every call. The optimizer classes (``_fused``) use the
 same pieces and keep what they validated between steps.
 """
 

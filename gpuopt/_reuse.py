@@ -9,7 +9,7 @@ module keeps what it validated and says when that may be reused:
   are the same objects, and ``PreparedGroup.same_tensors`` finds every parameter, state and
   gradient where it was with the validated layout (gradients that alone moved rewrite one row
   of the plan's table);
-* a batch-norm module's last call (``LayerPlan``), while its options are equal and its tensors
+* a batch-norm module's last call (``ModulePlan``), while its options are equal and its tensors
   have the recorded layouts and addresses.
 
 Both compare layouts with ``_validate.layout_check`` (torch's TensorGuards, probed once); where
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._batch_norm import BatchNormFunction
-from ._batch_norm_launch import Layer
+from ._batch_norm import BatchNormCall, BatchNormFunction
+from ._batch_norm_launch import Passes
 from ._distributed import is_dtensor, local
 from ._multi_tensor import GRAD_ROLE
 from ._validate import layout_check
@@ -191,12 +191,12 @@ class PreparedGroup:
             except AttributeError:
                 grads = list(map(local, grads))
         addresses, present = grad_addresses(grads)
-        kept = addresses == self.grad_addresses
-        if not (kept or (self.movable and present is grads)):  # a gradient appeared or vanished, ...
+        unmoved = addresses == self.grad_addresses
+        if not (unmoved or (self.movable and present is grads)):  # a gradient appeared or vanished, ...
             return False
         if not self.grad_layout.check(*present):  # (the validated count of gradients, by now)
             return False
-        if not kept and not self.move_grads(np.array(addresses, dtype=np.int64)):
+        if not unmoved and not self.move_grads(np.array(addresses, dtype=np.int64)):
             return False
         self.grad_addresses = addresses
         return True
@@ -237,7 +237,7 @@ def by_value(value):
         value if isinstance(value, (int, float, bool, str)) else None)
 
 
-class LayerPlan:
+class ModulePlan:
     """A batch-norm module's last call, kept to call ``BatchNormFunction`` directly next time
     (``gpuopt.nn``'s modules): valid while the module's options are equal and its tensors
     have the layouts they had (``_validate.layout_check``), the input its 16-byte alignment, and
@@ -245,12 +245,12 @@ class LayerPlan:
     through ``.data``, is checked again) — and neither a running statistic nor the counter
     requires grad (an error to raise, on the full path). Anything else takes the full path,
     which makes a new plan. The layer's kernels count the batch when the module tracks it
-    (``layer.count``: a plan is made only by a call that ran them, so the two agree)."""
+    (``passes.count``: a plan is made only by a call that ran them, so the two agree)."""
 
-    __slots__ = ("options", "addresses", "layouts", "layer", "pass_buffers")
+    __slots__ = ("options", "addresses", "layouts", "passes", "pass_buffers")
 
-    def __init__(self, options: tuple, tensors: tuple, layer: Layer, pass_buffers: bool):
-        self.options, self.layer, self.pass_buffers = options, layer, pass_buffers
+    def __init__(self, options: tuple, tensors: tuple, passes: Passes, pass_buffers: bool):
+        self.options, self.passes, self.pass_buffers = options, passes, pass_buffers
         self.addresses = _addresses(tensors)
         self.layouts = layout_check([t for t in tensors if t is not None])
 
@@ -271,13 +271,12 @@ class LayerPlan:
             return None
         if not self.pass_buffers:
             running_mean = running_var = None
-        return BatchNormFunction.apply(input, weight, bias, (input, running_mean, running_var,
-                                                             num_batches_tracked if self.layer.count else None,
-                                                             self.layer))
+        return BatchNormFunction.apply(input, weight, bias, BatchNormCall(
+            input, running_mean, running_var, num_batches_tracked if self.passes.count else None, self.passes))
 
 
 def _addresses(tensors: tuple) -> tuple:
-    """A module call's tensors as ``LayerPlan`` compares them: the input's 16-byte alignment,
+    """A module call's tensors as ``ModulePlan`` compares them: the input's 16-byte alignment,
     the others' exact addresses (None for an absent one)."""
     input, *others = tensors
     return (input.data_ptr() % 16, *(None if t is None else t.data_ptr() for t in others))

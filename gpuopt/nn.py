@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._batch_norm import batch_norm_planned, sync_batch_norm
-from ._reuse import LayerPlan
+from ._reuse import ModulePlan
 
 
 class _GpuoptBatchNorm:
@@ -42,13 +42,13 @@ class _GpuoptBatchNorm:
         tracking = self.training and self.track_running_stats
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         pass_buffers = not self.training or self.track_running_stats
-        out, layer = batch_norm_planned(input, running_mean if pass_buffers else None,
+        out, passes = batch_norm_planned(input, running_mean if pass_buffers else None,
                                         running_var if pass_buffers else None, weight, bias, use_batch_stats,
                                         self.momentum, self.eps, self.eps_inside_sqrt, counter if tracking else None,
                                         count=True)  # (counted once the arguments are checked)
-        if layer is not None:
+        if passes is not None:
             tensors = (input, weight, bias, running_mean, running_var, counter)
-            self.__dict__["_gpuopt_plan"] = LayerPlan(options, tensors, layer, pass_buffers)
+            self.__dict__["_gpuopt_plan"] = ModulePlan(options, tensors, passes, pass_buffers)
         elif plan is not None:
             self.__dict__["_gpuopt_plan"] = None
         return out
@@ -112,7 +112,7 @@ class SyncBatchNorm(_GpuoptBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
                                eps_inside_sqrt: bool | None = None) -> torch.nn.Module:
         """``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: every batch-norm layer of ``module``
         (torch's or gpuopt's) replaced by a ``gpuopt.nn.SyncBatchNorm`` sharing its parameters and
-        buffers. ``eps_inside_sqrt``: kept from a gpuopt layer, True (torch's) otherwise, unless given."""
+        buffers. ``eps_inside_sqrt``: kept from a gpuopt passes, True (torch's) otherwise, unless given."""
         output = module
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
             keep = getattr(module, "eps_inside_sqrt", True)

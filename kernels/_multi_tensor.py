@@ -249,7 +249,7 @@ def finish_launch(counter_ptr, step_base_ptr, offsets_ptr, STEP_ROLE: tl.constex
 
 # Role bases and hyperparameters are fixed numbers of named arguments rather than tuples: a
 # tuple argument cannot be declared tl.float64 (float64 launches need exact hyperparameters,
-# ``float64_variant``), and the kept launches (``gpuopt._launch``) pass flat argument lists.
+# ``float64_variant``), and the cached launchers (``gpuopt._launch``) take flat argument lists.
 # Unused bases repeat role 0's pointer, unused hyperparameters are 0.0; the compiler drops both.
 MAX_ROLES, MAX_HYPER = 7, 8
 STEP_ROLE = tl.constexpr(2)  # every optimizer's ROLES begin ("param", "grad", "step", ...)
@@ -284,7 +284,7 @@ class Algorithm:
             ``_`` for one it does not read). An optimizer's begin ``("param", "grad", "step")``
             (the walk reads ``step`` at index 2) and end with ``"master"`` if it supports fp32
             master weights. The names are the optimizer's state keys and the roles' argument
-            names in the ``torch.compile`` operator (``gpuopt._compiled``).
+            names in the ``torch.compile`` operator (``gpuopt._traced``).
         hyper: the names of the runtime floats ``update`` and ``per_tensor`` read, in the order
             they unpack ``hyper`` (at most ``MAX_HYPER``); ``tests/test_architecture.py``
             checks every unpacking of ``ptrs`` and ``hyper`` against ``roles`` and ``hyper``.

@@ -61,7 +61,7 @@ COUNT, PART_MEAN, PART_M2 = (tl.constexpr(i) for i in range(3))
 SUM_DY, SUM_DY_XMU = (tl.constexpr(i) for i in range(2))
 
 
-# ------------------------------------------------------------------------------ the walk ----
+# ------------------------------------------------------------------------------ tiles -------
 
 
 @triton.jit

@@ -66,7 +66,7 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def count_launches(module, kernel_name: str):
     """Count launches of ``module.<kernel_name>`` inside the block: every launch goes through
-    ``gpuopt._launch.launch`` (Triton's path or a kept compiled kernel)."""
+    ``gpuopt._launch.launch`` (Triton's path or a cached launcher)."""
     from gpuopt import _launch
 
     kernel = getattr(module, kernel_name)

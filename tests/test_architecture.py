@@ -3,6 +3,8 @@ sign-SGD, written here as a user would, gets the whole machinery — one launch 
 groups, AMP's grad_scale / found_inf, fp32 master weights for bf16 params, validation, the fast
 path — and matches its reference written with torch ops."""
 
+import inspect
+
 import pytest
 import torch
 import triton
@@ -227,3 +229,18 @@ def _some_options(algorithm) -> dict:
                     eps_inside_sqrt=False, decoupled_weight_decay=True, momentum=0.9, dampening=0.0, nesterov=False,
                     has_step=True, alpha=0.99, centered=False, lr_decay=0.0, rho=0.9, gamma=0.5)
     return {n: defaults[n] for n in inspect.signature(algorithm.hyperparameters).parameters if n in defaults}
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adadelta", "SignSGD"])
+def test_traced_operator_schema_names_the_roles(name):
+    """The ``torch.compile`` operator of each optimizer takes one list per role, named after the
+    spec's roles, and declares every one mutated but the gradients (and the rounding epoch)."""
+    cls = SignSGD if name == "SignSGD" else getattr(gpuopt, name)
+    schema = getattr(torch.ops.gpuopt, cls._traced_op).default._schema
+    arguments = {a.name: a for a in schema.arguments}
+    roles = cls._algorithm.roles
+    assert [a.name for a in schema.arguments[:len(roles)]] == list(roles)
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert mutated == (set(roles) - {"grad"}) | {"epoch"}
+    assert "grad" in arguments
+    assert cls._traced_options == tuple(sorted(inspect.signature(cls._algorithm.hyperparameters).parameters))

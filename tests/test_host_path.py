@@ -1,6 +1,6 @@
 """The host path of a step: what the fast path skips must never change a result. Step hooks and
 the profiler range behave as torch's, options changed between steps take effect as in torch,
-and launches through kept compiled kernels are keyed by everything Triton specialises on."""
+and launches through cached launchers are keyed by everything Triton specialises on."""
 
 import pytest
 import torch
@@ -140,7 +140,7 @@ def test_step_options_are_made_once_while_the_options_are_unchanged(device, monk
     assert len(made) == 2 and counter["launches"] == 1
 
 
-# ------------------------------------------------------------------- kept compiled kernels ---
+# ------------------------------------------------------------------- cached launchers ---
 
 
 class _FakeCompiled:
@@ -152,7 +152,7 @@ class _FakeCompiled:
         self.log = log
 
     def __getitem__(self, grid):
-        return lambda *args: self.log.append(("kept", grid, args))
+        return lambda *args: self.log.append(("cached", grid, args))
 
 
 class _FakeKernel:
@@ -168,8 +168,8 @@ class _FakeKernel:
         return _FakeCompiled(self.log)
 
 
-def test_kept_launch_is_keyed_by_everything_triton_specialises_on(monkeypatch):
-    """A launch whose key was seen calls the kept launcher with every argument in signature
+def test_cached_launcher_is_keyed_by_everything_triton_specialises_on(monkeypatch):
+    """A launch whose key was seen calls the cached launcher with every argument in signature
     order (constexprs included, as JITFunction.run does); a new constexpr, int value, tensor dtype
     or 16-byte alignment goes through Triton again; a new float value does not."""
     monkeypatch.setattr(_launch, "_compiled_launches", True)
@@ -184,28 +184,28 @@ def test_kept_launch_is_keyed_by_everything_triton_specialises_on(monkeypatch):
         return kernel.log[0][0]
 
     assert go() == "triton"
-    assert go() == "kept"
-    assert kernel.log[0] == ("kept", (3, 1, 1), (a, b, 8, 0.5, True, 128))  # 3-D: CompiledKernel reads grid[0..2]
-    assert go(x=0.25) == "kept"  # floats are not specialised
+    assert go() == "cached"
+    assert kernel.log[0] == ("cached", (3, 1, 1), (a, b, 8, 0.5, True, 128))  # 3-D: CompiledKernel reads grid[0..2]
+    assert go(x=0.25) == "cached"  # floats are not specialised
     assert go(flag=False) == "triton"  # a constexpr
     assert go(n=16) == "triton"  # an int: divisibility by 16
     assert go(n=1) == "triton"  # an int: equal to 1
     assert go(b=storage[17:25]) == "triton"  # 4 bytes off a 16-byte boundary
-    assert go(b=storage[32:40]) == "kept"  # another aligned address: the same specialisation
+    assert go(b=storage[32:40]) == "cached"  # another aligned address: the same specialisation
     assert go(b=storage[16:24].double()) == "triton"  # a dtype
     assert go(a=None) == "triton"  # None is a constexpr to Triton
-    assert go(a=torch.nn.Parameter(a)) == "kept"  # a Parameter is a tensor like any other to Triton
+    assert go(a=torch.nn.Parameter(a)) == "cached"  # a Parameter is a tensor like any other to Triton
     assert go(n=True) == "triton"  # a bool is not the int 1
     assert go(n=1 << 70) == "triton"
-    assert go(n=1 << 70) == "kept"
+    assert go(n=1 << 70) == "cached"
     assert go(n=(1 << 70) + 16) == "triton"
-    assert go() == "kept"
+    assert go() == "cached"
 
 
 class _KeyCheckingKernel:
     """Stands in for a batch-norm JITFunction: its "compiled kernel" remembers the launch key it
     was compiled for, and every call of its launcher logs whether the arguments it gets still
-    have that key (what a kept launch relies on)."""
+    have that key (what a cached launch relies on)."""
 
     def __init__(self, kernel, log):
         self.arg_names, self.log = kernel.arg_names, log
@@ -226,8 +226,8 @@ class _KeyCheckingKernel:
         return Compiled()
 
 
-def test_batch_norm_kept_launches_keep_their_keys(monkeypatch):
-    """A batch-norm layer's passes (``_launch.Launch``) call their kept launchers directly after
+def test_batch_norm_cached_launchers_keep_their_keys(monkeypatch):
+    """A batch-norm layer's passes (``_launch.Launch``) call their cached launchers directly after
     the first launch: every such call has the launch key it was compiled for — through plan
     hits, a new plan for a misaligned input, eval mode, a misaligned upstream gradient (keyed
     again), a weight that stops requiring grad, and a second backward of one graph — and a plan
@@ -237,7 +237,7 @@ def test_batch_norm_kept_launches_keep_their_keys(monkeypatch):
     log = {"compiled": 0, "calls": []}
     monkeypatch.setattr(_launch, "_compiled_launches", True)
     monkeypatch.setattr(_launch, "_current_device", lambda: 0)
-    monkeypatch.setattr(_launch, "_kept", {})
+    monkeypatch.setattr(_launch, "_launchers", {})
     for name in [n for n in vars(bn_kernels) if n.startswith("_") and n.endswith("_kernel")]:
         monkeypatch.setattr(bn_kernels, name, _KeyCheckingKernel(getattr(bn_kernels, name), log))
     keyed = []
@@ -259,7 +259,7 @@ def test_batch_norm_kept_launches_keep_their_keys(monkeypatch):
     keyed.clear()
     calls = len(log["calls"])
     step()
-    assert keyed == [] and len(log["calls"]) == calls + 6  # a plan hit: six kept calls, no keyed launch
+    assert keyed == [] and len(log["calls"]) == calls + 6  # a plan hit: six cached calls, no keyed launch
     step(upstream_offset=1)  # the gradient 4 bytes off: the backward keyed
     step()
     step(offset=1)  # 4 bytes off 16: a new plan (the record holds the input's alignment)
@@ -275,9 +275,9 @@ def test_batch_norm_kept_launches_keep_their_keys(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_GPU, reason="kept compiled kernels exist only on a GPU")
-def test_kept_compiled_kernels_give_tritons_results():
-    """On a GPU: steps through kept compiled kernels are bitwise those of Triton's own launch
+@pytest.mark.skipif(not HAS_GPU, reason="cached launchers exist only on a GPU")
+def test_cached_launchers_give_tritons_results():
+    """On a GPU: steps through cached launchers are bitwise those of Triton's own launch
     path, including after the gradients move to addresses of another alignment."""
     results = []
     for kept in (False, True):
@@ -298,13 +298,13 @@ def test_kept_compiled_kernels_give_tritons_results():
             _launch._compiled_launches = True
     for a, b in zip(*results):
         assert torch.equal(a, b)
-    assert _launch._kept  # the second run kept its kernels
+    assert _launch._launchers  # the second run cached its launchers
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_GPU, reason="kept compiled kernels exist only on a GPU")
-def test_batch_norm_kept_launches_give_tritons_results():
-    """On a GPU: a batch-norm module's training and eval steps through its layer's kept launches
+@pytest.mark.skipif(not HAS_GPU, reason="cached launchers exist only on a GPU")
+def test_batch_norm_cached_launchers_give_tritons_results():
+    """On a GPU: a batch-norm module's training and eval steps through its layer's cached launchers
     are bitwise those of Triton's own launch path — outputs, input and parameter gradients,
     running statistics and counter — including a step whose upstream gradient is 4 bytes off."""
     results = []
@@ -394,7 +394,7 @@ def test_graphed_step_replays_the_eager_step(check):
 
 def test_a_persistent_launch_runs_one_wave_of_the_compiled_kernel(monkeypatch):
     """On a GPU the walk's grid is what the compiled kernel keeps resident on every SM at once
-    (from its registers), not 8 programs per SM; the kept launcher gets a 3-D grid (Triton's
+    (from its registers), not 8 programs per SM; the cached launcher gets a 3-D grid (Triton's
     CompiledKernel launcher reads grid[0..2]) and the runtime arguments then the constexprs."""
     from types import SimpleNamespace
 
@@ -418,11 +418,11 @@ def test_a_persistent_launch_runs_one_wave_of_the_compiled_kernel(monkeypatch):
     monkeypatch.setattr(_launch, "_compiled_launches", True)
     monkeypatch.setattr(_launch, "_current_device", lambda: 0)
     monkeypatch.setattr(_launch, "multiprocessor", lambda index: _launch.H100)
-    monkeypatch.setattr(_launch, "_kept", {})
+    monkeypatch.setattr(_launch, "_launchers", {})
     x, kernel = torch.zeros(4), Kernel()
     for blocks in (5000, 5000, 100):
         _launch.launch(kernel, (blocks,), (x, 7), dict(BLOCK=2048), 8, persistent=True)
-    assert compiles == [True, True]  # compiled (not launched) once per grid, then the kept launcher
+    assert compiles == [True, True]  # compiled (not launched) once per grid, then the cached launcher
     assert [grid for grid, _ in launched] == [(132 * 3, 1, 1), (132 * 3, 1, 1), (100, 1, 1)]
     assert launched[0][1] == (x, 7, 2048)
     _launch.launch(kernel, (64, 7), (x, 7), dict(BLOCK=2048), 8)  # not persistent: the grid as given

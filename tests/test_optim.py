@@ -101,7 +101,7 @@ COMPILED_CASES = [("AdamW", dict(lr=0.1)), ("Adam", dict(lr=0.1, amsgrad=True, w
 @pytest.mark.parametrize("name,kwargs", COMPILED_CASES)
 def test_step_traced_by_torch_compile_without_graph_break(device, name, kwargs):
     """Inside torch.compile, opt.step() (after the eager first step has made the states) is one
-    gpuopt::multi_tensor_step operator per param group: one graph, no break, and the same
+    gpuopt::<Optimizer>_step operator per param group (its role lists by name): one graph, no break, and the same
     parameters and states as the eager step over three steps, with two param groups and a
     parameter without a gradient."""
     def make():

@@ -333,7 +333,7 @@ def test_prepared_group_sees_every_change_the_fast_path_must_see(device):
 
 def test_batch_norm_module_reuses_its_last_call_only_while_nothing_changed(device, monkeypatch):
     """A gpuopt batch-norm module calls its kernels directly while its last call's plan fits
-    (``_batch_norm.LayerPlan``), and takes the checked path again — matching torch's module
+    (``_batch_norm.ModulePlan``), and takes the checked path again — matching torch's module
     throughout, forward, backward and buffers — when the input's layout or shape, an option
     (eps, momentum, train/eval), a parameter or buffer (replaced, or moved through ``.data``)
     changed; a running statistic that requires grad, and a weight resized through ``.data``,
