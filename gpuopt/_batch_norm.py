@@ -430,7 +430,7 @@ def write_back(theirs, ours):
 # the forward returns the updated running statistics (as torch's
 # ``_native_batch_norm_legit_functional``) and the graph copies them into the buffers. At run time
 # the operators call the same launchers as the eager path, which does not go through them (the
-# dispatcher's ~20 µs per call would double an eager layer's host cost).
+# dispatcher's cost per call would double an eager layer's host cost: bench/NOTES.md).
 
 Tensor = torch.Tensor
 

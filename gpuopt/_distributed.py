@@ -34,7 +34,7 @@ def any_dtensor(tensors) -> bool:
 def local(t):
     """A DTensor's local tensor (what this rank's kernel reads and writes, sharing its storage);
     any other value itself. (``_local_tensor`` rather than ``to_local()``: the latter is an
-    autograd function, ~10 µs a call, and the step runs under no_grad anyway.)"""
+    autograd function, costly per call, and the step runs under no_grad anyway.)"""
     return t._local_tensor if is_dtensor(t) else t
 
 

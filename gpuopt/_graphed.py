@@ -30,7 +30,7 @@ class GraphedStep:
     ``check=True`` (default) makes each call compare what the graph was captured with — the
     parameters, their gradients' addresses, the optimizer state's generation, every group's
     options by identity — with what the optimizer holds now (the eager fast path's one cheap
-    check, tens of µs for hundreds of tensors), and captures again, with a warning, when they
+    check, a pass over the tensors), and captures again, with a warning, when they
     differ. ``check=False`` skips it: zero host cost, and the rules above are the caller's to keep.
     """
 

@@ -26,7 +26,7 @@ class _GpuoptBatchNorm:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         options = (self.training, self.track_running_stats, self.momentum, self.eps, self.eps_inside_sqrt)
-        # (read from torch's dicts: each attribute read goes through Module.__getattr__, ~0.7 µs)
+        # (read from torch's dicts: each attribute read would go through Module.__getattr__)
         parameters, buffers = self._parameters, self._buffers
         weight, bias = parameters["weight"], parameters["bias"]
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]

@@ -34,8 +34,8 @@ block); ``step``: this tensor's step number (1 at its first step; 0 for an algor
 ``step`` role); ``lr`` and the tuple ``hyper``: the launch's hyperparameters in the compute dtype;
 ``FLAGS``: the algorithm's constexpr flags (a namedtuple, ``step_flags``). ``per_tensor`` runs
 once per block before the full/tail split, so what it computes (Adam's bias corrections) is not
-duplicated into both copies of the update: that cost the bf16 master-weight Adam 12 bytes of
-register spill.
+duplicated into both copies of the update (it made the bf16 master-weight Adam spill registers:
+bench/NOTES.md).
 """
 
 import collections
