@@ -68,7 +68,8 @@ spy(_multi_tensor, "_step_f64_kernel")  # float64 tensors: float64 hyperparamete
 for dtype, extra in [(torch.float32, {}), (torch.bfloat16, dict(master_weights=True)),
                      (torch.bfloat16, dict(stochastic_rounding=True)), (torch.float64, {})]:
     for cls, kw in [("Adam", dict(amsgrad=True)), ("AdamW", {}), ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
-                    ("RMSprop", dict(centered=True, momentum=0.9)), ("Adagrad", {}), ("Adadelta", {})]:
+                    ("RMSprop", dict(centered=True, momentum=0.9)), ("Adagrad", {}), ("Adadelta", {}),
+                    ("Lion", dict(weight_decay=0.1))]:
         p = torch.nn.Parameter(torch.randn(300).to(dtype)); p.grad = torch.randn_like(p)
         opt = getattr(gpuopt, cls)([p], **kw, **extra)
         opt.step(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))

@@ -445,7 +445,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         params = [params[i] for i in chosen]  # the states' keys
         local_params = [local(p) for p in params] if sharded else params
         grads = [grads[i] for i in chosen]
-        densified = dense_grads(self._algorithm, grads, group.get("weight_decay", 0.0))
+        densified = dense_grads(name, self._algorithm, grads, group.get("weight_decay", 0.0))
         buckets, touched, copies = [], (), None
         if params:
             check_params_and_grads(name, local_params, densified)  # before any state is made for them

@@ -294,12 +294,16 @@ def prepare_buckets(name: str, roles: dict, role_names: tuple, plans: PlanCache,
             for plan, index in plan_launches(roles, role_names, plans, key)]
 
 
-def dense_grads(algorithm, grads, weight_decay):
-    """Sparse gradients (``nn.Embedding(sparse=True)``) as dense ones, for the algorithms torch
-    takes them in (SGD, Adagrad: ``Algorithm.sparse_grads``): there a zero gradient element
-    leaves the parameter and state exactly as torch's sparse update leaves an absent one (SGD's
-    momentum decays everywhere in both). Other algorithms get them unchanged, for
-    ``check_params_and_grads`` to refuse with torch's message."""
+def dense_grads(name: str, algorithm, grads, weight_decay):
+    """The gradients as ``algorithm`` takes them. Sparse ones (``nn.Embedding(sparse=True)``) are
+    made dense for the algorithms torch takes them in (SGD, Adagrad: ``Algorithm.sparse_grads``):
+    there a zero gradient element leaves the parameter and state exactly as torch's sparse update
+    leaves an absent one (SGD's momentum decays everywhere in both). Other algorithms get them
+    unchanged, for ``check_params_and_grads`` to refuse with torch's message. Complex ones are
+    refused for an algorithm that cannot update them (``Algorithm.complex_params``)."""
+    if not algorithm.complex_params and any(g is not None and g.is_complex() for g in grads):
+        raise RuntimeError(f"{name} does not support complex parameters: its update is not elementwise on the "
+                           "real and imaginary parts (view them as real with torch.view_as_real)")
     rule = algorithm.sparse_grads
     if rule is None or all(g is None or g.layout is torch.strided for g in grads):
         return grads
@@ -323,7 +327,7 @@ def run_functional(name: str, algorithm, roles: dict, options: dict, *, lr, grad
         check_sharded_pairs(name, roles["param"], roles["grad"])
         roles = local_roles(roles)
     params = roles["param"]
-    roles = dict(roles, grad=dense_grads(algorithm, roles["grad"], options.get("weight_decay", 0.0)))
+    roles = dict(roles, grad=dense_grads(name, algorithm, roles["grad"], options.get("weight_decay", 0.0)))
     check_params_and_grads(name, params, roles["grad"])
     roles = dict(roles, grad=[matching_layout(g, p) for g, p in zip(roles["grad"], params)])
     buckets = prepare_buckets(name, roles, algorithm.roles, _FUNCTIONAL_PLANS.plans, name, stochastic_rounding)

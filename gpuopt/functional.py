@@ -32,6 +32,7 @@ from ._multi_tensor import run_functional
 from .kernels import adadelta as adadelta_kernel
 from .kernels import adagrad as adagrad_kernel
 from .kernels import adam as adam_kernel
+from .kernels import lion as lion_kernel
 from .kernels import rmsprop as rmsprop_kernel
 from .kernels import sgd as sgd_kernel
 
@@ -112,6 +113,17 @@ def adadelta(params, grads, square_avgs, acc_deltas, state_steps, *, lr=1.0, rho
     options = dict(rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
     run_functional("Adadelta", adadelta_kernel.ADADELTA, roles, options, lr=lr, grad_scale=grad_scale,
                    found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding)
+
+
+@accepts_arrays(read=("grads", "grad_scale", "found_inf", "lr"))
+def lion(params, grads, exp_avgs, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False,
+         master_params=None, stochastic_rounding=False, grad_scale=None, found_inf=None, seed=0):
+    """One Lion step; see :class:`gpuopt.Lion` (``weight_decay`` as the kernel applies it:
+    ``W ← W (1 - lr λ)``)."""
+    roles = dict(param=params, grad=grads, exp_avg=exp_avgs, master=master_params)
+    options = dict(beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
+    run_functional("Lion", lion_kernel.LION, roles, options, lr=lr, grad_scale=grad_scale, found_inf=found_inf,
+                   seed=seed, stochastic_rounding=stochastic_rounding)
 
 
 @accepts_arrays(read=("input", "weight", "bias"))

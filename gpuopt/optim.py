@@ -18,6 +18,7 @@ from ._fused import FusedOptimizer, validate_common, validate_precision
 from .kernels import adadelta as adadelta_kernel
 from .kernels import adagrad as adagrad_kernel
 from .kernels import adam as adam_kernel
+from .kernels import lion as lion_kernel
 from .kernels import rmsprop as rmsprop_kernel
 from .kernels import sgd as sgd_kernel
 
@@ -258,3 +259,39 @@ class Adadelta(FusedOptimizer):
 
     def _options(self, group):
         return dict(rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])
+
+
+class Lion(FusedOptimizer):
+    r"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms") as a fused drop-in
+    for lion-pytorch's ``Lion``::
+
+        c = β1 m + (1-β1) g;   W ← W (1 - lr λ) - lr sign(c);   m ← β2 m + (1-β2) g
+
+    State key: ``exp_avg`` (no ``step``), so checkpoints move between ``lion_pytorch.Lion`` and
+    ``gpuopt.Lion`` both ways. ``decoupled_weight_decay=True`` divides λ by the constructor's
+    ``lr`` (kept in the param group as ``weight_decay_lr``), as lion-pytorch does; ``use_triton``
+    is accepted and ignored (every step is one fused launch). Complex parameters are refused: the
+    sign of a complex number is not elementwise on its parts.
+    """
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, use_triton=False,
+                 decoupled_weight_decay=False, *, maximize=False, foreach=None, fused=None, capturable=False,
+                 differentiable=False, state_dtype=None, master_weights=False, stochastic_rounding=False):
+        validate_common(lr, None, weight_decay)
+        for index, beta in enumerate(betas):
+            if not 0.0 <= beta <= 1.0:
+                raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, weight_decay_lr=float(lr),
+                        **_precision_defaults(state_dtype, master_weights, stochastic_rounding, capturable,
+                                              differentiable, foreach, fused, maximize))
+        super().__init__(params, defaults)
+
+    _algorithm = lion_kernel.LION
+
+    def _options(self, group):
+        weight_decay = group["weight_decay"]
+        if group["decoupled_weight_decay"]:
+            weight_decay = weight_decay / group["weight_decay_lr"]
+        beta1, beta2 = group["betas"]
+        return dict(beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=group["maximize"])

@@ -242,6 +242,22 @@ def torch_adadelta_step(W, grad, square_avg, acc_delta, *, lr=1.0, rho=0.9, eps=
     return W - lr * delta, square_avg, acc_delta
 
 
+def lion_step(W, grad, exp_avg, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False):
+    """Lion (Chen et al. 2023; lion-pytorch's ``Lion``), one step::
+
+        c = β1 m + (1 - β1) g
+        W = W (1 - lr λ) - lr sign(c)
+        m = β2 m + (1 - β2) g
+
+    Returns ``(W, exp_avg)``.
+    """
+    W, g, m = _f64(W), _f64(grad), _f64(exp_avg)
+    if maximize:
+        g = -g
+    c = beta1 * m + (1.0 - beta1) * g
+    return W * (1.0 - lr * weight_decay) - lr * np.sign(c), beta2 * m + (1.0 - beta2) * g
+
+
 # --------------------------------------------------------------------------------------------
 # B.0.1.4 Adam
 # --------------------------------------------------------------------------------------------

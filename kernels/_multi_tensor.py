@@ -297,6 +297,8 @@ class Algorithm:
         states: ``options -> state roles`` that the options need (made by the optimizer classes).
         uses_step: ``options -> bool``: the ``step`` role is read and advanced (``None``:
             always).
+        complex_params: complex parameters are updated as pairs of reals (``False``: refused,
+            for an update that is not elementwise on the real and imaginary parts, such as a sign).
         sparse_grads: sparse gradients taken densified: ``"always"``, ``"without weight
             decay"``, or ``None`` (refused, as torch refuses them).
     """
@@ -309,6 +311,7 @@ class Algorithm:
     per_tensor: object = None
     states: Callable = _no_states
     uses_step: Callable | None = None
+    complex_params: bool = True
     sparse_grads: str | None = None
 
 

@@ -185,10 +185,10 @@ def test_nothing_is_compiled_or_generated_at_run_time():
 
 
 def _algorithms():
-    from gpuopt.kernels import adadelta, adagrad, adam, ema, rmsprop, sgd
+    from gpuopt.kernels import adadelta, adagrad, adam, ema, lion, rmsprop, sgd
 
     return {"Adam": adam.ADAM, "SGD": sgd.SGD, "RMSprop": rmsprop.RMSPROP, "Adagrad": adagrad.ADAGRAD,
-            "Adadelta": adadelta.ADADELTA, "EMA": ema.AVERAGE, "SignSGD": SIGN_SGD}
+            "Adadelta": adadelta.ADADELTA, "EMA": ema.AVERAGE, "Lion": lion.LION, "SignSGD": SIGN_SGD}
 
 
 @pytest.mark.parametrize("name", list(_algorithms()))
@@ -231,7 +231,7 @@ def _some_options(algorithm) -> dict:
     return {n: defaults[n] for n in inspect.signature(algorithm.hyperparameters).parameters if n in defaults}
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adadelta", "SignSGD"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adadelta", "Lion", "SignSGD"])
 def test_traced_operator_schema_names_the_roles(name):
     """The ``torch.compile`` operator of each optimizer takes one list per role, named after the
     spec's roles, and declares every one mutated but the gradients (and the rounding epoch)."""

@@ -16,7 +16,7 @@ from .test_architecture import SignSGD
 ULP = 2.0**-8  # bf16 spacing just below 1.0
 GRAD = 1e-3
 # name → (gpuopt optimizer, the torch reference of one float64 step with the same options, or
-# None: sign-SGD's update is lr · sign(g)). Rates keep every update below one ULP.
+# None: sign-SGD's and Lion's update is lr · sign(...)). Rates keep every update below one ULP.
 OPTIMIZERS = {
     "SGD": (lambda ps: gpuopt.SGD(ps, lr=1.0, stochastic_rounding=True),
             lambda ps: torch.optim.SGD(ps, lr=1.0)),
@@ -24,6 +24,7 @@ OPTIMIZERS = {
                                            state_dtype=torch.float32),
                      lambda ps: torch.optim.SGD(ps, lr=0.3, momentum=0.5)),
     "SignSGD": (lambda ps: SignSGD(ps, lr=1e-3, stochastic_rounding=True), None),
+    "Lion": (lambda ps: gpuopt.Lion(ps, lr=1e-3, stochastic_rounding=True, state_dtype=torch.float32), None),
     "Adam": (lambda ps: gpuopt.Adam(ps, lr=1e-3, stochastic_rounding=True, state_dtype=torch.float32),
              lambda ps: torch.optim.Adam(ps, lr=1e-3)),
     "AdamW": (lambda ps: gpuopt.AdamW(ps, lr=1e-3, weight_decay=0.0, stochastic_rounding=True,
