@@ -23,6 +23,7 @@ ALGORITHMS = {
     "AdamW": ("AdamW", dict(lr=1e-3, weight_decay=0.01), 2),
     "RMSprop": ("RMSprop", dict(lr=1e-3), 1),
     "Adagrad": ("Adagrad", dict(lr=1e-2), 1),
+    "Lion": ("Lion", dict(lr=1e-4, weight_decay=0.1), 1),
     "EMA": (None, dict(decay=0.999), None),
 }
 
@@ -59,9 +60,18 @@ def _parameters(cls):
     return inspect.signature(cls.__init__).parameters
 
 
-def _torch_variants(algorithm: str, master: bool):
-    """(label, constructor kwargs) of the torch.optim alternatives that exist for this algorithm."""
+def _torch_variants(algorithm: str, master: bool, gpu: bool = False):
+    """(class, [(label, constructor kwargs)]) of the alternatives users come from: torch.optim's
+    that exist for this algorithm, or the library that defines it (Lion: lion-pytorch, with its
+    Triton kernel on a GPU); (None, []) when that library is not installed."""
     name, kwargs, _ = ALGORITHMS[algorithm]
+    if name == "Lion":
+        try:
+            from lion_pytorch import Lion
+        except ImportError:
+            return None, []
+        return Lion, [("lion-pytorch", dict(kwargs))] + ([("lion-pytorch use_triton", dict(kwargs, use_triton=True))]
+                                                         if gpu else [])
     cls = getattr(torch.optim, name)
     variants = []
     if "fused" in _parameters(cls):
@@ -165,7 +175,7 @@ def _time_algorithm(timer, row, algorithm, params, master, gpu, compile):
 
     # torch: on fp32 master copies when the params are bf16 (what a torch user writes), then a
     # foreach copy back to the bf16 params, which the row's time includes.
-    cls, variants = _torch_variants(algorithm, master)
+    cls, variants = _torch_variants(algorithm, master, gpu)
     targets = [torch.nn.Parameter(p.detach().float()) for p in params] if master else params
     if master:
         for t, p in zip(targets, params):
@@ -194,8 +204,8 @@ def _time_algorithm(timer, row, algorithm, params, master, gpu, compile):
         del opt
         _free()
     out.extend(_loop_rows(row, loop))
-    if gpu and compile and not master:
-        opt = cls(targets, **kwargs, foreach=True)
+    if gpu and compile and not master and cls is not None:
+        opt = cls(targets, **kwargs, **(dict(foreach=True) if "foreach" in _parameters(cls) else {}))
         compiled = torch.compile(opt.step)
         start = time.perf_counter()
         compiled()
