@@ -69,11 +69,15 @@ for dtype, extra in [(torch.float32, {}), (torch.bfloat16, dict(master_weights=T
                      (torch.bfloat16, dict(stochastic_rounding=True)), (torch.float64, {})]:
     for cls, kw in [("Adam", dict(amsgrad=True)), ("AdamW", {}), ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
                     ("RMSprop", dict(centered=True, momentum=0.9)), ("Adagrad", {}), ("Adadelta", {}),
-                    ("Lion", dict(weight_decay=0.1))]:
+                    ("Lion", dict(weight_decay=0.1)), ("AdamWScheduleFree", dict(weight_decay=0.1))]:
         p = torch.nn.Parameter(torch.randn(300).to(dtype)); p.grad = torch.randn_like(p)
         opt = getattr(gpuopt, cls)([p], **kw, **extra)
+        if cls == "AdamWScheduleFree":
+            opt.train()
         opt.step(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
         opt.step()  # and without AMP tensors, the common path
+        if cls == "AdamWScheduleFree":
+            opt.eval()  # the mode switch's launch
     gpuopt.EMA([torch.randn(300).to(dtype)]).update()
 # Batch norm at the GPU's tile sizes (GPUOPT_GPU_CONFIG): both layouts, every dtype, both ε
 # placements, training and evaluation, forward and backward.

@@ -24,6 +24,7 @@ ALGORITHMS = {
     "RMSprop": ("RMSprop", dict(lr=1e-3), 1),
     "Adagrad": ("Adagrad", dict(lr=1e-2), 1),
     "Lion": ("Lion", dict(lr=1e-4, weight_decay=0.1), 1),
+    "AdamW Schedule-Free": ("AdamWScheduleFree", dict(lr=2.5e-3, weight_decay=0.01), 2),
     "EMA": (None, dict(decay=0.999), None),
 }
 
@@ -72,12 +73,26 @@ def _torch_variants(algorithm: str, master: bool, gpu: bool = False):
             return None, []
         return Lion, [("lion-pytorch", dict(kwargs))] + ([("lion-pytorch use_triton", dict(kwargs, use_triton=True))]
                                                          if gpu else [])
+    if name == "AdamWScheduleFree":
+        try:
+            from schedulefree import AdamWScheduleFree
+        except ImportError:
+            return None, []
+        return AdamWScheduleFree, [("schedulefree foreach", dict(kwargs, foreach=True)),
+                                   ("schedulefree for-loop", dict(kwargs, foreach=False))]
     cls = getattr(torch.optim, name)
     variants = []
     if "fused" in _parameters(cls):
         variants.append(("torch fused", dict(kwargs, fused=True)))
     variants.append(("torch foreach", dict(kwargs, foreach=True)))
     return cls, variants
+
+
+def _training(opt):
+    """Schedule-Free optimizers step only in training mode (``opt.train()``); others as they are."""
+    if callable(getattr(opt, "train", None)):
+        opt.train()
+    return opt
 
 
 def _loop_rows(row, loop: list) -> list:
@@ -157,12 +172,12 @@ def _time_algorithm(timer, row, algorithm, params, master, gpu, compile):
 
     # gpuopt, eager and (GPU) CUDA-graph replayed
     extra = dict(master_weights=True) if master else {}
-    opt = getattr(gpuopt, name)(params, **kwargs, **extra)
+    opt = _training(getattr(gpuopt, name)(params, **kwargs, **extra))
     out.append(row("gpuopt", timer(opt.step)))
     loop = [("gpuopt", timer.back_to_back(opt.step))]
     del opt
-    if gpu:
-        opt = getattr(gpuopt, name)(params, **kwargs, **extra, capturable=True)
+    if gpu and not getattr(getattr(gpuopt, name), "_host_schedule", False):  # (a host schedule cannot replay)
+        opt = _training(getattr(gpuopt, name)(params, **kwargs, **extra, capturable=True))
         replay = _graphed(opt.step)
         out.append(row("gpuopt, CUDA graph", timer(replay), "capturable=True, graph.replay()"))
         loop.append(("gpuopt, CUDA graph", timer.back_to_back(replay)))
@@ -182,7 +197,7 @@ def _time_algorithm(timer, row, algorithm, params, master, gpu, compile):
             t.grad = p.grad.float()
     for label, kw in variants:
         try:
-            opt = cls(targets, **kw)
+            opt = _training(cls(targets, **kw))
         except (RuntimeError, ValueError, TypeError) as exc:  # e.g. a fused kernel this build lacks
             out.append(row(label, None, f"unavailable: {str(exc).splitlines()[0][:60]}"))
             continue
@@ -204,7 +219,7 @@ def _time_algorithm(timer, row, algorithm, params, master, gpu, compile):
         del opt
         _free()
     out.extend(_loop_rows(row, loop))
-    if gpu and compile and not master and cls is not None:
+    if gpu and compile and not master and cls is not None and cls.__module__.startswith("torch."):
         opt = cls(targets, **kwargs, **(dict(foreach=True) if "foreach" in _parameters(cls) else {}))
         compiled = torch.compile(opt.step)
         start = time.perf_counter()

@@ -79,6 +79,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf; no host sync
     _algorithm = None  # kernels._multi_tensor.Algorithm
     _initial_values: dict = {}  # state role → fill value (from the group) other than 0
+    _copied_states: tuple = ()  # state roles that start as a copy of the parameter
 
     # The options every gpuopt optimizer has; a subclass's defaults may leave out those it does
     # not expose (a new algorithm's constructor can be just its own hyperparameters).
@@ -180,7 +181,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self._uses_master(p, group) and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
         for role in self._state_roles(group):
-            if state.get(role) is None:
+            if state.get(role) is None and role in self._copied_states:
+                state[role] = p.detach().to(dtype=self._state_dtype(p, group), memory_format=torch.preserve_format,
+                                            copy=True)
+            elif state.get(role) is None:
                 fill = group[self._initial_values[role]] if role in self._initial_values else 0.0
                 state[role] = self._zeros(p, group, fill)
 

@@ -76,6 +76,9 @@ class GraphedStep:
 
     def _refuse_what_a_graph_cannot_hold(self):
         opt = self.optimizer
+        if getattr(opt, "_host_schedule", False):
+            raise RuntimeError(f"graphed_step: {type(opt).__name__} works out each step's learning rate and averaging "
+                               "weight on the host; a graph would replay the first step's. Use the eager opt.step()")
         devices = {p.device.type for group in opt.param_groups for p in group["params"]}
         if devices != {"cuda"}:
             raise RuntimeError(f"graphed_step: CUDA graphs need every parameter on a CUDA GPU (found {sorted(devices)})")

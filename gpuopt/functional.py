@@ -34,6 +34,7 @@ from .kernels import adagrad as adagrad_kernel
 from .kernels import adam as adam_kernel
 from .kernels import lion as lion_kernel
 from .kernels import rmsprop as rmsprop_kernel
+from .kernels import schedule_free as schedule_free_kernel
 from .kernels import sgd as sgd_kernel
 
 
@@ -124,6 +125,21 @@ def lion(params, grads, exp_avgs, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_deca
     options = dict(beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
     run_functional("Lion", lion_kernel.LION, roles, options, lr=lr, grad_scale=grad_scale, found_inf=found_inf,
                    seed=seed, stochastic_rounding=stochastic_rounding)
+
+
+@accepts_arrays(read=("grads", "grad_scale", "found_inf", "lr"))
+def adamw_schedule_free(params, grads, zs, exp_avg_sqs, *, lr, ckp1, step, beta1=0.9, beta2=0.999, eps=1e-8,
+                        weight_decay=0.0, maximize=False, master_params=None, stochastic_rounding=False,
+                        grad_scale=None, found_inf=None, seed=0):
+    """One Schedule-Free AdamW step in training mode; see :class:`gpuopt.AdamWScheduleFree`. The
+    caller keeps the schedule: ``lr`` is this step's scheduled rate, ``ckp1`` its averaging weight
+    ``w_t / Σ w`` and ``step`` its number (from 1), as schedulefree works them out."""
+    roles = dict(param=params, grad=grads, z=zs, exp_avg_sq=exp_avg_sqs, master=master_params)
+    lr = float(lr)
+    options = dict(beta2=beta2, bias_correction2=1.0 - beta2 ** step, eps=eps, weight_decay=weight_decay, ckp1=ckp1,
+                   y_rate=lr * (beta1 * (1.0 - ckp1) - 1.0), z_rate=lr, maximize=maximize)
+    run_functional("AdamWScheduleFree", schedule_free_kernel.SCHEDULE_FREE, roles, options, lr=lr,
+                   grad_scale=grad_scale, found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding)
 
 
 @accepts_arrays(read=("input", "weight", "bias"))

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import torch
 
+from ._distributed import local_roles
 from ._fused import FusedOptimizer, validate_common, validate_precision
+from ._launch import launch_step
+from ._multi_tensor import prepare_buckets, step_options
 from .kernels import adadelta as adadelta_kernel
 from .kernels import adagrad as adagrad_kernel
 from .kernels import adam as adam_kernel
 from .kernels import lion as lion_kernel
 from .kernels import rmsprop as rmsprop_kernel
+from .kernels import schedule_free as schedule_free_kernel
 from .kernels import sgd as sgd_kernel
 
 
@@ -295,3 +299,103 @@ class Lion(FusedOptimizer):
             weight_decay = weight_decay / group["weight_decay_lr"]
         beta1, beta2 = group["betas"]
         return dict(beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=group["maximize"])
+
+
+class AdamWScheduleFree(FusedOptimizer):
+    r"""Schedule-Free AdamW (Defazio et al. 2024) as a fused drop-in for the schedulefree package's
+    ``AdamWScheduleFree``: the same arguments, param-group keys (``k``, ``weight_sum``,
+    ``lr_max``, ``scheduled_lr``, ``train_mode``, ...) and state keys (``z``, ``exp_avg_sq``),
+    and its results step by step (``kernels/schedule_free.py`` has the equations).
+
+    As with schedulefree, call ``opt.train()`` before training steps and ``opt.eval()`` before
+    evaluating or saving (the parameters then hold the average x); a step in eval mode is
+    refused. Each step is one launch per group; each mode switch one more. The step's averaging
+    weight and scheduled learning rate are worked out on the host from the group's counters, as
+    schedulefree does, so the step runs eagerly under ``torch.compile`` (a graph break) and
+    ``gpuopt.graphed_step`` refuses it.
+    """
+
+    _algorithm = schedule_free_kernel.SCHEDULE_FREE
+    _host_schedule = True  # gpuopt.graphed_step cannot replay it
+    _copied_states = ("z",)  # z starts as a copy of the parameter
+
+    def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0, r=0.0,
+                 weight_lr_power=2.0, foreach=None, *, maximize=False, fused=None, capturable=False,
+                 differentiable=False, state_dtype=None, master_weights=False, stochastic_rounding=False):
+        validate_common(lr, eps, weight_decay)
+        _validate_betas(betas)
+        if betas[0] == 0.0:
+            raise ValueError("Invalid beta parameter at index 0: 0.0 (eval() moves the parameters to the average "
+                             "through 1 - 1/beta1)")
+        defaults = dict(lr=lr, betas=betas, eps=eps, r=r, k=0, warmup_steps=warmup_steps, train_mode=False,
+                        weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0, weight_lr_power=weight_lr_power,
+                        weight_decay=weight_decay,
+                        **_precision_defaults(state_dtype, master_weights, stochastic_rounding, capturable,
+                                              differentiable, foreach, fused, maximize))
+        super().__init__(params, defaults)
+
+    @torch.compiler.disable
+    def step(self, closure=None, **kwargs):
+        """One step (``closure``, ``grad_scale``/``found_inf`` as every gpuopt optimizer): the
+        group's schedule advanced as schedulefree advances it, then one launch per group. A step
+        that raises leaves the counters as they were."""
+        if not self.param_groups[0]["train_mode"]:
+            raise RuntimeError("Optimizer was not in train mode when step is called. Please insert .train() and "
+                               ".eval() calls on the optimizer. See documentation for details.")
+        counters = [{key: group[key] for key in ("scheduled_lr", "lr_max", "weight_sum")} for group in self.param_groups]
+        for group in self.param_groups:
+            k, warmup_steps = group["k"], group["warmup_steps"]
+            group["scheduled_lr"] = lr = group["lr"] * ((k + 1) / warmup_steps if k < warmup_steps else 1.0)
+            group["lr_max"] = lr_max = max(lr, group["lr_max"])
+            group["weight_sum"] = group["weight_sum"] + ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
+        try:
+            loss = super().step(closure, **kwargs)
+        except BaseException:
+            for group, saved in zip(self.param_groups, counters):
+                group.update(saved)
+            raise
+        for group in self.param_groups:
+            group["k"] += 1
+        return loss
+
+    step.hooked = True  # (torch.optim.Optimizer wraps a step without it)
+
+    def _options(self, group):
+        k, (beta1, beta2) = group["k"], group["betas"]
+        weight = ((k + 1) ** group["r"]) * (group["lr_max"] ** group["weight_lr_power"])
+        ckp1 = weight / group["weight_sum"] if group["weight_sum"] else 0.0
+        lr = group["scheduled_lr"]
+        return dict(beta2=beta2, bias_correction2=1.0 - beta2 ** (k + 1), eps=group["eps"],
+                    weight_decay=group["weight_decay"], ckp1=ckp1, y_rate=lr * (beta1 * (1.0 - ckp1) - 1.0),
+                    z_rate=lr, maximize=group["maximize"])
+
+    @torch.no_grad()
+    def train(self):
+        """Move every stepped parameter from the average x to y, where gradients are taken."""
+        self._switch(train=True)
+
+    @torch.no_grad()
+    def eval(self):
+        """Move every stepped parameter to the average x, for evaluation and checkpoints."""
+        self._switch(train=False)
+
+    def _switch(self, train: bool) -> None:
+        """p ← p + w (z - p) over the group's stepped parameters, one launch per bucket."""
+        for index, group in enumerate(self.param_groups):
+            if group["train_mode"] == train:
+                continue
+            beta1 = group["betas"][0]
+            params = [p for p in group["params"] if "z" in self.state.get(p, {})]
+            if params:
+                states = [self.state[p] for p in params]
+                roles = {"param": params, "z": [s["z"] for s in states]}
+                if any(self._uses_master(p, group) for p in params):
+                    roles["master"] = [s.get("master_param", p) for p, s in zip(params, states)]
+                name = type(self).__name__
+                algorithm = schedule_free_kernel.SWITCH
+                options = step_options(algorithm, dict(weight=1.0 - beta1 if train else 1.0 - 1.0 / beta1))
+                for bucket in prepare_buckets(name, local_roles(roles), algorithm.roles, self._plans, ("switch", index),
+                                              group["stochastic_rounding"]):
+                    launch_step(algorithm, bucket, options, self._step_args(bucket.plan.device, None, None), 0.0)
+                    bucket.plan.release()
+            group["train_mode"] = train

@@ -258,6 +258,27 @@ def lion_step(W, grad, exp_avg, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=
     return W * (1.0 - lr * weight_decay) - lr * np.sign(c), beta2 * m + (1.0 - beta2) * g
 
 
+def schedule_free_adamw_step(y, z, grad, exp_avg_sq, *, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                             ckp1, step, maximize=False):
+    """Schedule-Free AdamW (Defazio et al. 2024; the schedulefree package's ``AdamWScheduleFree``),
+    one step in training mode, ``step`` counting from 1, ``lr`` the scheduled rate and ``ckp1``
+    the averaging weight ``w_t / Σ w``::
+
+        v = β2 v + (1 - β2) g²
+        u = g / (sqrt(v / (1 - β2^t)) + ε) + λ y
+        y = y + c (z - y) + lr (β1 (1 - c) - 1) u
+        z = z - lr u
+
+    Returns ``(y, z, exp_avg_sq)``.
+    """
+    y, z, g = _f64(y), _f64(z), _f64(grad)
+    if maximize:
+        g = -g
+    v = beta2 * _f64(exp_avg_sq) + (1.0 - beta2) * g * g
+    u = g / (np.sqrt(v / (1.0 - beta2 ** step)) + eps) + weight_decay * y
+    return y + ckp1 * (z - y) + lr * (beta1 * (1.0 - ckp1) - 1.0) * u, z - lr * u, v
+
+
 # --------------------------------------------------------------------------------------------
 # B.0.1.4 Adam
 # --------------------------------------------------------------------------------------------

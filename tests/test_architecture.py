@@ -185,10 +185,12 @@ def test_nothing_is_compiled_or_generated_at_run_time():
 
 
 def _algorithms():
-    from gpuopt.kernels import adadelta, adagrad, adam, ema, lion, rmsprop, sgd
+    from gpuopt.kernels import adadelta, adagrad, adam, ema, lion, rmsprop, schedule_free, sgd
 
     return {"Adam": adam.ADAM, "SGD": sgd.SGD, "RMSprop": rmsprop.RMSPROP, "Adagrad": adagrad.ADAGRAD,
-            "Adadelta": adadelta.ADADELTA, "EMA": ema.AVERAGE, "Lion": lion.LION, "SignSGD": SIGN_SGD}
+            "Adadelta": adadelta.ADADELTA, "EMA": ema.AVERAGE, "Lion": lion.LION,
+            "ScheduleFree": schedule_free.SCHEDULE_FREE, "ScheduleFreeSwitch": schedule_free.SWITCH,
+            "SignSGD": SIGN_SGD}
 
 
 @pytest.mark.parametrize("name", list(_algorithms()))
@@ -227,11 +229,13 @@ def _some_options(algorithm) -> dict:
 
     defaults = dict(maximize=False, weight_decay=0.0, eps=1e-8, beta1=0.9, beta2=0.999, amsgrad=False,
                     eps_inside_sqrt=False, decoupled_weight_decay=True, momentum=0.9, dampening=0.0, nesterov=False,
-                    has_step=True, alpha=0.99, centered=False, lr_decay=0.0, rho=0.9, gamma=0.5)
+                    has_step=True, alpha=0.99, centered=False, lr_decay=0.0, rho=0.9, gamma=0.5, bias_correction2=0.1,
+                    ckp1=0.5, y_rate=-1e-3, z_rate=1e-3, weight=0.1)
     return {n: defaults[n] for n in inspect.signature(algorithm.hyperparameters).parameters if n in defaults}
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adadelta", "Lion", "SignSGD"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adadelta", "Lion", "AdamWScheduleFree",
+                                  "SignSGD"])
 def test_traced_operator_schema_names_the_roles(name):
     """The ``torch.compile`` operator of each optimizer takes one list per role, named after the
     spec's roles, and declares every one mutated but the gradients (and the rounding epoch)."""

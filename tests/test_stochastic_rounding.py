@@ -11,9 +11,18 @@ import torch
 import gpuopt
 
 from .conftest import DEVICE
+
+schedulefree = pytest.importorskip("schedulefree")
 from .test_architecture import SignSGD
 
 ULP = 2.0**-8  # bf16 spacing just below 1.0
+
+
+def _training(opt):
+    opt.train()  # (Schedule-Free steps only in training mode)
+    return opt
+
+
 GRAD = 1e-3
 # name → (gpuopt optimizer, the torch reference of one float64 step with the same options, or
 # None: sign-SGD's and Lion's update is lr · sign(...)). Rates keep every update below one ULP.
@@ -38,6 +47,9 @@ OPTIMIZERS = {
                 lambda ps: torch.optim.Adagrad(ps, lr=2e-3)),
     "Adadelta": (lambda ps: gpuopt.Adadelta(ps, lr=1.0, stochastic_rounding=True, state_dtype=torch.float32),
                  lambda ps: torch.optim.Adadelta(ps, lr=1.0)),
+    "AdamWScheduleFree": (lambda ps: _training(gpuopt.AdamWScheduleFree(ps, lr=2e-3, stochastic_rounding=True,
+                                                                        state_dtype=torch.float32)),
+                          lambda ps: _training(schedulefree.AdamWScheduleFree(ps, lr=2e-3))),
 }
 
 
