@@ -59,8 +59,8 @@ class LaunchPlan:
         self.float64 = first[0].dtype == torch.float64  # launch the kernel's float64 variant
         self.numels = tuple(t.numel() for t in first)
         gpu_config = use_gpu_config(self.device)
-        # float64 blocks hold half the elements (4 per thread): fp64 SGD with AMP's scale took 114
-        # registers at 8 (2 programs per SM), 64 at 4, as batch norm's fp64 tiles are halved too.
+        # float64 blocks hold half the elements (4 per thread), as batch norm's fp64 tiles are halved
+        # too: at 8 per thread the fp64 updates halved their resident programs (bench/NOTES.md).
         gpu_block = GPU_BLOCK // 2 if self.float64 else GPU_BLOCK
         self.block = block or (gpu_block if gpu_config else interpreter_block(self.numels))
         self.num_warps = GPU_WARPS if gpu_config else 4
@@ -75,7 +75,7 @@ class LaunchPlan:
         self.block_start = block_start.to(torch.int64).to(self.device)
         self.numel = torch.tensor(self.numels, dtype=torch.int64, device=self.device)
         # At most every SM's thread slots full: the launch lowers this to one wave of the compiled
-        # kernel (its registers allow 3-6 programs per SM, not 8; ``_launch.launch``, persistent).
+        # kernel, whose registers allow fewer programs per SM (``_launch.launch``, persistent).
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
             programs = props.multi_processor_count * (props.max_threads_per_multi_processor // (32 * self.num_warps))
