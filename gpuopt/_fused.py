@@ -1,5 +1,6 @@
-"""Machinery shared by the fused optimizers: grouping tensors into launches, per-step arguments,
-validation, and the ``torch.optim.Optimizer`` base class."""
+"""``FusedOptimizer``, the ``torch.optim.Optimizer`` base class of gpuopt's optimizers: states made
+when needed, ``state_dict`` both ways, and the step — validated and planned by the plain path
+(``_multi_tensor``), reused while nothing changed (``_reuse``), launched (``_launch``)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     update, which states its options need, its launch arguments) and maps a param group to the
     algorithm's options (``_options(group)``: the keyword arguments ``gpuopt.functional`` takes,
     without ``lr``); its constructor checks and stores the options as ``torch.optim`` does.
-    Everything else — states made when needed, validation, launch groups, the step — is here.
+    Everything else — states made when needed, validation, buckets, the step — is here.
 
     The host path of a step (what the CPU spends around the launch): everything the kernel
     assumes is validated (``gpuopt._validate``) when a group is new or anything changed — a
@@ -492,7 +493,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             roles[role] = [s[role] for s in states]
         if any(self._uses_master(p, group) for p in params):
             # Parameters without a master copy (fp32 ones) get their own value as a stand-in; they
-            # land in a different launch group (dtype differs), where the master flag is off.
+            # land in a different bucket (dtype differs), where the master flag is off.
             roles["master"] = [s.get("master_param", p) for p, s in zip(params, states)]
         return roles
 

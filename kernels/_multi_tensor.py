@@ -339,7 +339,7 @@ def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_bl
                  N_HYPER: tl.constexpr, HAS_STEP: tl.constexpr, COUNT_EPOCH: tl.constexpr,
                  LR_ON_DEVICE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                  RUN: tl.constexpr):
-    """One update of every tensor of a launch group: ``UPDATE`` on each block of the schedule (a
+    """One update of every tensor of a bucket (one launch): ``UPDATE`` on each block of the schedule (a
     full block unmasked, a tensor's last block masked), each tensor's ``step`` and the rounding
     epoch advanced once all programs have read them (``finish_launch``), nothing written when
     AMP's ``found_inf`` is set.
