@@ -308,13 +308,44 @@ def sync_batch_norm(tmp):
     converted(torch.randn(2, 3, 6, 6)).sum().backward()
 
 
+def fsdp_lion_and_schedule_free(tmp):
+    """FSDP2 + gpuopt.Lion = FSDP2 + lion-pytorch's Lion, and FSDP2 + gpuopt.AdamWScheduleFree =
+    FSDP2 + schedulefree's, on the same sharding: parameters (the averages, after eval()) and states,
+    which are DTensors placed like their parameters."""
+    import lion_pytorch
+    import schedulefree
+
+    for ours_cls, theirs_cls, kwargs in ((gpuopt.Lion, lion_pytorch.Lion, dict(lr=1e-3, weight_decay=0.1)),
+                                         (gpuopt.AdamWScheduleFree, schedulefree.AdamWScheduleFree,
+                                          dict(lr=1e-2, warmup_steps=2, weight_decay=0.01))):
+        base, x, y = model_and_data()
+        ours, theirs = sharded(copy.deepcopy(base)), sharded(copy.deepcopy(base))
+        opt, ref = ours_cls(ours.parameters(), **kwargs), theirs_cls(theirs.parameters(), **kwargs)
+        for o in (opt, ref):
+            if hasattr(o, "train"):
+                o.train()
+        train(ours, opt, x, y, 4)
+        train(theirs, ref, x, y, 4)
+        for o in (opt, ref):
+            if hasattr(o, "eval"):
+                o.eval()
+        name = ours_cls.__name__
+        for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            assert isinstance(p, DTensor)
+            close(p, q, f"{name}: {n}")
+            for key, value in opt.state[p].items():
+                assert isinstance(value, DTensor) and value.placements == p.placements, (name, key)
+                close(value, ref.state[q][key], f"{name}: state {key} of {n}", rtol=1e-4, atol=1e-5)
+
+
 def fsdp_adamw_and_sgd(tmp):
     """fsdp_optimizers for two of them (the 3-rank run: uneven shards, 3 + 3 + 1 rows)."""
     fsdp_optimizers(tmp, [OPTIMIZERS[0], OPTIMIZERS[2]])
 
 
 SCENARIOS = {f.__name__: f for f in (fsdp_optimizers, fsdp_mixed_precision, fsdp_checkpoint, clip_norms,
-                                     tensor_parallel_and_ema, ddp_and_zero, sync_batch_norm)}
+                                     tensor_parallel_and_ema, ddp_and_zero, sync_batch_norm,
+                                     fsdp_lion_and_schedule_free)}
 SCENARIOS["fsdp_adamw_and_sgd"] = fsdp_adamw_and_sgd
 
 
