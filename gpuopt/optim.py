@@ -387,12 +387,10 @@ class AdamWScheduleFree(FusedOptimizer):
             beta1 = group["betas"][0]
             params = [p for p in group["params"] if "z" in self.state.get(p, {})]
             if params:
-                states = [self.state[p] for p in params]
-                roles = {"param": params, "z": [s["z"] for s in states]}
-                if any(self._uses_master(p, group) for p in params):
-                    roles["master"] = [s.get("master_param", p) for p, s in zip(params, states)]
-                name = type(self).__name__
                 algorithm = schedule_free_kernel.SWITCH
+                step_roles = self._roles(group, params, None)  # (the step's tensors, master stand-ins included)
+                roles = {role: step_roles.get(role) for role in algorithm.roles}
+                name = type(self).__name__
                 options = step_options(algorithm, dict(weight=1.0 - beta1 if train else 1.0 - 1.0 / beta1))
                 for bucket in prepare_buckets(name, local_roles(roles), algorithm.roles, self._plans, ("switch", index),
                                               group["stochastic_rounding"]):

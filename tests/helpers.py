@@ -95,3 +95,19 @@ def run_in_child(code: str, **env) -> str:
     assert result.returncode == 0, (f"child exited with {result.returncode}\nstdout:\n{result.stdout}\n"
                                     f"stderr:\n{result.stderr[-3000:]}")
     return result.stdout
+
+
+# 1 element, a prime, fewer elements than a block, several blocks, a channels-last conv weight.
+ODD_SHAPES = [(1,), (131,), (7, 3), (300,), (4, 3, 5, 7)]
+
+
+def odd_params(device, dtype=torch.float32):
+    """Parameters of ``ODD_SHAPES``, the last one channels-last."""
+    params = [torch.nn.Parameter(torch.randn(s, device=device).to(dtype)) for s in ODD_SHAPES]
+    params[4].data = params[4].data.to(memory_format=torch.channels_last)
+    return params
+
+
+def two_groups(params, **second):
+    """Two param groups of ``params`` (its first two, then the rest with ``second``'s options)."""
+    return [{"params": params[:2]}, {"params": params[2:], **second}]

@@ -13,22 +13,11 @@ import gpuopt
 from gpuopt import reference as ref
 from gpuopt.kernels import _multi_tensor as walk
 
-from .helpers import assert_close, count_launches
+from .helpers import assert_close, count_launches, odd_params, two_groups
 
 lion_pytorch = pytest.importorskip("lion_pytorch")
 
-SHAPES = [(1,), (131,), (7, 3), (300,), (4, 3, 5, 7)]
 STEPS = 12
-
-
-def _params(device, dtype=torch.float32):
-    params = [torch.nn.Parameter(torch.randn(s, device=device).to(dtype)) for s in SHAPES]
-    params[4].data = params[4].data.to(memory_format=torch.channels_last)
-    return params
-
-
-def _groups(params, **second):
-    return [{"params": params[:2]}, {"params": params[2:], **second}]
 
 
 def _steps(opts_and_params, steps=STEPS, hook=None):
@@ -48,10 +37,10 @@ def _steps(opts_and_params, steps=STEPS, hook=None):
 def test_matches_lion_pytorch(device, kwargs):
     """12 steps, two param groups (the second with its own lr and weight decay), a learning-rate
     scheduler: parameters and ``exp_avg`` equal lion-pytorch's."""
-    params = _params(device)
+    params = odd_params(device)
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt = gpuopt.Lion(_groups(params, lr=2e-3, weight_decay=0.05), **kwargs)
-    theirs = lion_pytorch.Lion(_groups(twins, lr=2e-3, weight_decay=0.05), **kwargs)
+    opt = gpuopt.Lion(two_groups(params, lr=2e-3, weight_decay=0.05), **kwargs)
+    theirs = lion_pytorch.Lion(two_groups(twins, lr=2e-3, weight_decay=0.05), **kwargs)
     schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=4, gamma=0.5) for o in (opt, theirs)]
     _steps([(opt, params), (theirs, twins)], hook=lambda step: [s.step() for s in schedulers])
     for p, t in zip(params, twins):
@@ -62,7 +51,7 @@ def test_matches_lion_pytorch(device, kwargs):
 
 @pytest.mark.parametrize("maximize", [False, True])
 def test_float64_matches_the_reference(device, maximize):
-    params = _params(device, torch.float64)
+    params = odd_params(device, torch.float64)
     start = [p.detach().cpu().numpy().copy() for p in params]
     opt = gpuopt.Lion(params, lr=1e-2, betas=(0.85, 0.97), weight_decay=0.2, maximize=maximize)
     grads = []
@@ -83,7 +72,7 @@ def test_float64_matches_the_reference(device, maximize):
 def test_bf16_with_master_weights_follows_the_float32_reference(device):
     """bf16 parameters with fp32 master copies: the master follows the reference (fp32 math), the
     parameter is its rounding."""
-    params = _params(device, torch.bfloat16)
+    params = odd_params(device, torch.bfloat16)
     start = [p.detach().double().cpu().numpy() for p in params]
     opt = gpuopt.Lion(params, lr=1e-2, weight_decay=0.1, master_weights=True, state_dtype=torch.float32)
     grads = []
@@ -119,7 +108,7 @@ def test_bf16_stochastic_rounding_is_unbiased(device):
 def test_state_dict_moves_both_ways_with_lion_pytorch(device, tmp_path):
     """Mid-run, lion-pytorch's state_dict loads into gpuopt and gpuopt's into lion-pytorch (through
     torch.save / torch.load(weights_only=True)); every run continues as the uninterrupted one."""
-    params = _params(device)
+    params = odd_params(device)
     copies = [[torch.nn.Parameter(p.detach().clone()) for p in params] for _ in range(3)]
     ours, theirs = gpuopt.Lion(copies[0], lr=1e-3, weight_decay=0.1), lion_pytorch.Lion(copies[1], lr=1e-3,
                                                                                           weight_decay=0.1)
@@ -138,9 +127,9 @@ def test_state_dict_moves_both_ways_with_lion_pytorch(device, tmp_path):
 
 
 def test_one_launch_per_group_and_the_functional_form(device):
-    params = _params(device)
+    params = odd_params(device)
     twins = [p.detach().clone() for p in params]
-    opt = gpuopt.Lion(_groups(params, lr=2e-3), lr=1e-3, weight_decay=0.1)
+    opt = gpuopt.Lion(two_groups(params, lr=2e-3), lr=1e-3, weight_decay=0.1)
     for p in params:
         p.grad = torch.randn_like(p)
     with count_launches(walk, "_step_kernel") as counter:
@@ -155,7 +144,7 @@ def test_one_launch_per_group_and_the_functional_form(device):
 
 
 def test_amp_skips_an_overflow_step_and_unscales(device):
-    params = _params(device)
+    params = odd_params(device)
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt, theirs = gpuopt.Lion(params, lr=1e-3), lion_pytorch.Lion(twins, lr=1e-3)
     before = [p.detach().clone() for p in params]

@@ -13,22 +13,11 @@ import gpuopt
 from gpuopt import reference as ref
 from gpuopt.kernels import _multi_tensor as walk
 
-from .helpers import assert_close, count_launches
+from .helpers import assert_close, count_launches, odd_params, two_groups
 
 schedulefree = pytest.importorskip("schedulefree")
 
-SHAPES = [(1,), (131,), (7, 3), (300,), (4, 3, 5, 7)]
 GROUP_KEYS = ("k", "weight_sum", "lr_max", "scheduled_lr", "train_mode")
-
-
-def _params(device, dtype=torch.float32):
-    params = [torch.nn.Parameter(torch.randn(s, device=device).to(dtype)) for s in SHAPES]
-    params[4].data = params[4].data.to(memory_format=torch.channels_last)
-    return params
-
-
-def _groups(params, **second):
-    return [{"params": params[:2]}, {"params": params[2:], **second}]
 
 
 def _step_both(pairs):
@@ -55,10 +44,10 @@ def test_matches_schedulefree_with_mode_switches(device, kwargs):
     """14 steps, two param groups (the second with its own lr and weight decay), eval() after step 5
     (the averages compared), train() again, eval() at the end: parameters, states and the
     groups' counters equal schedulefree's throughout."""
-    params = _params(device)
+    params = odd_params(device)
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt = gpuopt.AdamWScheduleFree(_groups(params, lr=2e-2, weight_decay=0.05), **kwargs)
-    theirs = schedulefree.AdamWScheduleFree(_groups(twins, lr=2e-2, weight_decay=0.05), **kwargs)
+    opt = gpuopt.AdamWScheduleFree(two_groups(params, lr=2e-2, weight_decay=0.05), **kwargs)
+    theirs = schedulefree.AdamWScheduleFree(two_groups(twins, lr=2e-2, weight_decay=0.05), **kwargs)
     for o in (opt, theirs):
         o.train()
     for step in range(14):
@@ -77,7 +66,7 @@ def test_matches_schedulefree_with_mode_switches(device, kwargs):
 
 @pytest.mark.parametrize("maximize", [False, True])
 def test_float64_matches_the_reference(device, maximize):
-    params = _params(device, torch.float64)
+    params = odd_params(device, torch.float64)
     opt = gpuopt.AdamWScheduleFree(params, lr=1e-2, weight_decay=0.1, warmup_steps=2, maximize=maximize)
     opt.train()
     ys = [p.detach().cpu().numpy().copy() for p in params]
@@ -102,7 +91,7 @@ def test_float64_matches_the_reference(device, maximize):
 
 
 def test_bf16_master_weights_follow_schedulefree_in_float32(device):
-    params = _params(device, torch.bfloat16)
+    params = odd_params(device, torch.bfloat16)
     twins = [torch.nn.Parameter(p.detach().float()) for p in params]
     opt = gpuopt.AdamWScheduleFree(params, lr=1e-2, master_weights=True, state_dtype=torch.float32)
     theirs = schedulefree.AdamWScheduleFree(twins, lr=1e-2)
@@ -125,7 +114,7 @@ def test_bf16_master_weights_follow_schedulefree_in_float32(device):
 def test_state_dict_moves_both_ways_with_schedulefree(device, tmp_path):
     """Saved in eval mode (as schedulefree asks), loaded across libraries through torch.save /
     torch.load(weights_only=True): both continue as the uninterrupted run."""
-    params = _params(device)
+    params = odd_params(device)
     copies = [[torch.nn.Parameter(p.detach().clone()) for p in params] for _ in range(3)]
     make = [gpuopt.AdamWScheduleFree, schedulefree.AdamWScheduleFree, gpuopt.AdamWScheduleFree]
     opts = [cls(ps, lr=1e-2, warmup_steps=2, weight_decay=0.1) for cls, ps in zip(make, copies)]
@@ -155,9 +144,9 @@ def test_state_dict_moves_both_ways_with_schedulefree(device, tmp_path):
 def test_launch_counts_and_the_functional_form(device):
     """One launch per group per step, one per group per mode switch; the functional form with the
     caller's schedule gives the class's step."""
-    params = _params(device)
+    params = odd_params(device)
     twins = [p.detach().clone() for p in params]
-    opt = gpuopt.AdamWScheduleFree(_groups(params, lr=2e-2), lr=1e-2, weight_decay=0.1)
+    opt = gpuopt.AdamWScheduleFree(two_groups(params, lr=2e-2), lr=1e-2, weight_decay=0.1)
     with count_launches(walk, "_step_kernel") as counter:
         opt.train()  # nothing stepped yet: nothing to move
     assert counter["launches"] == 0
@@ -180,7 +169,7 @@ def test_launch_counts_and_the_functional_form(device):
 
 
 def test_refusals_change_nothing(device):
-    params = _params(device)
+    params = odd_params(device)
     opt = gpuopt.AdamWScheduleFree(params, lr=1e-2)
     for p in params:
         p.grad = torch.randn_like(p)
@@ -202,7 +191,7 @@ def test_refusals_change_nothing(device):
 
 
 def test_compiled_step_runs_eagerly_with_the_same_results(device):
-    params = _params(device)
+    params = odd_params(device)
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt, ref_opt = gpuopt.AdamWScheduleFree(params, lr=1e-2), gpuopt.AdamWScheduleFree(twins, lr=1e-2)
     opt.train()
