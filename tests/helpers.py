@@ -111,3 +111,13 @@ def odd_params(device, dtype=torch.float32):
 def two_groups(params, **second):
     """Two param groups of ``params`` (its first two, then the rest with ``second``'s options)."""
     return [{"params": params[:2]}, {"params": params[2:], **second}]
+
+
+def regression_task(device):
+    """``(x, y, model)``: a fixed regression task (256 samples, 12 features, a tanh target with
+    noise) and a small MLP for it, the same for every call."""
+    torch.manual_seed(0)
+    x, w_true = torch.randn(256, 12, device=device), torch.randn(12, 1, device=device)
+    y = torch.tanh(x @ w_true) + 0.05 * torch.randn(256, 1, device=device)
+    base = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).to(device)
+    return x, y, base

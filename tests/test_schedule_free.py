@@ -13,7 +13,7 @@ import gpuopt
 from gpuopt import reference as ref
 from gpuopt.kernels import _multi_tensor as walk
 
-from .helpers import assert_close, count_launches, odd_params, two_groups
+from .helpers import assert_close, count_launches, odd_params, regression_task, two_groups
 
 schedulefree = pytest.importorskip("schedulefree")
 
@@ -211,10 +211,7 @@ def test_compiled_step_runs_eagerly_with_the_same_results(device):
 def test_training_reaches_schedulefrees_loss(device):
     """A small MLP, 60 steps each from the same weights and batches, evaluated in eval mode: the
     final loss within 1% of schedulefree's."""
-    torch.manual_seed(0)
-    x, w_true = torch.randn(256, 12, device=device), torch.randn(12, 1, device=device)
-    y = torch.tanh(x @ w_true) + 0.05 * torch.randn(256, 1, device=device)
-    base = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).to(device)
+    x, y, base = regression_task(device)
     losses = {}
     for name, cls in (("gpuopt", gpuopt.AdamWScheduleFree), ("schedulefree", schedulefree.AdamWScheduleFree)):
         model = copy.deepcopy(base)
