@@ -71,6 +71,24 @@ def check_sharded_pairs(name: str, params, grads) -> None:
                                "an elementwise step needs them placed alike")
 
 
+def shard_groups(name: str, params) -> tuple:
+    """The process groups over which a whole-tensor sum of these parameters' local shards (LAMB's
+    and LARS's norms) is completed by an all-reduce: one per mesh dimension they are sharded along
+    (``Shard``; none for plain tensors, or replicated ones, whose local tensor is whole). Summing
+    over every sharded dimension in turn gives the total; the parameters of one launch must agree
+    on mesh and sharded dimensions, or be plain tensors all."""
+    if not any_dtensor(params):
+        return ()
+    layouts = {(p.device_mesh, tuple(dim for dim, placement in enumerate(p.placements) if placement.is_shard()))
+               if is_dtensor(p) else None for p in params}
+    if len(layouts) != 1 or None in layouts:
+        raise RuntimeError(f"{name}: its update needs whole-tensor norms, summed over the ranks that hold a "
+                           "parameter's shards; the parameters of a group must then be DTensors on one mesh, sharded "
+                           "along the same mesh dimensions (FSDP2 shards them so), not a mix")
+    mesh, dims = layouts.pop()
+    return tuple(mesh.get_group(dim) for dim in dims)
+
+
 def like_dtensor(value: torch.Tensor, param) -> torch.Tensor:
     """A checkpoint's state for a DTensor parameter: a plain (full) tensor is distributed like the
     parameter; a DTensor is left as is (``torch.distributed.checkpoint`` gives it sharded)."""

@@ -12,7 +12,7 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 
 from . import _traced
-from ._distributed import DTensor, check_sharded_pairs, like_dtensor, local, local_roles
+from ._distributed import DTensor, check_sharded_pairs, like_dtensor, local, local_roles, shard_groups
 from ._launch import launch_step
 from ._multi_tensor import (GRAD_ROLE, PlanCache, StepArgs, dense_grads, has_step, needed_roles, on_device,
                             prepare_buckets, step_options)
@@ -472,6 +472,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             buckets = prepare_buckets(name, roles, self._algorithm.roles, self._plans, index,
                                       group["stochastic_rounding"])
             for bucket in buckets:  # (positions in the group's param list)
+                if sharded and self._algorithm.sums:
+                    bucket.sum_groups = shard_groups(name, [params[i] for i in bucket.positions])
                 bucket.positions = [chosen[i] for i in bucket.positions]
             touched = tuple(t for role, tensors in roles.items() if role != "grad" for t in tensors)
         grad_layout = layout_check(present) if copies is None and all(type(a) is int for a in addresses) else None

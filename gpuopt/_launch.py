@@ -240,14 +240,15 @@ def resident_per_sm(kernel, args: tuple, constexprs: dict, num_warps: int) -> in
 
 
 def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_ptr=None, grad_scale=None,
-                  found_inf=None, seed=0, epoch=None, has_step=False) -> None:
+                  found_inf=None, seed=0, epoch=None, has_step=False, norms=False) -> None:
     """``algorithm``'s update (a ``kernels._multi_tensor.Algorithm``) over every tensor of
     ``plan``, through the shared walk (``_step_kernel``, or its float64 variant for float64
     tensors). ``hyperparameters``: the update's floats; ``flags``: its constexpr namedtuple;
     ``lr_ptr``: a device tensor the kernel reads ``lr`` from (capturable steps), else ``lr`` by
     value; ``epoch``: the stochastic-rounding epoch (an int32 device tensor the kernel reads
     into the noise and advances; None: 0); ``has_step``: the ``step`` role (index 2) is read
-    and advanced.
+    and advanced; ``norms``: the launch of ``algorithm.norms`` (its whole-tensor sums into the
+    plan's ``sum_buffers``), else of ``algorithm.update`` (reading them, if it has any).
 
     ``RUN``: with fp32 master weights beside 16-bit tensors, every access is 4 elements per
     thread. Left alone, Triton gives the 16-bit accesses 8 per thread (16 bytes) but caps each
@@ -255,13 +256,16 @@ def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_
     through shared memory: 4 barriers per iteration (compile report). With 4 throughout the fp32
     streams keep 16-byte accesses, the 16-bit ones take 8-byte ones, and no conversion is left."""
     bases = plan.bases
-    n_roles, n_hyper = len(bases), len(hyperparameters)
+    n_roles, n_hyper, n_sums = len(bases), len(hyperparameters), len(algorithm.sums)
+    sums, partials = plan.sum_buffers(n_sums) if n_sums else (None, None)
     launch(multi_tensor._step_f64_kernel if plan.float64 else multi_tensor._step_kernel, plan.grid,
            (*plan.schedule, *bases, *(bases[0],) * (multi_tensor.MAX_ROLES - n_roles), plan.counter, lr, lr_ptr,
-            *hyperparameters, *(0.0,) * (multi_tensor.MAX_HYPER - n_hyper), grad_scale, found_inf, seed, epoch),
-           dict(UPDATE=algorithm.update, PER_TENSOR=algorithm.per_tensor or multi_tensor.step_only, FLAGS=flags,
+            *hyperparameters, *(0.0,) * (multi_tensor.MAX_HYPER - n_hyper), grad_scale, found_inf, seed, epoch,
+            sums, partials),
+           dict(UPDATE=algorithm.norms if norms else algorithm.update,
+                PER_TENSOR=algorithm.per_tensor or multi_tensor.step_only, FLAGS=flags,
                 N_ROLES=n_roles, N_HYPER=n_hyper, HAS_STEP=has_step,
-                COUNT_EPOCH=epoch is not None,
+                COUNT_EPOCH=epoch is not None, MAKE_SUMS=n_sums if norms else 0, TAKE_SUMS=0 if norms else n_sums,
                 LR_ON_DEVICE=lr_ptr is not None,
                 HAS_FOUND_INF=found_inf is not None, ALIGNED=plan.aligned, BLOCK=plan.block,
                 RUN=4 if getattr(flags, "has_master", False) else 0),
@@ -285,9 +289,15 @@ def launch_step(algorithm, bucket, options: StepOptions, step_args, lr) -> None:
     tensor (reading it does not synchronise) is passed by value, as a float64 argument."""
     on_device = isinstance(lr, torch.Tensor) and lr.device == step_args.device
     rounded = bucket.stochastic_rounding
-    launch_update(algorithm, bucket.plan, options.hyperparameters,
-                  algorithm.flags(**options.flags, has_grad_scale=step_args.grad_scale is not None,
-                                  has_master=bucket.has_master, stochastic_rounding=rounded),
-                  lr=0.0 if on_device else float(lr), lr_ptr=lr if on_device else None,
+    flags = algorithm.flags(**options.flags, has_grad_scale=step_args.grad_scale is not None,
+                            has_master=bucket.has_master, stochastic_rounding=rounded)
+    lr_value, lr_ptr = (0.0, lr) if on_device else (float(lr), None)
+    if algorithm.norms is not None:  # the whole-tensor sums first, summed over the shards' ranks
+        launch_update(algorithm, bucket.plan, options.hyperparameters, flags, lr=lr_value, lr_ptr=lr_ptr,
+                      grad_scale=step_args.grad_scale, found_inf=step_args.found_inf, has_step=options.has_step,
+                      norms=True)
+        for group in bucket.sum_groups:
+            torch.distributed.all_reduce(bucket.plan.sum_buffers(len(algorithm.sums))[0], group=group)
+    launch_update(algorithm, bucket.plan, options.hyperparameters, flags, lr=lr_value, lr_ptr=lr_ptr,
                   grad_scale=step_args.grad_scale, found_inf=step_args.found_inf, seed=step_args.seed,
                   epoch=step_args.epoch if rounded else None, has_step=options.has_step)

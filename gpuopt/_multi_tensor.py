@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import _launch
-from ._distributed import any_dtensor, check_sharded_pairs, local_roles
+from ._distributed import any_dtensor, check_sharded_pairs, local_roles, shard_groups
 from ._launch import ASSUMED_SM_COUNT, ASSUMED_THREADS_PER_SM, use_gpu_config
 from ._validate import check_params_and_grads, check_roles, matching_layout, real_views
 
@@ -84,10 +84,22 @@ class LaunchPlan:
         else:
             programs = INTERPRETER_PROGRAMS
         self.grid = (min(self.n_blocks, programs),)
-        # Arrival counter: the last program of a launch finishes the step (finish_launch).
-        self.counter = torch.zeros(1, dtype=torch.int32, device=self.device)
+        # Arrival counters: the last program of a launch finishes the step (finish_launch), then
+        # one per tensor: its last block folds its sums (fold_sums).
+        self.counter = torch.zeros(1 + self.n_tensors, dtype=torch.int32, device=self.device)
+        self._sums = None
         self._addresses = None
         self.refresh(roles)
+
+    def sum_buffers(self, n_sums: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sums, partials)`` for an algorithm with ``n_sums`` whole-tensor sums: ``n_sums`` per
+        tensor and per schedule entry, in the compute dtype; made at the first such launch and
+        kept (the norms launch writes them, the update launch of the same step reads them)."""
+        if self._sums is None or self._sums[0].numel() != n_sums * self.n_tensors:
+            dtype = torch.float64 if self.float64 else torch.float32
+            self._sums = (torch.zeros(n_sums * self.n_tensors, dtype=dtype, device=self.device),
+                          torch.zeros(n_sums * self.n_blocks, dtype=dtype, device=self.device))
+        return self._sums
 
     def matches(self, roles: list[list[torch.Tensor]]) -> bool:
         """Same tensor sizes (the schedule still fits); addresses may have changed."""
@@ -237,6 +249,7 @@ class Bucket:
     has_master: bool
     stochastic_rounding: bool
     positions: list
+    sum_groups: tuple = ()  # process groups the tensors are sharded over: whole-tensor sums are all-reduced there
 
 
 def step_options(algorithm, options: dict) -> _launch.StepOptions:
@@ -323,14 +336,18 @@ def run_functional(name: str, algorithm, roles: dict, options: dict, *, lr, grad
     if missing:  # the kernel would write them: refused, as torch's functional API refuses them
         raise ValueError(f"{name}: the {' and '.join(missing)} tensors are None, but these options update them; "
                          "pass one tensor per parameter (zeros for a new state)")
-    if any_dtensor(roles["param"]):  # DTensors: each rank updates its local shards
+    sharded = any_dtensor(roles["param"])
+    if sharded:  # DTensors: each rank updates its local shards
         check_sharded_pairs(name, roles["param"], roles["grad"])
-        roles = local_roles(roles)
+        sharded_params, roles = roles["param"], local_roles(roles)
     params = roles["param"]
     roles = dict(roles, grad=dense_grads(name, algorithm, roles["grad"], options.get("weight_decay", 0.0)))
     check_params_and_grads(name, params, roles["grad"])
     roles = dict(roles, grad=[matching_layout(g, p) for g, p in zip(roles["grad"], params)])
     buckets = prepare_buckets(name, roles, algorithm.roles, _FUNCTIONAL_PLANS.plans, name, stochastic_rounding)
+    if sharded and algorithm.sums:
+        for bucket in buckets:
+            bucket.sum_groups = shard_groups(name, [sharded_params[i] for i in bucket.positions])
     device = params[0].device
     step_args = StepArgs(device, on_device(grad_scale, device), on_device(found_inf, device), seed, epoch)
     launch_options = step_options(algorithm, options)

@@ -32,6 +32,8 @@ from ._multi_tensor import run_functional
 from .kernels import adadelta as adadelta_kernel
 from .kernels import adagrad as adagrad_kernel
 from .kernels import adam as adam_kernel
+from .kernels import lamb as lamb_kernel
+from .kernels import lars as lars_kernel
 from .kernels import lion as lion_kernel
 from .kernels import rmsprop as rmsprop_kernel
 from .kernels import schedule_free as schedule_free_kernel
@@ -124,6 +126,34 @@ def lion(params, grads, exp_avgs, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_deca
     roles = dict(param=params, grad=grads, exp_avg=exp_avgs, master=master_params)
     options = dict(beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
     run_functional("Lion", lion_kernel.LION, roles, options, lr=lr, grad_scale=grad_scale, found_inf=found_inf,
+                   seed=seed, stochastic_rounding=stochastic_rounding)
+
+
+@accepts_arrays(read=("grads", "grad_scale", "found_inf", "lr"))
+def lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6,
+         weight_decay=0.0, bias_correction=True, max_trust_ratio=None, maximize=False, master_params=None,
+         stochastic_rounding=False, grad_scale=None, found_inf=None, seed=0):
+    """One LAMB step; see :class:`gpuopt.LAMB` (two launches per group: the norms, then the update)."""
+    roles = dict(param=params, grad=grads, step=state_steps, exp_avg=exp_avgs, exp_avg_sq=exp_avg_sqs,
+                 master=master_params)
+    options = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+                   max_trust_ratio=max_trust_ratio, maximize=maximize)
+    run_functional("LAMB", lamb_kernel.LAMB, roles, options, lr=lr, grad_scale=grad_scale, found_inf=found_inf,
+                   seed=seed, stochastic_rounding=stochastic_rounding)
+
+
+@accepts_arrays(read=("grads", "grad_scale", "found_inf", "lr"))
+def lars(params, grads, momentum_buffers, state_steps, *, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
+         eps=1e-8, maximize=False, master_params=None, stochastic_rounding=False, grad_scale=None, found_inf=None,
+         seed=0):
+    """One LARS step; see :class:`gpuopt.LARS`. With momentum, ``state_steps`` (one-element float32
+    tensors) say which buffers are new (0: ``buf = d``); both may be ``None`` when ``momentum == 0``."""
+    has_momentum = momentum != 0
+    roles = dict(param=params, grad=grads, step=state_steps if has_momentum else None,
+                 momentum_buffer=momentum_buffers if has_momentum else None, master=master_params)
+    options = dict(momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
+                   maximize=maximize)
+    run_functional("LARS", lars_kernel.LARS, roles, options, lr=lr, grad_scale=grad_scale, found_inf=found_inf,
                    seed=seed, stochastic_rounding=stochastic_rounding)
 
 

@@ -21,6 +21,8 @@ from ._multi_tensor import prepare_buckets, step_options
 from .kernels import adadelta as adadelta_kernel
 from .kernels import adagrad as adagrad_kernel
 from .kernels import adam as adam_kernel
+from .kernels import lamb as lamb_kernel
+from .kernels import lars as lars_kernel
 from .kernels import lion as lion_kernel
 from .kernels import rmsprop as rmsprop_kernel
 from .kernels import schedule_free as schedule_free_kernel
@@ -116,7 +118,29 @@ class AdamW(Adam):
                          stochastic_rounding=stochastic_rounding)
 
 
-class SGD(FusedOptimizer):
+class _MomentumBuffer:
+    """The state of SGD-style momentum (SGD, LARS): ``momentum_buffer``, and ``step``, a float32
+    device scalar torch's SGD does not keep: 0 marks a buffer no step has written yet (new, or its
+    first step skipped by AMP's ``found_inf`` on the device), so the kernel knows when to take the
+    first step's ``buf = d``. A checkpoint's buffer without it loads as one in use."""
+
+    def _complete_state(self, state, p, group):
+        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
+            # A new buffer: its step 0 makes the kernel set buf = d, the first step's, until a
+            # step really runs (an AMP-skipped one leaves it at 0).
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        super()._complete_state(state, p, group)
+
+    def _required_state(self, group) -> tuple:
+        return tuple(key for key in super()._required_state(group) if key != "step")  # torch's SGD keeps none
+
+    def _after_load(self, state, p, group):
+        if state.get("momentum_buffer") is not None and "step" not in state:  # torch.optim.SGD's: in use
+            state["step"] = torch.ones((), dtype=torch.float32, device=p.device)
+        super()._after_load(state, p, group)
+
+
+class SGD(_MomentumBuffer, FusedOptimizer):
     r"""SGD with momentum (seed B.0.1.2) as a fused ``torch.optim.SGD`` drop-in::
 
         d_p = g + λ W;  buf = μ buf + (1 - dampening) d_p  (buf = d_p at its first step)
@@ -154,21 +178,6 @@ class SGD(FusedOptimizer):
         return dict(momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
                     nesterov=group["nesterov"], maximize=group["maximize"], has_step=group["momentum"] != 0,
                     first_step=False)
-
-    def _complete_state(self, state, p, group):
-        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
-            # A new buffer: its step 0 makes the kernel set buf = d_p, PyTorch's first step, until
-            # a step really runs (an AMP-skipped one leaves it at 0).
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        super()._complete_state(state, p, group)
-
-    def _required_state(self, group) -> tuple:
-        return tuple(key for key in super()._required_state(group) if key != "step")  # torch's SGD keeps none
-
-    def _after_load(self, state, p, group):
-        if state.get("momentum_buffer") is not None and "step" not in state:  # torch.optim.SGD's: in use
-            state["step"] = torch.ones((), dtype=torch.float32, device=p.device)
-        super()._after_load(state, p, group)
 
 
 class RMSprop(FusedOptimizer):
@@ -299,6 +308,75 @@ class Lion(FusedOptimizer):
             weight_decay = weight_decay / group["weight_decay_lr"]
         beta1, beta2 = group["betas"]
         return dict(beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=group["maximize"])
+
+
+class LAMB(FusedOptimizer):
+    r"""LAMB (You et al. 2020) as apex's ``FusedLAMB`` computes it with ``adam_w_mode=True``,
+    without its internal gradient clipping (clip with ``opt.clip_grad_norm_``, fused into the step)::
+
+        m = β1 m + (1-β1) g;   v = β2 v + (1-β2) g²
+        u = m̂ / (sqrt(v̂) + ε) + λ W              (m̂, v̂ bias-corrected when bias_correction)
+        W ← W - lr · r · u,   r = ‖W‖ / ‖u‖ per tensor (1 if either is 0; ≤ max_trust_ratio)
+
+    Two launches per group and step, no host sync: the first updates m, v and the two norms of
+    every tensor, the second moves the weights (``kernels/lamb.py``). Under FSDP2 the norms are
+    of the whole parameter (summed over its shards' ranks by one all-reduce per group). State
+    keys: ``step``, ``exp_avg``, ``exp_avg_sq`` (apex's).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *, bias_correction=True,
+                 max_trust_ratio=None, maximize=False, foreach=None, fused=None, capturable=False,
+                 differentiable=False, state_dtype=None, master_weights=False, stochastic_rounding=False):
+        validate_common(lr, eps, weight_decay)
+        _validate_betas(betas)
+        if max_trust_ratio is not None and not max_trust_ratio > 0.0:
+            raise ValueError(f"Invalid max_trust_ratio value: {max_trust_ratio}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+                        max_trust_ratio=max_trust_ratio,
+                        **_precision_defaults(state_dtype, master_weights, stochastic_rounding, capturable,
+                                              differentiable, foreach, fused, maximize))
+        super().__init__(params, defaults)
+
+    _algorithm = lamb_kernel.LAMB
+
+    def _options(self, group):
+        beta1, beta2 = group["betas"]
+        return dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    bias_correction=group["bias_correction"], maximize=group["maximize"],
+                    max_trust_ratio=float("inf") if group["max_trust_ratio"] is None else group["max_trust_ratio"])
+
+
+class LARS(_MomentumBuffer, FusedOptimizer):
+    r"""LARS (You et al. 2017): SGD with momentum and a per-tensor learning-rate scale::
+
+        local = tc ‖W‖ / (‖g‖ + λ‖W‖ + ε)  per tensor (1 if ‖W‖ or ‖g‖ is 0)
+        buf = μ buf + local (g + λ W)        (buf = local (g + λ W) at the first step)
+        W ← W - lr · buf
+
+    Two launches per group and step, no host sync (``kernels/lars.py``); under FSDP2 the norms
+    are of the whole parameter. State keys: ``momentum_buffer`` and, as gpuopt's SGD, a ``step``
+    that marks a buffer no step has written yet.
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8, *,
+                 maximize=False, foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None,
+                 master_weights=False, stochastic_rounding=False):
+        validate_common(lr, eps, weight_decay)
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if trust_coefficient <= 0.0:
+            raise ValueError(f"Invalid trust_coefficient value: {trust_coefficient}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                        eps=eps,
+                        **_precision_defaults(state_dtype, master_weights, stochastic_rounding, capturable,
+                                              differentiable, foreach, fused, maximize))
+        super().__init__(params, defaults)
+
+    _algorithm = lars_kernel.LARS
+
+    def _options(self, group):
+        return dict(momentum=group["momentum"], weight_decay=group["weight_decay"],
+                    trust_coefficient=group["trust_coefficient"], eps=group["eps"], maximize=group["maximize"])
 
 
 class AdamWScheduleFree(FusedOptimizer):

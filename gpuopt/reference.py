@@ -258,6 +258,52 @@ def lion_step(W, grad, exp_avg, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=
     return W * (1.0 - lr * weight_decay) - lr * np.sign(c), beta2 * m + (1.0 - beta2) * g
 
 
+def lamb_step(W, grad, exp_avg, exp_avg_sq, step, *, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0,
+              bias_correction=True, max_trust_ratio=None, maximize=False):
+    """LAMB (You et al. 2020; apex's ``FusedLAMB`` with ``adam_w_mode=True``, no clipping), one
+    step of one tensor (``step`` counts from 1)::
+
+        m = β1 m + (1 - β1) g;   v = β2 v + (1 - β2) g²
+        u = m̂ / (sqrt(v̂) + ε) + λ W        (m̂ = m / (1 - β1^t), v̂ = v / (1 - β2^t) when bias_correction)
+        r = ‖W‖ / ‖u‖  (1 when either is 0; at most max_trust_ratio)
+        W = W - lr r u
+
+    Returns ``(W, exp_avg, exp_avg_sq)``.
+    """
+    W, g, m, v = _f64(W), _f64(grad), _f64(exp_avg), _f64(exp_avg_sq)
+    if maximize:
+        g = -g
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    c1, c2 = (1.0 - beta1 ** step, 1.0 - beta2 ** step) if bias_correction else (1.0, 1.0)
+    u = (m / c1) / (np.sqrt(v / c2) + eps) + weight_decay * W
+    w_norm, u_norm = np.linalg.norm(W.ravel()), np.linalg.norm(u.ravel())
+    ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+    if max_trust_ratio is not None:
+        ratio = min(ratio, max_trust_ratio)
+    return W - lr * ratio * u, m, v
+
+
+def lars_step(W, grad, momentum_buffer, *, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8,
+              maximize=False):
+    """LARS (You et al. 2017), one step of one tensor (``momentum_buffer`` ``None`` before the
+    first)::
+
+        local = tc ‖W‖ / (‖g‖ + λ ‖W‖ + ε)    (1 when ‖W‖ or ‖g‖ is 0)
+        d = local (g + λ W);   buf = μ buf + d  (buf = d at the first step);   W = W - lr buf
+
+    Returns ``(W, momentum_buffer)``.
+    """
+    W, g = _f64(W), _f64(grad)
+    if maximize:
+        g = -g
+    w_norm, g_norm = np.linalg.norm(W.ravel()), np.linalg.norm(g.ravel())
+    local = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps) if w_norm > 0 and g_norm > 0 else 1.0
+    d = local * (g + weight_decay * W)
+    buf = d if momentum_buffer is None else momentum * _f64(momentum_buffer) + d
+    return W - lr * buf, buf
+
+
 def schedule_free_adamw_step(y, z, grad, exp_avg_sq, *, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                              ckp1, step, maximize=False):
     """Schedule-Free AdamW (Defazio et al. 2024; the schedulefree package's ``AdamWScheduleFree``),

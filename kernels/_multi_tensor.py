@@ -182,6 +182,23 @@ def add_weight_decay(g, w, weight_decay):
 
 
 @triton.jit
+def load_unless_new(ptr, offsets, mask, in_use):
+    """A state's block in the compute dtype, or zeros when the state is new (``in_use`` false, a
+    per-tensor scalar): the lanes of a new state read nothing, and the mask stays uniform over a
+    full block, so the 16-byte loads stay (a branch around two copies of the update made ptxas
+    spill the bf16 master-weight SGD step)."""
+    if mask is None:
+        read = tl.where(in_use, tl.full(offsets.shape, 1, tl.int1), tl.full(offsets.shape, 0, tl.int1))
+    else:
+        read = tl.where(in_use, mask, tl.full(offsets.shape, 0, tl.int1))
+    x = tl.load(ptr + offsets, mask=read, other=0.0)
+    if x.dtype == tl.float64:
+        return x
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER: tl.constexpr):
     """The weight in the compute dtype: the fp32 master copy when there is one, else the parameter.
 
@@ -245,13 +262,54 @@ def finish_launch(counter_ptr, step_base_ptr, offsets_ptr, STEP_ROLE: tl.constex
         tl.store(counter_ptr, 0)
 
 
+@triton.jit
+def masked_sum_of_squares(x, mask):
+    """Σ x² over a block's elements (``mask``: the tail's; masked lanes hold undefined values)."""
+    if mask is None:
+        return tl.sum(x * x, axis=0)
+    else:
+        return tl.sum(tl.where(mask, x * x, 0.0), axis=0)
+
+
+@triton.jit
+def fold_sums(block_sums, i, t, numel, block_start_ptr, counter_ptr, partials_ptr, sums_ptr,
+              N_SUMS: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-tensor sums of a launch, without float atomics (the same bits whichever program folds):
+    schedule entry ``i`` (a block of tensor ``t``) writes its ``N_SUMS`` block sums to
+    ``partials[i]`` and counts itself in tensor ``t``'s arrival counter (``counter_ptr[1 + t]``);
+    the block that arrives last for its tensor adds the tensor's partials in schedule order and
+    writes ``sums[t]``, then resets the counter for the next launch.
+
+    A tensor's blocks are consecutive in the schedule (``LaunchPlan``), so its first entry is
+    ``i - block_start[i] / BLOCK``. Ordering: the barrier makes every thread's partial stores
+    happen before the one thread's acq_rel atomic (release), whose result, broadcast to the
+    program, orders the last arriver's loads after every other block's stores (acquire); the
+    loads go to L2 (``.cg``), past a stale L1."""
+    for k in tl.static_range(N_SUMS):
+        tl.store(partials_ptr + i * N_SUMS + k, block_sums[k])
+    tl.debug_barrier()
+    count = tl.maximum((numel + BLOCK - 1) // BLOCK, 1)
+    arrived = tl.atomic_add(counter_ptr + 1 + t, 1, sem="acq_rel")
+    if arrived == count - 1:
+        first = i - tl.load(block_start_ptr + i) // BLOCK
+        for k in tl.static_range(N_SUMS):
+            total = tl.zeros([], partials_ptr.dtype.element_ty)
+            for chunk in range(0, count, BLOCK):
+                index = chunk + tl.arange(0, BLOCK)
+                partial = tl.load(partials_ptr + (first + index) * N_SUMS + k, mask=index < count, other=0.0,
+                                  cache_modifier=".cg")
+                total += tl.sum(partial, axis=0)
+            tl.store(sums_ptr + t * N_SUMS + k, total)
+        tl.store(counter_ptr + 1 + t, 0)
+
+
 # ---------------------------------------------------------------------- the shared walk -----
 
 # Role bases and hyperparameters are fixed numbers of named arguments rather than tuples: a
 # tuple argument cannot be declared tl.float64 (float64 launches need exact hyperparameters,
 # ``float64_variant``), and the cached launchers (``gpuopt._launch``) take flat argument lists.
 # Unused bases repeat role 0's pointer, unused hyperparameters are 0.0; the compiler drops both.
-MAX_ROLES, MAX_HYPER = 7, 8
+MAX_ROLES, MAX_HYPER = 7, 9
 STEP_ROLE = tl.constexpr(2)  # every optimizer's ROLES begin ("param", "grad", "step", ...)
 COMMON_FLAGS = ("maximize", "has_grad_scale", "has_master", "stochastic_rounding")
 
@@ -301,6 +359,13 @@ class Algorithm:
             for an update that is not elementwise on the real and imaginary parts, such as a sign).
         sparse_grads: sparse gradients taken densified: ``"always"``, ``"without weight
             decay"``, or ``None`` (refused, as torch refuses them).
+        norms: for an update that needs whole-tensor sums (LAMB's and LARS's norms), a
+            ``@triton.jit`` function of one block with ``update``'s signature that returns the
+            block's sums (a tuple) and may write states. A step is then two launches over the
+            same tensors: ``norms`` on every block, the walk folding each tensor's block sums
+            (``fold_sums``), then ``update``, whose ``scalars`` end with its tensor's sums. The
+            first launch reads ``step``; the second advances it.
+        sums: the names of the sums ``norms`` returns, in order (``()`` without ``norms``).
     """
 
     roles: tuple
@@ -313,6 +378,8 @@ class Algorithm:
     uses_step: Callable | None = None
     complex_params: bool = True
     sparse_grads: str | None = None
+    norms: object = None
+    sums: tuple = ()
 
 
 @triton.jit
@@ -333,10 +400,11 @@ def _role_pointers(bases, offsets_ptr, t, n_tensors, N_ROLES: tl.constexpr, ALIG
 @triton.jit
 def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_blocks, n_tensors,
                  base_0, base_1, base_2, base_3, base_4, base_5, base_6, counter_ptr, lr, lr_ptr,
-                 hyper_0, hyper_1, hyper_2, hyper_3, hyper_4, hyper_5, hyper_6, hyper_7,
-                 grad_scale_ptr, found_inf_ptr, seed, epoch_ptr,
+                 hyper_0, hyper_1, hyper_2, hyper_3, hyper_4, hyper_5, hyper_6, hyper_7, hyper_8,
+                 grad_scale_ptr, found_inf_ptr, seed, epoch_ptr, sums_ptr, partials_ptr,
                  UPDATE: tl.constexpr, PER_TENSOR: tl.constexpr, FLAGS: tl.constexpr, N_ROLES: tl.constexpr,
                  N_HYPER: tl.constexpr, HAS_STEP: tl.constexpr, COUNT_EPOCH: tl.constexpr,
+                 MAKE_SUMS: tl.constexpr, TAKE_SUMS: tl.constexpr,
                  LR_ON_DEVICE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                  RUN: tl.constexpr):
     """One update of every tensor of a bucket (one launch): ``UPDATE`` on each block of the schedule (a
@@ -347,9 +415,13 @@ def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_bl
     Stochastic rounding's noise is ``tl.randint`` of the caller's ``seed`` mixed with the tensor's
     index, its ``step`` (0 without one) and the epoch at ``epoch_ptr`` (``COUNT_EPOCH``: a launch
     count the optimizer keeps per device; 0 without one, for the functional API, whose caller
-    varies ``seed``): fresh on every step, for every algorithm."""
+    varies ``seed``): fresh on every step, for every algorithm.
+
+    Whole-tensor sums (``Algorithm.norms``): with ``MAKE_SUMS`` (their number) ``UPDATE`` returns
+    a block's sums, folded per tensor into ``sums_ptr`` (``fold_sums``), and ``step`` is read but
+    not advanced; with ``TAKE_SUMS`` each tensor's sums are appended to its ``scalars``."""
     bases = (base_0, base_1, base_2, base_3, base_4, base_5, base_6)
-    slots = (hyper_0, hyper_1, hyper_2, hyper_3, hyper_4, hyper_5, hyper_6, hyper_7)
+    slots = (hyper_0, hyper_1, hyper_2, hyper_3, hyper_4, hyper_5, hyper_6, hyper_7, hyper_8)
     lr = scalar(lr, lr_ptr, LR_ON_DEVICE, base_0)
     hyper_values = ()
     for k in tl.static_range(N_HYPER):
@@ -370,14 +442,25 @@ def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_bl
             else:
                 step = tl.zeros([], lr.dtype)
             scalars = PER_TENSOR(step, lr, hyper_values, FLAGS)
+            for k in tl.static_range(TAKE_SUMS):
+                scalars = scalars + (tl.load(sums_ptr + t * TAKE_SUMS + k).to(lr.dtype),)
             ptrs = _role_pointers(bases, offsets_ptr, t, n_tensors, N_ROLES, ALIGNED)
             tensor_seed = seed + t * 7919 + (step.to(tl.int32) + epoch) * 104729  # fresh per tensor and step
-            if full:
+            if MAKE_SUMS:
+                if full:
+                    block_sums = UPDATE(ptrs, offsets, None, scalars, lr, hyper_values, grad_scale_ptr, tensor_seed,
+                                        FLAGS)
+                else:
+                    block_sums = UPDATE(ptrs, offsets, offsets < numel, scalars, lr, hyper_values, grad_scale_ptr,
+                                        tensor_seed, FLAGS)
+                fold_sums(block_sums, i, t, numel, block_start_ptr, counter_ptr, partials_ptr, sums_ptr, MAKE_SUMS,
+                          BLOCK)
+            elif full:
                 UPDATE(ptrs, offsets, None, scalars, lr, hyper_values, grad_scale_ptr, tensor_seed, FLAGS)
             else:
                 UPDATE(ptrs, offsets, offsets < numel, scalars, lr, hyper_values, grad_scale_ptr, tensor_seed,
                        FLAGS)
-    if HAS_STEP or COUNT_EPOCH:
+    if not MAKE_SUMS and (HAS_STEP or COUNT_EPOCH):  # (the sums' launch leaves them to the update's)
         finish_launch(counter_ptr, base_2, offsets_ptr, STEP_ROLE, n_tensors, skipped, epoch_ptr, HAS_STEP,
                       COUNT_EPOCH, BLOCK)
 

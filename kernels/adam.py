@@ -56,10 +56,10 @@ def _adam_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, seed, 
     store_param(param_ptr, master_ptr, offsets, mask, w, seed, FLAGS.has_master, FLAGS.stochastic_rounding)
 
 
-def _hyperparameters(*, beta1, beta2, eps, weight_decay, amsgrad, maximize, eps_inside_sqrt, decoupled_weight_decay):
-    # Tensor betas (torch accepts them) are read on the host: free for a CPU tensor, a sync for a
-    # device one. The update takes β, 1 - β and log β (for 1 - β^t without cancellation) as
-    # float64-derived runtime scalars; log 0 = -inf makes 1 - 0^t = 1.
+def moment_hyperparameters(beta1, beta2) -> dict:
+    """β, 1 - β and log β of both moments (for 1 - β^t without cancellation), in float64 on the
+    host; log 0 = -inf makes 1 - 0^t = 1. Tensor betas (torch accepts them) are read on the host:
+    free for a CPU tensor, a sync for a device one."""
     beta1, beta2 = float(beta1), float(beta2)
     for index, beta in enumerate((beta1, beta2)):  # (also when set in a param group mid-run)
         if not 0.0 <= beta < 1.0:
@@ -67,8 +67,12 @@ def _hyperparameters(*, beta1, beta2, eps, weight_decay, amsgrad, maximize, eps_
                              "torch.optim.Adam's constructor does (its bias correction 1 - β^t is computed from log β)")
     log_beta1 = math.log(beta1) if beta1 > 0 else float("-inf")
     log_beta2 = math.log(beta2) if beta2 > 0 else float("-inf")
-    return (dict(beta1=beta1, one_minus_beta1=1.0 - beta1, log_beta1=log_beta1, beta2=beta2,
-                 one_minus_beta2=1.0 - beta2, log_beta2=log_beta2, eps=eps, weight_decay=weight_decay),
+    return dict(beta1=beta1, one_minus_beta1=1.0 - beta1, log_beta1=log_beta1, beta2=beta2,
+                one_minus_beta2=1.0 - beta2, log_beta2=log_beta2)
+
+
+def _hyperparameters(*, beta1, beta2, eps, weight_decay, amsgrad, maximize, eps_inside_sqrt, decoupled_weight_decay):
+    return (dict(moment_hyperparameters(beta1, beta2), eps=eps, weight_decay=weight_decay),
             dict(amsgrad=amsgrad, maximize=maximize, decoupled=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt))
 
 

@@ -14,7 +14,8 @@ advanced by the kernel, not by a skipped AMP step) is still 0.
 import triton
 import triton.language as tl
 
-from ._multi_tensor import Algorithm, add_weight_decay, load_grad, load_param, step_flags, store_as, store_param
+from ._multi_tensor import (Algorithm, add_weight_decay, load_grad, load_param, load_unless_new, step_flags, store_as,
+                            store_param)
 
 ROLES = ("param", "grad", "step", "momentum_buffer", "master")
 HYPER = ("momentum", "one_minus_dampening", "weight_decay", "first_step")
@@ -43,15 +44,9 @@ def _sgd_update(ptrs, offsets, mask, scalars, lr, hyper, grad_scale_ptr, seed, F
     d_p = add_weight_decay(load_grad(grad_ptr, offsets, mask, grad_scale_ptr, FLAGS.has_grad_scale, FLAGS.maximize),
                            w, weight_decay)
     if FLAGS.has_momentum:
-        # A new buffer takes buf = d_p, written as μ·0 + 1·d_p: a read that a new buffer skips
-        # (its lanes read 0; the mask is uniform over a full block, so the 16-byte loads stay)
-        # and the per-tensor weight of d_p, rather than a branch around two copies of the
-        # update, which made ptxas spill the bf16 master-weight step.
-        if mask is None:
-            read = tl.where(in_use, tl.full(offsets.shape, 1, tl.int1), tl.full(offsets.shape, 0, tl.int1))
-        else:
-            read = tl.where(in_use, mask, tl.full(offsets.shape, 0, tl.int1))
-        buf = momentum * tl.load(momentum_buffer_ptr + offsets, mask=read, other=0.0).to(d_p.dtype) + d_p_weight * d_p
+        # A new buffer takes buf = d_p, written as μ·0 + 1·d_p: a read that a new buffer skips and
+        # the per-tensor weight of d_p (load_unless_new).
+        buf = momentum * load_unless_new(momentum_buffer_ptr, offsets, mask, in_use) + d_p_weight * d_p
         store_as(momentum_buffer_ptr + offsets, buf, mask)
         if FLAGS.nesterov:
             d_p = d_p + momentum * buf

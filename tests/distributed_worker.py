@@ -338,6 +338,29 @@ def fsdp_lion_and_schedule_free(tmp):
                 close(value, ref.state[q][key], f"{name}: state {key} of {n}", rtol=1e-4, atol=1e-5)
 
 
+def fsdp_lamb_and_lars(tmp):
+    """FSDP2 + gpuopt.LAMB / LARS = one process stepping the whole model on the whole batch: their
+    per-tensor norms are of the whole parameter (the shards' sums all-reduced), not of the shard."""
+    world = dist.get_world_size()
+    for cls, kwargs in ((gpuopt.LAMB, dict(lr=1e-2, weight_decay=0.01)),
+                        (gpuopt.LARS, dict(lr=0.5, weight_decay=1e-3, trust_coefficient=0.02))):
+        base, x, y = model_and_data()
+        xs, ys = [torch.empty_like(x) for _ in range(world)], [torch.empty_like(y) for _ in range(world)]
+        dist.all_gather(xs, x)
+        dist.all_gather(ys, y)
+        ours, whole = sharded(copy.deepcopy(base)), copy.deepcopy(base)
+        opt, ref = cls(ours.parameters(), **kwargs), cls(whole.parameters(), **kwargs)
+        train(ours, opt, x, y, 4)
+        train(whole, ref, torch.cat(xs), torch.cat(ys), 4)  # (the mean loss of equal batches: FSDP2's gradient)
+        name = cls.__name__
+        for (n, p), q in zip(ours.named_parameters(), whole.parameters()):
+            close(p, q, f"{name}: {n}", rtol=1e-4, atol=1e-6)
+            for key, value in opt.state[p].items():
+                if key != "step":  # (a scalar)
+                    assert isinstance(value, DTensor) and value.placements == p.placements, (name, key)
+                close(value, ref.state[q][key], f"{name}: state {key} of {n}", rtol=1e-4, atol=1e-6)
+
+
 def fsdp_adamw_and_sgd(tmp):
     """fsdp_optimizers for two of them (the 3-rank run: uneven shards, 3 + 3 + 1 rows)."""
     fsdp_optimizers(tmp, [OPTIMIZERS[0], OPTIMIZERS[2]])
@@ -345,7 +368,7 @@ def fsdp_adamw_and_sgd(tmp):
 
 SCENARIOS = {f.__name__: f for f in (fsdp_optimizers, fsdp_mixed_precision, fsdp_checkpoint, clip_norms,
                                      tensor_parallel_and_ema, ddp_and_zero, sync_batch_norm,
-                                     fsdp_lion_and_schedule_free)}
+                                     fsdp_lion_and_schedule_free, fsdp_lamb_and_lars)}
 SCENARIOS["fsdp_adamw_and_sgd"] = fsdp_adamw_and_sgd
 
 

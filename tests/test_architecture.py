@@ -185,10 +185,10 @@ def test_nothing_is_compiled_or_generated_at_run_time():
 
 
 def _algorithms():
-    from gpuopt.kernels import adadelta, adagrad, adam, ema, lion, rmsprop, schedule_free, sgd
+    from gpuopt.kernels import adadelta, adagrad, adam, ema, lamb, lars, lion, rmsprop, schedule_free, sgd
 
     return {"Adam": adam.ADAM, "SGD": sgd.SGD, "RMSprop": rmsprop.RMSPROP, "Adagrad": adagrad.ADAGRAD,
-            "Adadelta": adadelta.ADADELTA, "EMA": ema.AVERAGE, "Lion": lion.LION,
+            "Adadelta": adadelta.ADADELTA, "EMA": ema.AVERAGE, "Lion": lion.LION, "LAMB": lamb.LAMB, "LARS": lars.LARS,
             "ScheduleFree": schedule_free.SCHEDULE_FREE, "ScheduleFreeSwitch": schedule_free.SWITCH,
             "SignSGD": SIGN_SGD}
 
@@ -204,14 +204,15 @@ def test_kernels_unpack_the_names_their_spec_declares(name):
     import textwrap
 
     algorithm = _algorithms()[name]
-    unpacked = {"ptrs": [], "hyper": []}
-    for function in (algorithm.update, algorithm.per_tensor):
+    unpacked = {"ptrs": [], "hyper": [], "scalars": []}
+    for function in (algorithm.update, algorithm.per_tensor, algorithm.norms):
         if function is None:
             continue
         tree = ast.parse(textwrap.dedent(inspect.getsource(function.fn)))
         for node in ast.walk(tree):
             if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Name) and node.value.id in unpacked
-                    and isinstance(node.targets[0], ast.Tuple)):
+                    and isinstance(node.targets[0], ast.Tuple)
+                    and (node.value.id != "scalars" or function is algorithm.update)):
                 unpacked[node.value.id].append([t.id for t in node.targets[0].elts])
     assert unpacked["ptrs"] and unpacked["hyper"], unpacked
     for names in unpacked["ptrs"]:
@@ -220,6 +221,9 @@ def test_kernels_unpack_the_names_their_spec_declares(name):
     for names in unpacked["hyper"]:
         assert len(names) == len(algorithm.hyper), names
         assert all(n == "_" or n == h for n, h in zip(names, algorithm.hyper)), names
+    if algorithm.sums:  # the update's scalars end with the sums its norms pass makes, by name
+        assert unpacked["scalars"] and all(names[-len(algorithm.sums):] == list(algorithm.sums)
+                                           for names in unpacked["scalars"]), unpacked["scalars"]
     values, _ = algorithm.hyperparameters(**_some_options(algorithm))
     assert set(values) == set(algorithm.hyper)
 
@@ -230,12 +234,13 @@ def _some_options(algorithm) -> dict:
     defaults = dict(maximize=False, weight_decay=0.0, eps=1e-8, beta1=0.9, beta2=0.999, amsgrad=False,
                     eps_inside_sqrt=False, decoupled_weight_decay=True, momentum=0.9, dampening=0.0, nesterov=False,
                     has_step=True, alpha=0.99, centered=False, lr_decay=0.0, rho=0.9, gamma=0.5, bias_correction2=0.1,
-                    ckp1=0.5, y_rate=-1e-3, z_rate=1e-3, weight=0.1)
+                    ckp1=0.5, y_rate=-1e-3, z_rate=1e-3, weight=0.1, bias_correction=True, max_trust_ratio=None,
+                    trust_coefficient=1e-3)
     return {n: defaults[n] for n in inspect.signature(algorithm.hyperparameters).parameters if n in defaults}
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adadelta", "Lion", "AdamWScheduleFree",
-                                  "SignSGD"])
+                                  "LAMB", "LARS", "SignSGD"])
 def test_traced_operator_schema_names_the_roles(name):
     """The ``torch.compile`` operator of each optimizer takes one list per role, named after the
     spec's roles, and declares every one mutated but the gradients (and the rounding epoch)."""

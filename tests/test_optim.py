@@ -95,7 +95,8 @@ def test_gpu_block_size_and_grid_match_torch(device, monkeypatch, name, kwargs):
 COMPILED_CASES = [("AdamW", dict(lr=0.1)), ("Adam", dict(lr=0.1, amsgrad=True, weight_decay=0.1)),
                   ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)), ("SGD", dict(lr=0.1)),
                   ("RMSprop", dict(lr=0.01, centered=True, momentum=0.5)), ("Adagrad", dict(lr=0.1, lr_decay=0.01)),
-                  ("Adadelta", dict(lr=0.5)), ("Lion", dict(lr=0.01, weight_decay=0.1))]
+                  ("Adadelta", dict(lr=0.5)), ("Lion", dict(lr=0.01, weight_decay=0.1)),
+                  ("LAMB", dict(lr=0.01, weight_decay=0.1)), ("LARS", dict(lr=0.1, weight_decay=0.01))]
 
 
 @pytest.mark.parametrize("name,kwargs", COMPILED_CASES)

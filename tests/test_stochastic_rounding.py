@@ -25,7 +25,9 @@ def _training(opt):
 
 GRAD = 1e-3
 # name → (gpuopt optimizer, the torch reference of one float64 step with the same options, or
-# None: sign-SGD's and Lion's update is lr · sign(...)). Rates keep every update below one ULP.
+# None: sign-SGD's and Lion's update is lr · sign(...), and LAMB's and LARS's (trust coefficient 1),
+# of a constant gradient on a constant tensor, is lr: the per-tensor ratio undoes the gradient's
+# scale). Rates keep every update below one ULP.
 OPTIMIZERS = {
     "SGD": (lambda ps: gpuopt.SGD(ps, lr=1.0, stochastic_rounding=True),
             lambda ps: torch.optim.SGD(ps, lr=1.0)),
@@ -34,6 +36,9 @@ OPTIMIZERS = {
                      lambda ps: torch.optim.SGD(ps, lr=0.3, momentum=0.5)),
     "SignSGD": (lambda ps: SignSGD(ps, lr=1e-3, stochastic_rounding=True), None),
     "Lion": (lambda ps: gpuopt.Lion(ps, lr=1e-3, stochastic_rounding=True, state_dtype=torch.float32), None),
+    "LAMB": (lambda ps: gpuopt.LAMB(ps, lr=1e-3, stochastic_rounding=True, state_dtype=torch.float32), None),
+    "LARS": (lambda ps: gpuopt.LARS(ps, lr=1e-3, momentum=0.0, trust_coefficient=1.0, eps=0.0,
+                                    stochastic_rounding=True), None),
     "Adam": (lambda ps: gpuopt.Adam(ps, lr=1e-3, stochastic_rounding=True, state_dtype=torch.float32),
              lambda ps: torch.optim.Adam(ps, lr=1e-3)),
     "AdamW": (lambda ps: gpuopt.AdamW(ps, lr=1e-3, weight_decay=0.0, stochastic_rounding=True,
