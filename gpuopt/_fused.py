@@ -374,8 +374,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 launch_step(self._algorithm, bucket, prepared.step_options, args, lr)
                 plan.release(GRAD_ROLE)
             prepared.grad_copies = None
+        if self._after_launches is not None:
+            self._after_launches(prepared_groups, step_args)
         self._clip.value = None
         return loss
+
+    # What a step does after its launches, given each group's PreparedGroup and the step's
+    # StepArgs by device (gpuopt.Muon: orthogonalize, then update the weights); None: nothing
+    # (an attribute, not a no-op method: the steady step's host path is counted, test_host_path).
+    _after_launches = None
 
     def _step_args(self, device, grad_scale, found_inf) -> StepArgs:
         return StepArgs(device, None if grad_scale is None else on_device(grad_scale, device),

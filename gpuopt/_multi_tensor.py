@@ -329,22 +329,27 @@ def run_functional(name: str, algorithm, roles: dict, options: dict, *, lr, grad
                    stochastic_rounding, epoch=None) -> None:
     """The functional API's path: the caller's lists are new every call, so they are checked every
     call (params and grads, then every role), grads copied to their params' layout if needed,
-    then one launch per (device, dtypes) group."""
+    then one launch per (device, dtypes) group. (An algorithm without a ``grad`` role, Muon's
+    weight update, skips what concerns gradients.)"""
     if not roles["param"]:
         return
     missing = [role for role in needed_roles(algorithm, options) if roles.get(role) is None]
     if missing:  # the kernel would write them: refused, as torch's functional API refuses them
         raise ValueError(f"{name}: the {' and '.join(missing)} tensors are None, but these options update them; "
                          "pass one tensor per parameter (zeros for a new state)")
+    has_grads = "grad" in algorithm.roles
     sharded = any_dtensor(roles["param"])
     if sharded:  # DTensors: each rank updates its local shards
-        check_sharded_pairs(name, roles["param"], roles["grad"])
+        if has_grads:
+            check_sharded_pairs(name, roles["param"], roles["grad"])
         sharded_params, roles = roles["param"], local_roles(roles)
     params = roles["param"]
-    roles = dict(roles, grad=dense_grads(name, algorithm, roles["grad"], options.get("weight_decay", 0.0)))
-    check_params_and_grads(name, params, roles["grad"])
-    roles = dict(roles, grad=[matching_layout(g, p) for g, p in zip(roles["grad"], params)])
-    buckets = prepare_buckets(name, roles, algorithm.roles, _FUNCTIONAL_PLANS.plans, name, stochastic_rounding)
+    if has_grads:
+        roles = dict(roles, grad=dense_grads(name, algorithm, roles["grad"], options.get("weight_decay", 0.0)))
+        check_params_and_grads(name, params, roles["grad"])
+        roles = dict(roles, grad=[matching_layout(g, p) for g, p in zip(roles["grad"], params)])
+    buckets = prepare_buckets(name, roles, algorithm.roles, _FUNCTIONAL_PLANS.plans, (name, algorithm.roles),
+                              stochastic_rounding)
     if sharded and algorithm.sums:
         for bucket in buckets:
             bucket.sum_groups = shard_groups(name, [sharded_params[i] for i in bucket.positions])

@@ -34,7 +34,8 @@ except ImportError:
 FLOAT_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
 COMPLEX_DTYPES = frozenset((torch.complex64, torch.complex128))
 PARAM_DTYPES = FLOAT_DTYPES | COMPLEX_DTYPES
-READ_ONLY_ROLES = frozenset(("grad", "value"))  # the kernels never write these
+READ_ONLY_ROLES = frozenset(("grad", "value", "orthogonalized", "lr_scale"))  # the kernels never write these
+PER_TENSOR_ROLES = frozenset(("step", "lr_scale"))  # one float32 number per tensor, not one per element
 
 
 def is_dense(t: torch.Tensor) -> bool:
@@ -151,10 +152,10 @@ def check_roles(name: str, roles: dict, role_names) -> None:
             t = tensors[i]
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}: {role} {i} must be a tensor, got {type(t).__name__}")
-            if role == "step":
+            if role in PER_TENSOR_ROLES:
                 if t.dtype != torch.float32 or t.numel() != 1 or t.device != p.device:
                     raise RuntimeError(
-                        f"{name}: state step {i} must be a one-element float32 tensor on the parameter's device "
+                        f"{name}: state {role} {i} must be a one-element float32 tensor on the parameter's device "
                         f"({p.device}), as torch's fused/capturable optimizers keep it; got {t.dtype} "
                         f"{tuple(t.shape)} on {t.device}")
             else:

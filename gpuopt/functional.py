@@ -29,12 +29,14 @@ from ._batch_norm import batch_norm as _batch_norm
 from ._batch_norm import batch_norm_backward as _batch_norm_backward
 from ._batch_norm import batch_norm_forward as _batch_norm_forward
 from ._multi_tensor import run_functional
+from ._muon import Orthogonalizer
 from .kernels import adadelta as adadelta_kernel
 from .kernels import adagrad as adagrad_kernel
 from .kernels import adam as adam_kernel
 from .kernels import lamb as lamb_kernel
 from .kernels import lars as lars_kernel
 from .kernels import lion as lion_kernel
+from .kernels import muon as muon_kernel
 from .kernels import rmsprop as rmsprop_kernel
 from .kernels import schedule_free as schedule_free_kernel
 from .kernels import sgd as sgd_kernel
@@ -155,6 +157,23 @@ def lars(params, grads, momentum_buffers, state_steps, *, lr, momentum=0.9, weig
                    maximize=maximize)
     run_functional("LARS", lars_kernel.LARS, roles, options, lr=lr, grad_scale=grad_scale, found_inf=found_inf,
                    seed=seed, stochastic_rounding=stochastic_rounding)
+
+
+def muon(params, grads, momentum_buffers, *, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+         ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None, maximize=False,
+         master_params=None, stochastic_rounding=False, grad_scale=None, found_inf=None, seed=0):
+    """One Muon step of 2-D ``params``; see :class:`gpuopt.Muon`: the momentum launch, the batched
+    Newton–Schulz orthogonalization (``gpuopt._muon``), the weight-update launch."""
+    if not params:
+        return
+    work = Orthogonalizer("Muon", params, adjust_lr_fn)
+    roles = dict(param=params, grad=grads, momentum_buffer=momentum_buffers, update=work.updates)
+    run_functional("Muon", muon_kernel.MOMENTUM, roles, dict(momentum=momentum, nesterov=nesterov, maximize=maximize),
+                   lr=lr, grad_scale=grad_scale, found_inf=found_inf, seed=seed, stochastic_rounding=False)
+    work.orthogonalize_(ns_coefficients, ns_steps, eps)
+    roles = dict(param=params, orthogonalized=work.updates, lr_scale=work.lr_scales, master=master_params)
+    run_functional("Muon", muon_kernel.UPDATE, roles, dict(weight_decay=weight_decay), lr=lr, grad_scale=None,
+                   found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding)
 
 
 @accepts_arrays(read=("grads", "grad_scale", "found_inf", "lr"))

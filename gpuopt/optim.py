@@ -18,12 +18,14 @@ from ._distributed import local_roles
 from ._fused import FusedOptimizer, validate_common, validate_precision
 from ._launch import launch_step
 from ._multi_tensor import prepare_buckets, step_options
+from ._muon import Orthogonalizer
 from .kernels import adadelta as adadelta_kernel
 from .kernels import adagrad as adagrad_kernel
 from .kernels import adam as adam_kernel
 from .kernels import lamb as lamb_kernel
 from .kernels import lars as lars_kernel
 from .kernels import lion as lion_kernel
+from .kernels import muon as muon_kernel
 from .kernels import rmsprop as rmsprop_kernel
 from .kernels import schedule_free as schedule_free_kernel
 from .kernels import sgd as sgd_kernel
@@ -377,6 +379,104 @@ class LARS(_MomentumBuffer, FusedOptimizer):
     def _options(self, group):
         return dict(momentum=group["momentum"], weight_decay=group["weight_decay"],
                     trust_coefficient=group["trust_coefficient"], eps=group["eps"], maximize=group["maximize"])
+
+
+class Muon(FusedOptimizer):
+    r"""Muon as ``torch.optim.Muon``: the same arguments, state (``momentum_buffer``) and results,
+    to the rounding of the bf16 Newton–Schulz iteration torch also runs::
+
+        B ← B + (1-μ)(g - B);   U = g + μ (B - g) if nesterov else B
+        W ← W (1 - lr λ) - lr · adjust(shape) · NS(U)
+
+    For 2-D parameters only (hidden layers' weights; embeddings, heads and gains go to AdamW in
+    another optimizer, as torch's docs say). A step is one launch for every momentum update of a
+    group, one chain of batched matrix products per parameter shape (``gpuopt._muon``), and one
+    launch for every weight update. Under FSDP2 the ranks share the orthogonalization: each
+    gathers and orthogonalizes every world-th matrix and scatters the results back. The
+    orthogonalization runs on the host's schedule (collectives, a batch per shape), so
+    ``gpuopt.graphed_step`` refuses Muon and ``torch.compile`` runs its step eagerly.
+    """
+
+    _algorithm = muon_kernel.MOMENTUM
+    _host_schedule = True  # gpuopt.graphed_step cannot replay it
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None, *,
+                 maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
+                 master_weights=False, stochastic_rounding=False, state_dtype=None):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+        if not 0.0 <= momentum:
+            raise ValueError(f"momentum should be >= 0 but is: {momentum}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
+        if adjust_lr_fn is not None and adjust_lr_fn not in ["original", "match_rms_adamw"]:
+            raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
+        if ns_steps >= 100:
+            raise ValueError("Number of steps must be less than 100 for computational efficiency")
+        if len(ns_coefficients) != 3:
+            raise ValueError("Coefficients must be a tuple of exactly 3 values")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+                        **_precision_defaults(state_dtype, master_weights, stochastic_rounding, capturable,
+                                              differentiable, foreach, fused, maximize))
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        """torch.optim.Muon's check of every parameter (2-D only), also for groups added later."""
+        params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # (a generator is read once; torch refuses a set)
+            param_group["params"] = params = list(params)
+        for p in [params] if isinstance(params, torch.Tensor) else params:
+            if p.ndim != 2:
+                raise ValueError(f"Muon only supports 2D parameters whereas we found a parameter with size: {p.size()}")
+        super().add_param_group(param_group)
+
+    def _reset_host_caches(self):
+        super()._reset_host_caches()
+        self._orthogonalizers = {}  # group index → _muon.Orthogonalizer of its last preparation
+
+    @torch.compiler.disable
+    def step(self, closure=None, **kwargs):
+        """One step (``closure``, ``grad_scale``/``found_inf`` as every gpuopt optimizer)."""
+        return super().step(closure, **kwargs)
+
+    step.hooked = True  # (torch.optim.Optimizer wraps a step without it)
+
+    def _options(self, group):
+        return dict(momentum=group["momentum"], nesterov=group["nesterov"], maximize=group["maximize"])
+
+    def _roles(self, group, params, grads):
+        """The momentum launch's tensors, and a new ``Orthogonalizer`` for the group's matrices
+        (its bf16 ``updates`` are the launch's ``update`` role)."""
+        roles = super()._roles(group, params, grads)
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        work = self._orthogonalizers[index] = Orthogonalizer(type(self).__name__, params, group["adjust_lr_fn"])
+        work.roles = dict(param=params, orthogonalized=work.updates, lr_scale=work.lr_scales, master=roles.get("master"))
+        work.buckets = None
+        roles["update"] = work.updates
+        return roles
+
+    def _after_launches(self, prepared_groups, step_args):
+        """Per group: orthogonalize its updates, then one launch of the weight update per bucket
+        (planned at the first step after each preparation), skipped on the device with the
+        momentum launch when AMP's ``found_inf`` (or a non-finite fused clip) says so."""
+        for index, (group, prepared) in enumerate(zip(self.param_groups, prepared_groups)):
+            work = self._orthogonalizers.get(index)
+            if not prepared.buckets or work is None:
+                continue
+            work.orthogonalize_(group["ns_coefficients"], group["ns_steps"], group["eps"])
+            if work.buckets is None:
+                work.buckets = prepare_buckets(type(self).__name__, local_roles(work.roles), muon_kernel.UPDATE.roles,
+                                               self._plans, ("update", index), group["stochastic_rounding"])
+            options = step_options(muon_kernel.UPDATE, dict(weight_decay=group["weight_decay"]))
+            for bucket in work.buckets:
+                plan = bucket.plan
+                args = step_args[plan.device]
+                launch_step(muon_kernel.UPDATE, bucket, options,
+                            self._step_args(plan.device, None, args.found_inf), group["lr"])
 
 
 class AdamWScheduleFree(FusedOptimizer):

@@ -304,6 +304,35 @@ def lars_step(W, grad, momentum_buffer, *, lr, momentum=0.9, weight_decay=0.0, t
     return W - lr * buf, buf
 
 
+def muon_step(W, grad, momentum_buffer, *, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+              ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None):
+    """Muon (``torch.optim.Muon``), one step of one matrix, in float64 throughout (torch runs the
+    Newton–Schulz iteration in bf16)::
+
+        B = B + (1 - μ)(g - B);   U = g + μ (B - g)  if nesterov  else  B
+        X = U / max(‖U‖_F, ε)  (transposed if tall);  X = a X + (b G + c G²) X, G = X Xᵀ, ns_steps times
+        W = W (1 - lr λ) - lr · s · X,  s = sqrt(max(1, A/B)), or 0.2 sqrt(max(A, B)) ("match_rms_adamw")
+
+    Returns ``(W, momentum_buffer)``.
+    """
+    W, g, B = _f64(W), _f64(grad), _f64(momentum_buffer)
+    B = B + (1.0 - momentum) * (g - B)
+    X = g + momentum * (B - g) if nesterov else B
+    tall = X.shape[0] > X.shape[1]
+    if tall:
+        X = X.T
+    X = X / max(np.linalg.norm(X), eps)
+    a, b, c = ns_coefficients
+    for _ in range(ns_steps):
+        G = X @ X.T
+        X = a * X + (b * G + c * G @ G) @ X
+    if tall:
+        X = X.T
+    rows, columns = W.shape
+    scale = 0.2 * np.sqrt(max(rows, columns)) if adjust_lr_fn == "match_rms_adamw" else np.sqrt(max(1.0, rows / columns))
+    return W * (1.0 - lr * weight_decay) - lr * scale * X, B
+
+
 def schedule_free_adamw_step(y, z, grad, exp_avg_sq, *, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                              ckp1, step, maximize=False):
     """Schedule-Free AdamW (Defazio et al. 2024; the schedulefree package's ``AdamWScheduleFree``),

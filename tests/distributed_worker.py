@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -361,6 +362,32 @@ def fsdp_lamb_and_lars(tmp):
                 close(value, ref.state[q][key], f"{name}: state {key} of {n}", rtol=1e-4, atol=1e-6)
 
 
+def fsdp_muon(tmp):
+    """FSDP2 + gpuopt.Muon = one process stepping the whole model with torch.optim.Muon on the whole
+    batch: each matrix is orthogonalized whole (gathered on one rank, scattered back), rows split
+    unevenly (7, 5 and 3 rows over 2 and 3 ranks)."""
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 7, bias=False), torch.nn.Tanh(), torch.nn.Linear(7, 5, bias=False),
+                               torch.nn.Tanh(), torch.nn.Linear(5, 3, bias=False))
+    torch.manual_seed(100 + dist.get_rank())
+    x, y = torch.randn(8, 6), torch.randn(8, 3)
+    xs, ys = [torch.empty_like(x) for _ in range(world)], [torch.empty_like(y) for _ in range(world)]
+    dist.all_gather(xs, x)
+    dist.all_gather(ys, y)
+    ours, whole = sharded(copy.deepcopy(base)), copy.deepcopy(base)
+    opt = gpuopt.Muon(ours.parameters(), lr=0.02, weight_decay=0.01)
+    ref = torch.optim.Muon(whole.parameters(), lr=0.02, weight_decay=0.01)
+    train(ours, opt, x, y, 3)
+    train(whole, ref, torch.cat(xs), torch.cat(ys), 3)
+    for (n, p), q in zip(ours.named_parameters(), whole.parameters()):
+        assert isinstance(p, DTensor)
+        close(p, q, f"Muon: {n}", rtol=1e-3, atol=2e-4)  # (bf16 Newton–Schulz on both sides)
+        buffer = opt.state[p]["momentum_buffer"]
+        assert isinstance(buffer, DTensor) and buffer.placements == p.placements
+        close(buffer, ref.state[q]["momentum_buffer"], f"Muon: momentum of {n}", rtol=1e-3, atol=1e-5)
+
+
 def fsdp_adamw_and_sgd(tmp):
     """fsdp_optimizers for two of them (the 3-rank run: uneven shards, 3 + 3 + 1 rows)."""
     fsdp_optimizers(tmp, [OPTIMIZERS[0], OPTIMIZERS[2]])
@@ -368,7 +395,7 @@ def fsdp_adamw_and_sgd(tmp):
 
 SCENARIOS = {f.__name__: f for f in (fsdp_optimizers, fsdp_mixed_precision, fsdp_checkpoint, clip_norms,
                                      tensor_parallel_and_ema, ddp_and_zero, sync_batch_norm,
-                                     fsdp_lion_and_schedule_free, fsdp_lamb_and_lars)}
+                                     fsdp_lion_and_schedule_free, fsdp_lamb_and_lars, fsdp_muon)}
 SCENARIOS["fsdp_adamw_and_sgd"] = fsdp_adamw_and_sgd
 
 
@@ -382,3 +409,8 @@ def run(rank, world, port, tmp, names):
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Every check passed: leave without the interpreter's teardown, which gloo's worker threads
+    # can abort (SIGABRT, "terminate called without an active exception": pytorch/pytorch#179291).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

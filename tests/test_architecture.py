@@ -185,10 +185,11 @@ def test_nothing_is_compiled_or_generated_at_run_time():
 
 
 def _algorithms():
-    from gpuopt.kernels import adadelta, adagrad, adam, ema, lamb, lars, lion, rmsprop, schedule_free, sgd
+    from gpuopt.kernels import adadelta, adagrad, adam, ema, lamb, lars, lion, muon, rmsprop, schedule_free, sgd
 
     return {"Adam": adam.ADAM, "SGD": sgd.SGD, "RMSprop": rmsprop.RMSPROP, "Adagrad": adagrad.ADAGRAD,
             "Adadelta": adadelta.ADADELTA, "EMA": ema.AVERAGE, "Lion": lion.LION, "LAMB": lamb.LAMB, "LARS": lars.LARS,
+            "MuonMomentum": muon.MOMENTUM, "MuonUpdate": muon.UPDATE,
             "ScheduleFree": schedule_free.SCHEDULE_FREE, "ScheduleFreeSwitch": schedule_free.SWITCH,
             "SignSGD": SIGN_SGD}
 

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import warnings
 import sys
 
 import pytest
@@ -54,8 +55,16 @@ def run_with_torchrun(name, *args, timeout=600):
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           os.path.join(ROOT, "examples", name), *args], capture_output=True, text=True, env=env,
                          timeout=timeout, cwd=ROOT)
-    assert res.returncode == 0, res.stdout + res.stderr
+    if res.returncode != 0 and TEARDOWN_ABORT in res.stderr and "Traceback" not in res.stderr:
+        # gloo's worker threads can outlive destroy_process_group() and abort the interpreter's
+        # teardown (pytorch/pytorch#179291) after the example finished; its checks still decide.
+        warnings.warn(f"{name}: a rank aborted in gloo's teardown after the example finished")
+    else:
+        assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
+
+
+TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def test_fsdp2_train_example_resumes_from_its_checkpoint_exactly():
