@@ -12,7 +12,7 @@ import torch
 
 import gpuopt
 
-from . import cupy_baseline
+from . import cupy_baseline, foreach_optimizers
 from .common import Row
 from .shapes import gpt2_medium_shapes, resnet50_shapes
 
@@ -25,8 +25,15 @@ ALGORITHMS = {
     "Adagrad": ("Adagrad", dict(lr=1e-2), 1),
     "Lion": ("Lion", dict(lr=1e-4, weight_decay=0.1), 1),
     "AdamW Schedule-Free": ("AdamWScheduleFree", dict(lr=2.5e-3, weight_decay=0.01), 2),
+    "LAMB": ("LAMB", dict(lr=1e-3, weight_decay=0.01), 2),
+    "LARS": ("LARS", dict(lr=0.1, momentum=0.9, weight_decay=1e-4), 1),
+    "Muon": ("Muon", dict(lr=0.02, weight_decay=0.01), 1),
     "EMA": (None, dict(decay=0.999), None),
 }
+# The floor of the algorithms a single pass cannot do, in bytes per fp32 element (kernels/*.py):
+# LAMB and LARS need whole-tensor norms before any weight moves (a second pass); Muon's
+# orthogonalization sits between its two elementwise passes (its matrix products not counted).
+TWO_PASS_BYTES = {"LAMB": 40, "LARS": 28, "Muon": 24}
 
 
 def cases(gpu: bool, quick: bool):
@@ -50,6 +57,8 @@ def bytes_moved(numel: int, algorithm: str, param_dtype: torch.dtype, master: bo
     size = torch.tensor([], dtype=param_dtype).element_size()
     if algorithm == "EMA":
         return 3 * size * numel
+    if algorithm in TWO_PASS_BYTES:  # (fp32 cases only: masters run for AdamW and SGD)
+        return TWO_PASS_BYTES[algorithm] * numel
     states = ALGORITHMS[algorithm][2]
     weight = 4 if master else size
     extra = size if master else 0  # the 16-bit parameter, read and written beside its master
@@ -62,29 +71,44 @@ def _parameters(cls):
 
 
 def _torch_variants(algorithm: str, master: bool, gpu: bool = False):
-    """(class, [(label, constructor kwargs)]) of the alternatives users come from: torch.optim's
-    that exist for this algorithm, or the library that defines it (Lion: lion-pytorch, with its
-    Triton kernel on a GPU); (None, []) when that library is not installed."""
+    """(torch.optim class or None, [(label, class, constructor kwargs)]) of the alternatives users
+    come from: torch.optim's variants of this algorithm, or the library that defines it (Lion:
+    lion-pytorch, with its Triton kernel on a GPU; Schedule-Free: schedulefree; LAMB: apex's
+    FusedLAMB where installed; LAMB and LARS: the equations in torch's foreach ops); the
+    torch.optim class is also compiled with torch.compile. Empty when the library is missing."""
     name, kwargs, _ = ALGORITHMS[algorithm]
+    if name in ("LAMB", "LARS"):
+        variants = []
+        if gpu and name == "LAMB":
+            try:
+                from apex.optimizers import FusedLAMB
+                variants.append(("apex FusedLAMB", FusedLAMB, dict(kwargs, adam_w_mode=True, max_grad_norm=0.0)))
+            except ImportError:
+                pass
+        return None, variants + [("torch foreach (the equations)", getattr(foreach_optimizers, f"Foreach{name}"),
+                                  dict(kwargs))]
     if name == "Lion":
         try:
             from lion_pytorch import Lion
         except ImportError:
             return None, []
-        return Lion, [("lion-pytorch", dict(kwargs))] + ([("lion-pytorch use_triton", dict(kwargs, use_triton=True))]
-                                                         if gpu else [])
+        return None, [("lion-pytorch", Lion, dict(kwargs))] + (
+            [("lion-pytorch use_triton", Lion, dict(kwargs, use_triton=True))] if gpu else [])
     if name == "AdamWScheduleFree":
         try:
             from schedulefree import AdamWScheduleFree
         except ImportError:
             return None, []
-        return AdamWScheduleFree, [("schedulefree foreach", dict(kwargs, foreach=True)),
-                                   ("schedulefree for-loop", dict(kwargs, foreach=False))]
+        return None, [("schedulefree foreach", AdamWScheduleFree, dict(kwargs, foreach=True)),
+                      ("schedulefree for-loop", AdamWScheduleFree, dict(kwargs, foreach=False))]
     cls = getattr(torch.optim, name)
     variants = []
     if "fused" in _parameters(cls):
-        variants.append(("torch fused", dict(kwargs, fused=True)))
-    variants.append(("torch foreach", dict(kwargs, foreach=True)))
+        variants.append(("torch fused", cls, dict(kwargs, fused=True)))
+    if "foreach" in _parameters(cls):
+        variants.append(("torch foreach", cls, dict(kwargs, foreach=True)))
+    else:
+        variants.append(("torch", cls, dict(kwargs)))
     return cls, variants
 
 
@@ -140,16 +164,40 @@ def run(timer, copy_gbps: float, gpu: bool, quick: bool, algorithms=None, log=pr
         for algorithm in algorithms or ALGORITHMS:
             if master and algorithm not in ("AdamW", "SGD momentum"):
                 continue
+            stepped = matrices(params) if algorithm == "Muon" else params
+            count = sum(p.numel() for p in stepped)
             dtype_name = str(dtype).replace("torch.", "") + ("+master" if master else "")
             row = lambda impl, ms, note="", layout="—": Row(  # noqa: E731
-                "optim", case, algorithm, dtype_name, layout, impl, ms, bytes_moved(numel, algorithm, dtype, master),
-                copy_gbps, note)
+                "optim", case, algorithm, dtype_name, layout, impl, ms, bytes_moved(count, algorithm, dtype, master),
+                copy_gbps, "; ".join(filter(None, (note, algorithm == "Muon" and newton_schulz_rate(stepped, ms)))))
             log(f"  optim: {case} / {algorithm}")
-            rows.extend(_time_algorithm(timer, row, algorithm, params, master, gpu, compile))
+            rows.extend(_time_algorithm(timer, row, algorithm, stepped, master, gpu, compile))
             _free()
         del params
         _free()
     return rows
+
+
+def matrices(params) -> list:
+    """Muon's parameters of a case: its matrices, and a flat tensor of 2^k elements viewed as one
+    2^⌊k/2⌋ × 2^⌈k/2⌉ matrix (sharing its storage and gradient); other 1-D tensors left out."""
+    out = [p for p in params if p.ndim == 2]
+    for p in params:
+        if p.ndim == 1 and len(params) == 1:
+            k = p.numel().bit_length() - 1
+            shape = (1 << (k // 2), p.numel() >> (k // 2))
+            view = torch.nn.Parameter(p.detach().view(shape))
+            view.grad = p.grad.view(shape)
+            out.append(view)
+    return out
+
+
+def newton_schulz_rate(matrices, ms) -> str:
+    """The step's Newton–Schulz work (torch's 5 bf16 iterations on each matrix, m ≤ n its sides:
+    2(2m²n + m³) flops an iteration) and its rate over the whole step's time."""
+    flops = sum(5 * 2 * (2 * m * m * n + m ** 3) for m, n in (sorted(p.shape) for p in matrices))
+    rate = f", {flops / (ms * 1e-3) / 1e12:.2f} TFLOP/s" if ms else ""
+    return f"Newton–Schulz {flops / 1e9:.2f} GFLOP a step{rate}"
 
 
 def _time_algorithm(timer, row, algorithm, params, master, gpu, compile):
@@ -195,9 +243,9 @@ def _time_algorithm(timer, row, algorithm, params, master, gpu, compile):
     if master:
         for t, p in zip(targets, params):
             t.grad = p.grad.float()
-    for label, kw in variants:
+    for label, variant, kw in variants:
         try:
-            opt = _training(cls(targets, **kw))
+            opt = _training(variant(targets, **kw))
         except (RuntimeError, ValueError, TypeError) as exc:  # e.g. a fused kernel this build lacks
             out.append(row(label, None, f"unavailable: {str(exc).splitlines()[0][:60]}"))
             continue
@@ -219,7 +267,7 @@ def _time_algorithm(timer, row, algorithm, params, master, gpu, compile):
         del opt
         _free()
     out.extend(_loop_rows(row, loop))
-    if gpu and compile and not master and cls is not None and cls.__module__.startswith("torch."):
+    if gpu and compile and not master and cls is not None:
         opt = cls(targets, **kwargs, **(dict(foreach=True) if "foreach" in _parameters(cls) else {}))
         compiled = torch.compile(opt.step)
         start = time.perf_counter()
