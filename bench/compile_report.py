@@ -69,8 +69,11 @@ for dtype, extra in [(torch.float32, {}), (torch.bfloat16, dict(master_weights=T
                      (torch.bfloat16, dict(stochastic_rounding=True)), (torch.float64, {})]:
     for cls, kw in [("Adam", dict(amsgrad=True)), ("AdamW", {}), ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
                     ("RMSprop", dict(centered=True, momentum=0.9)), ("Adagrad", {}), ("Adadelta", {}),
-                    ("Lion", dict(weight_decay=0.1)), ("AdamWScheduleFree", dict(weight_decay=0.1))]:
-        p = torch.nn.Parameter(torch.randn(300).to(dtype)); p.grad = torch.randn_like(p)
+                    ("Lion", dict(weight_decay=0.1)), ("AdamWScheduleFree", dict(weight_decay=0.1)),
+                    ("LAMB", dict(weight_decay=0.1)), ("LARS", dict(lr=0.1, weight_decay=0.1)),
+                    ("Muon", {})]:
+        shape = (20, 15) if cls == "Muon" else (300,)  # (Muon: matrices)
+        p = torch.nn.Parameter(torch.randn(shape).to(dtype)); p.grad = torch.randn_like(p)
         opt = getattr(gpuopt, cls)([p], **kw, **extra)
         if cls == "AdamWScheduleFree":
             opt.train()
