@@ -12,11 +12,11 @@ from .conftest import HAS_GPU
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_example(name, timeout=600):
+def run_example(name, *args, timeout=600):
     env = dict(os.environ)
     if not HAS_GPU:
         env["TRITON_INTERPRET"] = "1"
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), *args], capture_output=True, text=True,
                          env=env, timeout=timeout, cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
@@ -34,6 +34,16 @@ def test_adamw_bf16_master_weights_example():
     assert "steps taken 200 of 201" in out  # the step with an inf gradient was skipped
     losses = [float(line.split("loss")[1].split()[0]) for line in out.splitlines() if line.startswith("step")]
     assert losses[-1] < 0.1 * losses[0]
+
+
+def test_muon_lm_example_trains_like_torch():
+    """Muon for the hidden matrices, AdamW for the rest: the loss falls, and ends within 1% of the
+    same run with torch.optim.Muon + torch.optim.AdamW."""
+    out = run_example("muon_lm.py", "--steps", "30")
+    assert "8 hidden matrices (Muon)" in out
+    first, last = (float(x) for x in out.split("gpuopt Muon + AdamW: loss ")[1].split(" in")[0].split(" -> "))
+    assert last < 0.6 * first
+    assert float(out.split("final losses differ by ")[1].split("%")[0]) < 1.0
 
 
 def test_reference_vs_kernel_example():
