@@ -108,7 +108,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
                 y = gpuopt.functional.batch_norm(x, torch.zeros(8), torch.ones(8), w, b, training=training,
                                                  eps_inside_sqrt=eps_inside_sqrt)
                 y.backward(torch.ones_like(y))
-# Short rows (channels-first, S = 49: read as columns of C·S, see kernels/batch_norm.py).
+# Short rows (channels-first, S = 49: read as columns of C·S, see gpuopt/kernels/batch_norm.py).
 for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     for training in (True, False):
         x = torch.randn(4, 8, 7, 7).to(dtype).requires_grad_()

@@ -30,7 +30,7 @@ ALGORITHMS = {
     "Muon": ("Muon", dict(lr=0.02, weight_decay=0.01), 1),
     "EMA": (None, dict(decay=0.999), None),
 }
-# The floor of the algorithms a single pass cannot do, in bytes per fp32 element (kernels/*.py):
+# The floor of the algorithms a single pass cannot do, in bytes per fp32 element (gpuopt/kernels/*.py):
 # LAMB and LARS need whole-tensor norms before any weight moves (a second pass); Muon's
 # orthogonalization sits between its two elementwise passes (its matrix products not counted).
 TWO_PASS_BYTES = {"LAMB": 40, "LARS": 28, "Muon": 24}

@@ -53,7 +53,7 @@ def _column_block(n_cols: int, largest: int) -> int:
 
 @dataclass(frozen=True)
 class Grid:
-    """How the passes over one (R, C, S) view are split into programs (see kernels/batch_norm.py)."""
+    """How the passes over one (R, C, S) view are split into programs (see gpuopt/kernels/batch_norm.py)."""
 
     R: int
     C: int

@@ -250,12 +250,13 @@ def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_
     and advanced; ``norms``: the launch of ``algorithm.norms`` (its whole-tensor sums into the
     plan's ``sum_buffers``), else of ``algorithm.update`` (reading them, if it has any).
 
-    ``RUN``: with 16-bit and 32-bit tensors in one launch (fp32 master weights beside bf16
+    ``RUN``: with elements of different sizes in one launch (fp32 master weights beside bf16
     parameters, Muon's bf16 update beside fp32 gradients), every access is 4 elements per
     thread. Left alone, Triton gives the 16-bit accesses 8 per thread (16 bytes) but caps each
     fp32 access at 4 (16 bytes), and converts values between the two layouts through shared
     memory: 4 barriers per iteration (compile report). With 4 throughout the fp32 streams keep
-    16-byte accesses, the 16-bit ones take 8-byte ones, and no conversion is left."""
+    16-byte accesses, the 16-bit ones take 8-byte ones, and no conversion is left. (A float64
+    plan takes 2: two float64 are its 16-byte access; Muon's float64 momentum had 4 barriers at 4.)"""
     bases = plan.bases
     n_roles, n_hyper, n_sums = len(bases), len(hyperparameters), len(algorithm.sums)
     sums, partials = plan.sum_buffers(n_sums) if n_sums else (None, None)
@@ -269,7 +270,7 @@ def launch_update(algorithm, plan, hyperparameters: tuple, flags, *, lr=0.0, lr_
                 COUNT_EPOCH=epoch is not None, MAKE_SUMS=n_sums if norms else 0, TAKE_SUMS=0 if norms else n_sums,
                 LR_ON_DEVICE=lr_ptr is not None,
                 HAS_FOUND_INF=found_inf is not None, ALIGNED=plan.aligned, BLOCK=plan.block,
-                RUN=4 if getattr(flags, "has_master", False) or plan.mixed_widths else 0),
+                RUN=(2 if plan.float64 else 4) if getattr(flags, "has_master", False) or plan.mixed_widths else 0),
            plan.num_warps, persistent=True)
 
 

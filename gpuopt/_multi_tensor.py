@@ -113,9 +113,9 @@ class LaunchPlan:
         if addresses == self._addresses:
             return
         self._element_sizes = [role[0].element_size() for role in roles]
-        # 2- and 4-byte elements side by side (one-element roles such as `step` aside): see RUN
-        self.mixed_widths = {2, 4} <= {role[0].element_size() for role in roles
-                                       if role[0].numel() == roles[0][0].numel()}
+        # elements of different sizes side by side (one-element roles such as `step` aside): see RUN
+        self.mixed_widths = len({role[0].element_size() for role in roles
+                                 if role[0].numel() == roles[0][0].numel()}) > 1
         rows = []
         for role, size in zip(roles, self._element_sizes):
             base = role[0].data_ptr()

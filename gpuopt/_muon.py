@@ -1,7 +1,7 @@
 """Muon's orthogonalization, host side: the Newton–Schulz iteration of ``torch.optim.Muon``, run
 batched over the matrices of one shape, and shared out over the ranks under FSDP2.
 
-Between Muon's two launches (``kernels/muon.py``: the momentum blend, written in bf16 into the
+Between Muon's two launches (``gpuopt/kernels/muon.py``: the momentum blend, written in bf16 into the
 group's ``Orthogonalizer.updates``; then the weight update reading them back) each update matrix
 U is replaced by NS(U). The matrices of a group are kept stacked by (shape, strides), so the
 iteration is one chain of batched products per shape (``newton_schulz``) rather than one per

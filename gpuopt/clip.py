@@ -1,5 +1,5 @@
 """``gpuopt.clip_grad_norm_`` / ``gpuopt.get_total_norm``: ``torch.nn.utils``' gradient clipping
-with the norm taken by one multi-tensor launch per (device, dtype) (``kernels/grad_norm.py``),
+with the norm taken by one multi-tensor launch per (device, dtype) (``gpuopt/kernels/grad_norm.py``),
 for plain and DTensor (FSDP2, tensor parallel) gradients, without synchronising with the host."""
 
 from __future__ import annotations

@@ -321,7 +321,7 @@ class LAMB(FusedOptimizer):
         W ← W - lr · r · u,   r = ‖W‖ / ‖u‖ per tensor (1 if either is 0; ≤ max_trust_ratio)
 
     Two launches per group and step, no host sync: the first updates m, v and the two norms of
-    every tensor, the second moves the weights (``kernels/lamb.py``). Under FSDP2 the norms are
+    every tensor, the second moves the weights (``gpuopt/kernels/lamb.py``). Under FSDP2 the norms are
     of the whole parameter (summed over its shards' ranks by one all-reduce per group). State
     keys: ``step``, ``exp_avg``, ``exp_avg_sq`` (apex's).
     """
@@ -355,7 +355,7 @@ class LARS(_MomentumBuffer, FusedOptimizer):
         buf = μ buf + local (g + λ W)        (buf = local (g + λ W) at the first step)
         W ← W - lr · buf
 
-    Two launches per group and step, no host sync (``kernels/lars.py``); under FSDP2 the norms
+    Two launches per group and step, no host sync (``gpuopt/kernels/lars.py``); under FSDP2 the norms
     are of the whole parameter. State keys: ``momentum_buffer`` and, as gpuopt's SGD, a ``step``
     that marks a buffer no step has written yet.
     """
@@ -483,7 +483,7 @@ class AdamWScheduleFree(FusedOptimizer):
     r"""Schedule-Free AdamW (Defazio et al. 2024) as a fused drop-in for the schedulefree package's
     ``AdamWScheduleFree``: the same arguments, param-group keys (``k``, ``weight_sum``,
     ``lr_max``, ``scheduled_lr``, ``train_mode``, ...) and state keys (``z``, ``exp_avg_sq``),
-    and its results step by step (``kernels/schedule_free.py`` has the equations).
+    and its results step by step (``gpuopt/kernels/schedule_free.py`` has the equations).
 
     As with schedulefree, call ``opt.train()`` before training steps and ``opt.eval()`` before
     evaluating or saving (the parameters then hold the average x); a step in eval mode is

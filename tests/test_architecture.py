@@ -1,4 +1,4 @@
-"""Adding an algorithm is one update function and one ``Algorithm`` (kernels/_multi_tensor.py):
+"""Adding an algorithm is one update function and one ``Algorithm`` (gpuopt/kernels/_multi_tensor.py):
 sign-SGD, written here as a user would, gets the whole machinery — one launch per group, param
 groups, AMP's grad_scale / found_inf, fp32 master weights for bf16 params, validation, the fast
 path — and matches its reference written with torch ops."""
@@ -109,13 +109,13 @@ def test_sign_sgd_is_validated_like_the_others(device):
 
 def _imports():
     """``{module: (modules it imports from gpuopt, imports made inside a function)}`` for every
-    module of gpuopt/ and kernels/ (kernels/ is installed as gpuopt.kernels)."""
+    module of gpuopt/ and gpuopt/kernels/."""
     import ast
     import pathlib
 
     root = pathlib.Path(gpuopt.__file__).parent.parent
     found = {}
-    for folder, package in (("gpuopt", "gpuopt"), ("kernels", "gpuopt.kernels")):
+    for folder, package in (("gpuopt", "gpuopt"), ("gpuopt/kernels", "gpuopt.kernels")):
         for path in sorted((root / folder).glob("*.py")):
             name = package if path.stem == "__init__" else f"{package}.{path.stem}"
             tree = ast.parse(path.read_text())
@@ -141,7 +141,7 @@ def _imports():
 
 
 def test_imports_flow_one_way():
-    """kernels/ imports nothing from gpuopt's host modules; no module imports inside a function
+    """gpuopt/kernels/ imports nothing from gpuopt's host modules; no module imports inside a function
     (but CuPy, optional, imported where a CuPy array arrives); the host modules import each
     other without a cycle."""
     imports = _imports()
@@ -172,7 +172,7 @@ def test_nothing_is_compiled_or_generated_at_run_time():
     import pathlib
 
     root = pathlib.Path(gpuopt.__file__).parent.parent
-    files = list((root / "gpuopt").iterdir()) + list((root / "kernels").iterdir())
+    files = list((root / "gpuopt").iterdir()) + list((root / "gpuopt" / "kernels").iterdir())
     assert not [f for f in files if f.suffix in (".c", ".cc", ".cpp", ".h", ".so")]
     import ast
 

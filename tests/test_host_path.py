@@ -438,12 +438,11 @@ def test_resident_programs_follow_registers_warps_and_shared_memory(registers, w
 
 
 def _host_functions(fn) -> list:
-    """The distinct (file, function) pairs of gpuopt/ and kernels/ that ``fn`` calls, in order."""
+    """The distinct (file, function) pairs of gpuopt/ and gpuopt/kernels/ that ``fn`` calls, in order."""
     import os
     import sys
 
-    package = os.path.dirname(gpuopt.__file__)
-    roots = (package + os.sep, os.path.join(os.path.dirname(package), "kernels") + os.sep)
+    roots = os.path.dirname(gpuopt.__file__) + os.sep  # (gpuopt/kernels/ included)
     seen = {}
 
     def profile(frame, event, arg):

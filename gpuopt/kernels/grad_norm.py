@@ -3,7 +3,7 @@
 
     ‖g‖_p = (Σ_tensors Σ_i |g_i|^p)^(1/p)          ‖g‖_∞ = max_tensors max_i |g_i|
 
-Each program walks blocks of the multi-tensor schedule grid-stride (``kernels/_multi_tensor.py``)
+Each program walks blocks of the multi-tensor schedule grid-stride (``gpuopt/kernels/_multi_tensor.py``)
 and writes one partial — Σ|g|^p, or max|g|, of the blocks it saw — accumulated in fp32 (fp64 for
 fp64 gradients); the host (``gpuopt.clip``) launches it, ``plan.grid[0]`` zeros of partials (a GPU
 runs fewer programs, one wave, and leaves the rest 0), and folds them with one torch reduction
