@@ -333,6 +333,42 @@ def muon_step(W, grad, momentum_buffer, *, lr=1e-3, weight_decay=0.1, momentum=0
     return W * (1.0 - lr * weight_decay) - lr * scale * X, B
 
 
+def adafactor_step(W, grad, state: dict, step, *, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                   weight_decay=0.0, maximize=False, eps1_dtype=np.float32):
+    """Adafactor (Shazeer & Stern 2018; ``torch.optim.Adafactor``'s form), one step of one tensor
+    (``step`` counts from 1). ``state``: ``{"row_var", "col_var"}`` (shapes ``[..., R, 1]`` and
+    ``[..., 1, C]``) for a tensor of 2+ dims, ``{"variance"}`` otherwise; zeros at the start::
+
+        ρ = min(lr, 1/√t);  α = max(ε2, RMS(W)) ρ;   w = t^beta2_decay
+        2+ dims: r = lerp(r, mean_C g², w);  c = lerp(c, mean_R g², w);  V = r c / max(mean_R r, ε1)
+        else:    V = lerp(V, g², w)
+        u = g / √max(V, ε1²);   W = W (1 - lr λ) - α / max(1, RMS(u)/d) · u
+
+    ``ε1`` ``None`` is the machine epsilon of ``eps1_dtype`` (torch: the parameter's dtype).
+    Returns ``(W, state)`` (new arrays).
+    """
+    W, g = _f64(W), _f64(grad)
+    if maximize:
+        g = -g
+    eps1, eps2 = eps
+    eps1 = float(np.finfo(eps1_dtype).eps) if eps1 is None else eps1
+    rho = min(lr, 1.0 / np.sqrt(step))
+    alpha = max(eps2, np.linalg.norm(W.ravel()) / np.sqrt(max(W.size, 1))) * rho
+    w = step ** beta2_decay
+    W = W * (1.0 - lr * weight_decay)
+    if g.ndim > 1:
+        row = state["row_var"] + w * ((g * g).mean(axis=-1, keepdims=True) - state["row_var"])
+        col = state["col_var"] + w * ((g * g).mean(axis=-2, keepdims=True) - state["col_var"])
+        V = row * col / np.maximum(row.mean(axis=-2, keepdims=True), eps1)
+        state = dict(row_var=row, col_var=col)
+    else:
+        V = state["variance"] + w * (g * g - state["variance"])
+        state = dict(variance=V)
+    u = g / np.sqrt(np.maximum(V, eps1 * eps1))
+    denominator = max(1.0, np.linalg.norm(u.ravel()) / (np.sqrt(max(u.size, 1)) * d))
+    return W - alpha / denominator * u, state
+
+
 def schedule_free_adamw_step(y, z, grad, exp_avg_sq, *, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                              ckp1, step, maximize=False):
     """Schedule-Free AdamW (Defazio et al. 2024; the schedulefree package's ``AdamWScheduleFree``),

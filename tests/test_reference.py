@@ -172,6 +172,46 @@ def test_torch_convention_matches_torch_optim(name, kwargs):
     assert_close(got, expected, rtol=1e-11, atol=1e-13, name=name)
 
 
+@pytest.mark.parametrize("shape", [(3, 5), (7,), (2, 3, 4), ()])
+@pytest.mark.parametrize("kwargs", [dict(), dict(lr=0.05, beta2_decay=-0.5, eps=(1e-20, 1e-2), d=1.5,
+                                                 weight_decay=0.1, maximize=True)])
+def test_adafactor_reference_matches_torch(shape, kwargs):
+    """gpuopt.reference.adafactor_step (float64) = torch.optim.Adafactor on float64 tensors over 12
+    steps: factored (2-D, 3-D: the row mean per leading index) and not (1-D, 0-d)."""
+    rng = np.random.default_rng()
+    W0 = rng.normal(size=shape)
+    param = torch.nn.Parameter(torch.tensor(W0))
+    opt = torch.optim.Adafactor([param], **kwargs)
+    W = W0.copy()
+    state = (dict(row_var=np.zeros(shape[:-1] + (1,)), col_var=np.zeros(shape[:-2] + (1,) + shape[-1:]))
+             if len(shape) > 1 else dict(variance=np.zeros(shape)))
+    for step in range(1, 13):
+        g = rng.normal(size=shape)
+        param.grad = torch.tensor(g)
+        opt.step()
+        W, state = ref.adafactor_step(W, g, state, step, eps1_dtype=np.float64, **kwargs)
+    assert_close(param.detach(), W, rtol=1e-10, atol=1e-12)
+    for key, value in state.items():
+        assert_close(opt.state[param][key], value, rtol=1e-10, atol=1e-14, name=key)
+
+
+def test_muon_reference_matches_torch_in_float64_to_bf16_rounding():
+    """gpuopt.reference.muon_step iterates in float64; torch.optim.Muon in bf16: one step from a
+    momentum state agrees to bf16's precision (a few % of the update), the buffer exactly."""
+    rng = np.random.default_rng()
+    for shape in ((6, 9), (9, 6)):
+        W0, B0, g = rng.normal(size=shape), rng.normal(size=shape), rng.normal(size=shape)
+        param = torch.nn.Parameter(torch.tensor(W0))
+        opt = torch.optim.Muon([param], lr=0.05)
+        opt.state[param]["momentum_buffer"] = torch.tensor(B0)
+        param.grad = torch.tensor(g)
+        opt.step()
+        W, B = ref.muon_step(W0, g, B0, lr=0.05)
+        assert_close(opt.state[param]["momentum_buffer"], B, rtol=1e-12, atol=1e-14)
+        change, expected = param.detach().numpy() - W0, W - W0
+        assert np.abs(change - expected).max() <= 0.05 * np.abs(expected).max()
+
+
 # ---------------------------------------------------------------- B.0.2 batch norm ------------
 
 def _finite_difference_dZ(Z, G, B, R, eps, eps_inside_sqrt, h=1e-6):
