@@ -60,7 +60,7 @@ class Orthogonalizer:
     stacked by shape and strides), their learning-rate scales (one float32 per parameter, a
     kernel role), and the work between the launches: ``orthogonalize_``."""
 
-    def __init__(self, name: str, params, adjust_lr_fn):
+    def __init__(self, name: str, params, adjust_lr_fn, masters=None):
         self.params = list(params)
         for p in self.params:
             if p.ndim != 2:
@@ -82,6 +82,10 @@ class Orthogonalizer:
         scales = torch.tensor([lr_scale(p.shape, adjust_lr_fn) for p in self.params], dtype=torch.float32)
         self.lr_scales = list(scales.to(device).split(1))
         self.group = _row_shard_group(name, self.params)
+        # The weight update's launch (kernels.muon.UPDATE): its roles, and its buckets once planned.
+        self.update_roles = dict(param=self.params, orthogonalized=self.updates, lr_scale=self.lr_scales,
+                                 master=masters)
+        self.update_buckets = None
 
     def orthogonalize_(self, coefficients, steps: int, eps: float) -> None:
         """Replace every update matrix by its Newton–Schulz orthogonalization."""

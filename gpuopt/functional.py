@@ -166,13 +166,12 @@ def muon(params, grads, momentum_buffers, *, lr=1e-3, weight_decay=0.1, momentum
     Newton–Schulz orthogonalization (``gpuopt._muon``), the weight-update launch."""
     if not params:
         return
-    work = Orthogonalizer("Muon", params, adjust_lr_fn)
+    work = Orthogonalizer("Muon", params, adjust_lr_fn, master_params)
     roles = dict(param=params, grad=grads, momentum_buffer=momentum_buffers, update=work.updates)
     run_functional("Muon", muon_kernel.MOMENTUM, roles, dict(momentum=momentum, nesterov=nesterov, maximize=maximize),
                    lr=lr, grad_scale=grad_scale, found_inf=found_inf, seed=seed, stochastic_rounding=False)
     work.orthogonalize_(ns_coefficients, ns_steps, eps)
-    roles = dict(param=params, orthogonalized=work.updates, lr_scale=work.lr_scales, master=master_params)
-    run_functional("Muon", muon_kernel.UPDATE, roles, dict(weight_decay=weight_decay), lr=lr, grad_scale=None,
+    run_functional("Muon", muon_kernel.UPDATE, work.update_roles, dict(weight_decay=weight_decay), lr=lr, grad_scale=None,
                    found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding)
 
 

@@ -453,9 +453,8 @@ class Muon(FusedOptimizer):
         (its bf16 ``updates`` are the launch's ``update`` role)."""
         roles = super()._roles(group, params, grads)
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
-        work = self._orthogonalizers[index] = Orthogonalizer(type(self).__name__, params, group["adjust_lr_fn"])
-        work.roles = dict(param=params, orthogonalized=work.updates, lr_scale=work.lr_scales, master=roles.get("master"))
-        work.buckets = None
+        work = Orthogonalizer(type(self).__name__, params, group["adjust_lr_fn"], roles.get("master"))
+        self._orthogonalizers[index] = work
         roles["update"] = work.updates
         return roles
 
@@ -468,11 +467,12 @@ class Muon(FusedOptimizer):
             if not prepared.buckets or work is None:
                 continue
             work.orthogonalize_(group["ns_coefficients"], group["ns_steps"], group["eps"])
-            if work.buckets is None:
-                work.buckets = prepare_buckets(type(self).__name__, local_roles(work.roles), muon_kernel.UPDATE.roles,
-                                               self._plans, ("update", index), group["stochastic_rounding"])
+            if work.update_buckets is None:
+                work.update_buckets = prepare_buckets(type(self).__name__, local_roles(work.update_roles),
+                                                      muon_kernel.UPDATE.roles, self._plans, ("update", index),
+                                                      group["stochastic_rounding"])
             options = step_options(muon_kernel.UPDATE, dict(weight_decay=group["weight_decay"]))
-            for bucket in work.buckets:
+            for bucket in work.update_buckets:
                 plan = bucket.plan
                 args = step_args[plan.device]
                 launch_step(muon_kernel.UPDATE, bucket, options,
