@@ -171,8 +171,8 @@ def muon(params, grads, momentum_buffers, *, lr=1e-3, weight_decay=0.1, momentum
     run_functional("Muon", muon_kernel.MOMENTUM, roles, dict(momentum=momentum, nesterov=nesterov, maximize=maximize),
                    lr=lr, grad_scale=grad_scale, found_inf=found_inf, seed=seed, stochastic_rounding=False)
     work.orthogonalize_(ns_coefficients, ns_steps, eps)
-    run_functional("Muon", muon_kernel.UPDATE, work.update_roles, dict(weight_decay=weight_decay), lr=lr, grad_scale=None,
-                   found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding)
+    run_functional("Muon", muon_kernel.UPDATE, work.update_roles, dict(weight_decay=weight_decay), lr=lr,
+                   grad_scale=None, found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding)
 
 
 @accepts_arrays(read=("grads", "grad_scale", "found_inf", "lr"))
