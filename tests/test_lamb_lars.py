@@ -283,3 +283,21 @@ def test_the_fold_on_a_gpu_is_exact_and_repeats_bit_for_bit(device):
         for p, t, e in zip(params, twins, expected):
             assert torch.equal(p, t)
             assert_close(p, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["LAMB", "LARS"])
+def test_a_tensor_lr_on_the_device_equals_the_float(device, name):
+    """``lr`` as a one-element tensor on the parameters' device (capturable steps, read by both
+    launches on the device) and as a float: the same parameters after 3 steps."""
+    params = odd_params(device)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = _make(name, params, lr=torch.tensor(0.02, device=device), weight_decay=0.01, capturable=True)
+    plain = _make(name, twins, lr=0.02, weight_decay=0.01)
+    for _ in range(3):
+        for p, t in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            t.grad = p.grad.clone()
+        opt.step()
+        plain.step()
+    for p, t in zip(params, twins):
+        assert_close(p, t, rtol=1e-6, atol=1e-7)

@@ -18,7 +18,7 @@ from gpuopt.kernels import _multi_tensor as walk
 from .helpers import assert_close, count_launches, regression_task
 
 SHAPES = [(7, 5), (5, 7), (7, 5), (16, 16), (1, 9), (9, 1), (7, 5)]
-STEPS = 8
+STEPS = 10
 
 
 def _params(device, dtype=torch.float32):
@@ -44,7 +44,7 @@ def _steps(pairs, steps=STEPS):
 @pytest.mark.parametrize("options", [dict(), dict(lr=0.02, momentum=0.9, nesterov=False, weight_decay=0.0),
                                      dict(lr=5e-3, ns_steps=3, adjust_lr_fn="match_rms_adamw")])
 def test_matches_torch_optim_muon(device, options):
-    """8 steps, two groups (the second with its own lr and lr adjustment): parameters and momentum
+    """10 steps, two groups (the second with its own lr and lr adjustment): parameters and momentum
     buffers equal torch's to the rounding of the bf16 Newton–Schulz iteration both run."""
     params = _params(device)
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -105,6 +105,37 @@ def test_bf16_with_master_weights_follows_torch_on_fp32_copies(device):
         master = opt.state[p]["master_param"]
         assert_close(master, t, rtol=1e-3, atol=1e-4)
         assert torch.equal(p, master.to(torch.bfloat16))
+
+
+def test_bf16_stochastic_rounding_is_unbiased(device):
+    """A bf16 matrix reset to 1.0 before each step with the same constant gradient: every step's
+    update is the same matrix with equal entries (the orthogonalized rank-1 direction), a fraction
+    of one bf16 ULP below 1.0. Over 40 steps the mean of the rounded elements lands on the value a
+    float64 twin stepped by torch.optim.Muon reaches (round-to-nearest would stay at 1.0)."""
+    shape = (8, 32)
+    p = torch.nn.Parameter(torch.ones(shape, device=device, dtype=torch.bfloat16))
+    twin = torch.nn.Parameter(torch.ones(shape, dtype=torch.float64))
+    opt = gpuopt.Muon([p], lr=1e-2, weight_decay=0.0, stochastic_rounding=True, state_dtype=torch.float32)
+    theirs = torch.optim.Muon([twin], lr=1e-2, weight_decay=0.0)
+    rows, expected = [], []
+    for _ in range(40):
+        with torch.no_grad():
+            p.fill_(1.0)
+            twin.fill_(1.0)
+        p.grad, twin.grad = torch.full_like(p, 0.5), torch.full_like(twin, 0.5)
+        opt.step()
+        theirs.step()
+        rows.append(p.detach().double().cpu())
+        expected.append(twin.detach().clone())
+    rows, expected = torch.stack(rows), torch.stack(expected)
+    ulp = 2.0 ** -8  # bf16's spacing just below 1.0
+    assert ((expected < 1.0) & (expected > 1.0 - ulp)).all(), "the update must stay within one ULP below 1.0"
+    assert set(rows.unique().tolist()) <= {1.0, 1.0 - ulp}
+    q = (1.0 - expected) / ulp  # each step's probability of rounding down
+    standard_error = ulp * (q * (1 - q)).sum(0).sqrt().max().item() / len(q)
+    deviation = (rows - expected).mean(0)  # per element, over the steps (bf16 vs float64 iterations: ~1% of q)
+    assert deviation.abs().max().item() < 5 * standard_error + 0.02 * ulp * q.max().item()
+    assert abs(deviation.mean().item()) < 5 * standard_error / rows[0].numel() ** 0.5 + 0.02 * ulp * q.max().item()
 
 
 def test_state_dict_moves_both_ways_with_torch(device, tmp_path):
