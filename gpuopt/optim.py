@@ -324,6 +324,11 @@ class LAMB(FusedOptimizer):
     every tensor, the second moves the weights (``gpuopt/kernels/lamb.py``). Under FSDP2 the norms are
     of the whole parameter (summed over its shards' ranks by one all-reduce per group). State
     keys: ``step``, ``exp_avg``, ``exp_avg_sq`` (apex's).
+
+    The trust ratio applies to every tensor, as in the paper and apex's ``use_nvlamb=True``.
+    apex's default (``use_nvlamb=False``) skips it in groups whose ``weight_decay`` is 0 (a
+    no-decay group of biases and norms then takes plain bias-corrected Adam steps); gpuopt has no
+    such switch yet.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *, bias_correction=True,
