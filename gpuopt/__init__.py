@@ -9,8 +9,8 @@ from ._graphed import GraphedStep, graphed_step
 from ._version import __version__
 from .clip import clip_grad_norm_, get_total_norm
 from .ema import EMA
-from .optim import LAMB, LARS, SGD, Muon, Adadelta, Adagrad, Adam, AdamW, AdamWScheduleFree, Lion, RMSprop
+from .optim import LAMB, LARS, SGD, Adadelta, Adafactor, Adagrad, Adam, AdamW, AdamWScheduleFree, Lion, Muon, RMSprop
 
-__all__ = ["EMA", "LAMB", "LARS", "SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "AdamWScheduleFree", "GraphedStep", "Lion",
+__all__ = ["EMA", "LAMB", "LARS", "SGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "AdamWScheduleFree", "GraphedStep", "Lion",
            "Muon", "RMSprop", "clip_grad_norm_", "functional", "get_total_norm", "graphed_step", "nn", "reference",
            "__version__"]

@@ -14,8 +14,8 @@ import torch.optim.optimizer as _torch_optimizer
 from . import _traced
 from ._distributed import DTensor, check_sharded_pairs, like_dtensor, local, local_roles, shard_groups
 from ._launch import launch_step
-from ._multi_tensor import (GRAD_ROLE, PlanCache, StepArgs, dense_grads, has_step, needed_roles, on_device,
-                            prepare_buckets, step_options)
+from ._multi_tensor import (GRAD_ROLE, LaunchPlan, PlanCache, StepArgs, dense_grads, has_step, needed_roles,
+                            on_device, prepare_buckets, step_options)
 from ._reuse import Generation, OptimizerState, PreparedGroup, by_value, fingerprint, grad_addresses
 from .clip import get_total_norm
 from ._validate import check_params_and_grads, follow_layout, layout_check, like_param, matching_layout
@@ -81,6 +81,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     _algorithm = None  # kernels._multi_tensor.Algorithm
     _initial_values: dict = {}  # state role → fill value (from the group) other than 0
     _copied_states: tuple = ()  # state roles that start as a copy of the parameter
+    _plan_type = LaunchPlan  # the launch plan of the algorithm's kernels (Adafactor's: gpuopt._adafactor.TilePlan)
 
     # The options every gpuopt optimizer has; a subclass's defaults may leave out those it does
     # not expose (a new algorithm's constructor can be just its own hyperparameters).
@@ -181,8 +182,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         if self._uses_master(p, group) and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
+        shapes = self._algorithm.state_shapes
         for role in self._state_roles(group):
-            if state.get(role) is None and role in self._copied_states:
+            if role in shapes:  # a state of its own shape (or none for this parameter): contiguous zeros
+                shape = shapes[role](p.shape)
+                if shape is not None and state.get(role) is None:
+                    state[role] = torch.zeros(shape, dtype=self._state_dtype(p, group), device=p.device)
+            elif state.get(role) is None and role in self._copied_states:
                 state[role] = p.detach().to(dtype=self._state_dtype(p, group), memory_format=torch.preserve_format,
                                             copy=True)
             elif state.get(role) is None:
@@ -192,7 +198,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _follow_layout(self, state, p):
         """A parameter whose memory layout changed takes its states along (``follow_layout``)."""
         for key, value in list(state.items()):
-            if key != "step" and isinstance(value, torch.Tensor):
+            if key != "step" and key not in self._algorithm.state_shapes and isinstance(value, torch.Tensor):
                 moved = follow_layout(value, p)
                 if moved is not value:
                     state[key] = moved
@@ -211,10 +217,18 @@ class FusedOptimizer(torch.optim.Optimizer):
                                                           default=self._first_epoch)
         return state_dict
 
-    def _required_state(self, group) -> tuple:
-        """The state keys a parameter's non-empty loaded state must have for ``group``'s options
+    def _required_state(self, group, p) -> tuple:
+        """The state keys parameter ``p``'s non-empty loaded state must have for ``group``'s options
         (torch raises ``KeyError`` at the next step without them; gpuopt at the load)."""
-        return needed_roles(self._algorithm, self._options(group))
+        shapes = self._algorithm.state_shapes
+        return tuple(key for key in needed_roles(self._algorithm, self._options(group))
+                     if key not in shapes or shapes[key](p.shape) is not None)
+
+    def _state_shape(self, key, p):
+        """The shape of parameter ``p``'s state ``key`` (``Algorithm.state_shapes``; None: ``p``
+        keeps no such state)."""
+        shapes = self._algorithm.state_shapes
+        return shapes[key](p.shape) if key in shapes else p.shape
 
     def load_state_dict(self, state_dict):
         """As ``torch.optim.Optimizer.load_state_dict``, then with gpuopt's placement: ``step`` as
@@ -245,15 +259,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if key == "step":
                     if isinstance(value, torch.Tensor) and value.numel() != 1:
                         raise ValueError(f"loaded state 'step' of parameter {index} has {value.numel()} elements")
-                elif isinstance(value, torch.Tensor) and value.shape != p.shape:
+                elif isinstance(value, torch.Tensor) and value.shape != self._state_shape(key, p):
+                    expected = self._state_shape(key, p)
                     raise ValueError(f"loaded state '{key}' of parameter {index} has shape {tuple(value.shape)}, "
-                                     f"but the parameter has shape {tuple(p.shape)}")
-            missing = [key for key in self._required_state(loaded_group[pid]) if state and key not in state]
+                                     f"but the parameter has shape {tuple(p.shape)}" +
+                                     ("" if expected == p.shape else f" and keeps no {key}" if expected is None
+                                      else f" and keeps a {key} of shape {tuple(expected)}"))
+            required = self._required_state(loaded_group[pid], p)
+            missing = [key for key in required if state and key not in state]
             if missing:
                 raise KeyError(f"{name}.load_state_dict: the state of parameter {index} has no "
                                f"{', '.join(map(repr, missing))} (it has {sorted(state)}); a checkpoint of another "
                                f"optimizer, or with an entry missing? gpuopt.{name} with these options keeps "
-                               f"{list(self._required_state(loaded_group[pid]))}")
+                               f"{list(required)}")
         for state in originals.values():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and value.layout is not torch.strided:
@@ -274,6 +292,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if key == "step":
                     step = value.detach().reshape(()) if isinstance(value, torch.Tensor) else torch.tensor(float(value))
                     state[key] = step.to(device=p.device, dtype=torch.float32, copy=True)
+                elif key in self._algorithm.state_shapes and isinstance(value, torch.Tensor):
+                    state[key] = value.to(device=p.device, dtype=self._state_dtype(p, group),
+                                          memory_format=torch.contiguous_format, copy=True)
                 elif isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
                     dtype = torch.float32 if key == "master_param" else self._state_dtype(p, group)
                     state[key] = like_param(like_dtensor(value, p).to(p.device), p, dtype)
@@ -476,8 +497,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             roles = self._roles(group, params, matched)
             if sharded:
                 roles = local_roles(roles)
-            buckets = prepare_buckets(name, roles, self._algorithm.roles, self._plans, index,
-                                      group["stochastic_rounding"])
+            buckets = prepare_buckets(name, roles, self._algorithm, self._plans, index, group["stochastic_rounding"],
+                                      self._plan_type)
             for bucket in buckets:  # (positions in the group's param list)
                 if sharded and self._algorithm.sums:
                     bucket.sum_groups = shard_groups(name, [params[i] for i in bucket.positions])
@@ -499,7 +520,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self._uses_step(group):
             roles["step"] = [s["step"] for s in states]
         for role in self._state_roles(group):
-            roles[role] = [s[role] for s in states]
+            # (a parameter without the state, Adafactor's factors: its first state of the algorithm stands in)
+            roles[role] = [s[role] if role in s else next(s[r] for r in self._state_roles(group) if r in s)
+                           for s in states]
         if any(self._uses_master(p, group) for p in params):
             # Parameters without a master copy (fp32 ones) get their own value as a stand-in; they
             # land in a different bucket (dtype differs), where the master flag is off.

@@ -288,12 +288,18 @@ def launch_step(algorithm, bucket, options: StepOptions, step_args, lr) -> None:
     tensors): ``launch_update`` with the step's shared arguments (``step_args``: AMP's tensors,
     the rounding seed and epoch) and the flags every optimizer update reads (``COMMON_FLAGS``)
     completed. A tensor ``lr`` on the parameters' device is read by the kernel; a float or a CPU
-    tensor (reading it does not synchronise) is passed by value, as a float64 argument."""
+    tensor (reading it does not synchronise) is passed by value, as a float64 argument. An
+    algorithm with kernels of its own (``Algorithm.tiles``) is launched by its plan
+    (``gpuopt._adafactor.TilePlan.launch``) with the same arguments."""
     on_device = isinstance(lr, torch.Tensor) and lr.device == step_args.device
     rounded = bucket.stochastic_rounding
     flags = algorithm.flags(**options.flags, has_grad_scale=step_args.grad_scale is not None,
                             has_master=bucket.has_master, stochastic_rounding=rounded)
     lr_value, lr_ptr = (0.0, lr) if on_device else (float(lr), None)
+    if algorithm.tiles:
+        bucket.plan.launch(algorithm, options.hyperparameters, flags, lr_value, lr_ptr, step_args,
+                           step_args.epoch if rounded else None, bucket.sum_groups)
+        return
     if algorithm.norms is not None:  # the whole-tensor sums first, summed over the shards' ranks
         launch_update(algorithm, bucket.plan, options.hyperparameters, flags, lr=lr_value, lr_ptr=lr_ptr,
                       grad_scale=step_args.grad_scale, found_inf=step_args.found_inf, has_step=options.has_step,

@@ -91,6 +91,10 @@ class LaunchPlan:
         self._addresses = None
         self.refresh(roles)
 
+    def _schedule(self) -> tuple:
+        """The kernel arguments every multi-tensor kernel begins with, in the order they declare them."""
+        return self.block_tensor, self.block_start, self.numel, self.offsets, self.n_blocks, self.n_tensors
+
     def sum_buffers(self, n_sums: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sums, partials)`` for an algorithm with ``n_sums`` whole-tensor sums: ``n_sums`` per
         tensor and per schedule entry, in the compute dtype; made at the first such launch and
@@ -124,8 +128,7 @@ class LaunchPlan:
         if self.device.type == "cuda":
             table = table.pin_memory().to(self.device, non_blocking=True)
         self.offsets = table
-        # Kernel arguments shared by every multi-tensor kernel, in the order they declare them.
-        self.schedule = (self.block_tensor, self.block_start, self.numel, self.offsets, self.n_blocks, self.n_tensors)
+        self.schedule = self._schedule()
         n = self.n_tensors
         self._role_aligned = [all(a % 16 == 0 for a in addresses[k * n:(k + 1) * n]) for k in range(len(roles))]
         self.aligned = all(self._role_aligned)
@@ -168,15 +171,15 @@ class LaunchPlan:
 
 
 class PlanCache:
-    """LaunchPlans by group key, rebuilt when the group's tensor sizes change."""
+    """Launch plans by group key, rebuilt when the group's tensor sizes change."""
 
     def __init__(self):
         self._plans: dict = {}
 
-    def get(self, key, roles: list[list[torch.Tensor]]) -> LaunchPlan:
+    def get(self, key, roles: list[list[torch.Tensor]], plan_type: type = LaunchPlan) -> LaunchPlan:
         plan = self._plans.get(key)
-        if plan is None or not plan.matches(roles):
-            plan = LaunchPlan(roles)
+        if plan is None or type(plan) is not plan_type or not plan.matches(roles):
+            plan = plan_type(roles)
             self._plans[key] = plan
         else:
             plan.refresh(roles)
@@ -195,12 +198,14 @@ class ThreadPlans(threading.local):
         self.plans = PlanCache()
 
 
-def plan_launches(roles: dict, role_names: tuple, plans: PlanCache, key) -> list[tuple[LaunchPlan, list]]:
+def plan_launches(roles: dict, role_names: tuple, plans: PlanCache, key,
+                  plan_type: type = LaunchPlan) -> list[tuple[LaunchPlan, list]]:
     """Split one validated launch (``roles``: role name → list aligned with the first role's, or
     ``None`` for a role the kernel's flags leave untouched) into groups sharing (device, dtype of
     every role), and return ``(plan, indices)`` for each: a LaunchPlan pointed at the tensors'
     current storage, and which of the lists' positions it covers, in order. An absent role is
-    filled with the first role's tensors as a placeholder."""
+    filled with the first role's tensors as a placeholder. ``plan_type``: ``LaunchPlan`` for the
+    shared walk, or an algorithm's own (``Algorithm.tiles``: ``gpuopt._adafactor.TilePlan``)."""
     first = roles[role_names[0]]
     present = [name for name in role_names if roles.get(name) is not None]
     keys = list(zip([t.device for t in first], *[[t.dtype for t in roles[name]] for name in present]))
@@ -218,7 +223,7 @@ def plan_launches(roles: dict, role_names: tuple, plans: PlanCache, key) -> list
             if tensors is None:
                 tensors = first
             ordered.append(tensors if len(index) == len(first) else [tensors[i] for i in index])
-        launches.append((plans.get((key, bucket_key), ordered), index))
+        launches.append((plans.get((key, bucket_key), ordered, plan_type), index))
     return launches
 
 
@@ -297,17 +302,18 @@ def bucket_precision(plan, master_role: int | None, has_masters: bool, stochasti
     return has_master, bool(stochastic_rounding) and not has_master and param_dtype == torch.bfloat16
 
 
-def prepare_buckets(name: str, roles: dict, role_names: tuple, plans: PlanCache, key,
-                    stochastic_rounding: bool) -> list[Bucket]:
-    """Validate one call's tensors (``gpuopt._validate.check_roles``) and split them into
-    buckets. The slow path, shared by the functional API (every call) and the optimizer classes
-    (only when something changed)."""
+def prepare_buckets(name: str, roles: dict, algorithm, plans: PlanCache, key, stochastic_rounding: bool,
+                    plan_type: type = LaunchPlan) -> list[Bucket]:
+    """Validate one call's tensors for ``algorithm`` (``gpuopt._validate.check_roles``) and split
+    them into buckets. The slow path, shared by the functional API (every call) and the optimizer
+    classes (only when something changed)."""
     roles = real_views(roles)
-    check_roles(name, roles, role_names)
+    role_names = algorithm.roles
+    check_roles(name, roles, role_names, algorithm.state_shapes)
     has_masters = roles.get("master") is not None
     master_role = role_names.index("master") if "master" in role_names else None
     return [Bucket(plan, *bucket_precision(plan, master_role, has_masters, stochastic_rounding), index)
-            for plan, index in plan_launches(roles, role_names, plans, key)]
+            for plan, index in plan_launches(roles, role_names, plans, key, plan_type)]
 
 
 def dense_grads(name: str, algorithm, grads, weight_decay):
@@ -329,7 +335,7 @@ def dense_grads(name: str, algorithm, grads, weight_decay):
 
 
 def run_functional(name: str, algorithm, roles: dict, options: dict, *, lr, grad_scale, found_inf, seed,
-                   stochastic_rounding, epoch=None) -> None:
+                   stochastic_rounding, epoch=None, plan_type: type = LaunchPlan) -> None:
     """The functional API's path: the caller's lists are new every call, so they are checked every
     call (params and grads, then every role), grads copied to their params' layout if needed,
     then one launch per (device, dtypes) group. (An algorithm without a ``grad`` role, Muon's
@@ -351,8 +357,8 @@ def run_functional(name: str, algorithm, roles: dict, options: dict, *, lr, grad
         roles = dict(roles, grad=dense_grads(name, algorithm, roles["grad"], options.get("weight_decay", 0.0)))
         check_params_and_grads(name, params, roles["grad"])
         roles = dict(roles, grad=[matching_layout(g, p) for g, p in zip(roles["grad"], params)])
-    buckets = prepare_buckets(name, roles, algorithm.roles, _FUNCTIONAL_PLANS.plans, (name, algorithm.roles),
-                              stochastic_rounding)
+    buckets = prepare_buckets(name, roles, algorithm, _FUNCTIONAL_PLANS.plans, (name, algorithm.roles),
+                              stochastic_rounding, plan_type)
     if sharded and algorithm.sums:
         for bucket in buckets:
             bucket.sum_groups = shard_groups(name, [sharded_params[i] for i in bucket.positions])

@@ -126,11 +126,13 @@ def _explain_bad_pair(name, p, g):
                        "parameters, gradients and states must share a device")
 
 
-def check_roles(name: str, roles: dict, role_names) -> None:
+def check_roles(name: str, roles: dict, role_names, state_shapes=None) -> None:
     """Everything the kernel assumes about one launch's tensors (module docstring). ``roles`` maps
     a role name to a list aligned with the first role's (the reference: ``param``, or EMA's
-    ``average``), or to ``None`` (absent: the kernel's flags keep it from being touched). Raises
-    before anything is modified."""
+    ``average``), or to ``None`` (absent: the kernel's flags keep it from being touched).
+    ``state_shapes`` (``Algorithm.state_shapes``): states with a shape of their own (Adafactor's
+    row and column factors), contiguous, or absent for a parameter (its entry a stand-in, not
+    checked). Raises before anything is modified."""
     reference = role_names[0]
     params = roles[reference]
     what = "parameter" if reference == "param" else reference
@@ -149,10 +151,15 @@ def check_roles(name: str, roles: dict, role_names) -> None:
             tensors = roles.get(role)
             if tensors is None or tensors[i] is p:  # absent, or the param as a stand-in
                 continue
+            own_shape = state_shapes[role](p.shape) if state_shapes and role in state_shapes else ()
+            if own_shape is None:  # a stand-in: this parameter has no such state
+                continue
             t = tensors[i]
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}: {role} {i} must be a tensor, got {type(t).__name__}")
-            if role in PER_TENSOR_ROLES:
+            if own_shape != ():
+                _check_own_shape(name, role, i, t, p, own_shape)
+            elif role in PER_TENSOR_ROLES:
                 if t.dtype != torch.float32 or t.numel() != 1 or t.device != p.device:
                     raise RuntimeError(
                         f"{name}: state {role} {i} must be a one-element float32 tensor on the parameter's device "
@@ -164,6 +171,21 @@ def check_roles(name: str, roles: dict, role_names) -> None:
             if role not in READ_ONLY_ROLES and t.numel():
                 written.append((t.data_ptr(), t.numel() * t.element_size(), f"{role} {i}"))
     _check_no_overlap(name, written)
+
+
+def _check_own_shape(name, role, i, t, p, shape):
+    """A state with a shape of its own (``state_shapes``): that shape, contiguous (the kernels
+    index it so), floating point, on the parameter's device."""
+    if tuple(t.shape) != tuple(shape):
+        raise RuntimeError(f"{name}: {role} {i} has shape {tuple(t.shape)} but a parameter of shape {tuple(p.shape)} "
+                           f"keeps a {role} of shape {tuple(shape)}")
+    if t.device != p.device:
+        raise RuntimeError(f"{name}: {role} {i} is on {t.device} but its parameter on {p.device}; "
+                           "parameters, gradients and states must share a device")
+    if t.dtype not in FLOAT_DTYPES:
+        raise RuntimeError(f"{name}: {role} {i} has dtype {t.dtype}; it must be floating point")
+    if not t.is_contiguous():
+        raise RuntimeError(f"{name}: {role} {i} has strides {t.stride()}; it must be contiguous (.contiguous())")
 
 
 def _check_against(name, role, i, t, p, what):

@@ -109,7 +109,7 @@ class EMA:
         if not chosen:
             return []
         roles = {"average": [averages[i] for i in chosen], "value": [params[i].detach() for i in chosen]}
-        return [bucket.plan for bucket in prepare_buckets("EMA", roles, ema_kernel.AVERAGE.roles, self._plans, "ema", False)]
+        return [bucket.plan for bucket in prepare_buckets("EMA", roles, ema_kernel.AVERAGE, self._plans, "ema", False)]
 
     @torch.no_grad()
     def copy_to(self, params=None) -> None:

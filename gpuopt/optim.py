@@ -18,8 +18,10 @@ from ._distributed import local_roles
 from ._fused import FusedOptimizer, validate_common, validate_precision
 from ._launch import launch_step
 from ._multi_tensor import prepare_buckets, step_options
+from ._adafactor import TilePlan
 from ._muon import Orthogonalizer
 from .kernels import adadelta as adadelta_kernel
+from .kernels import adafactor as adafactor_kernel
 from .kernels import adagrad as adagrad_kernel
 from .kernels import adam as adam_kernel
 from .kernels import lamb as lamb_kernel
@@ -474,7 +476,7 @@ class Muon(FusedOptimizer):
             work.orthogonalize_(group["ns_coefficients"], group["ns_steps"], group["eps"])
             if work.update_buckets is None:
                 work.update_buckets = prepare_buckets(type(self).__name__, local_roles(work.update_roles),
-                                                      muon_kernel.UPDATE.roles, self._plans, ("update", index),
+                                                      muon_kernel.UPDATE, self._plans, ("update", index),
                                                       group["stochastic_rounding"])
             options = step_options(muon_kernel.UPDATE, dict(weight_decay=group["weight_decay"]))
             for bucket in work.update_buckets:
@@ -482,6 +484,65 @@ class Muon(FusedOptimizer):
                 args = step_args[plan.device]
                 launch_step(muon_kernel.UPDATE, bucket, options,
                             self._step_args(plan.device, None, args.found_inf), group["lr"])
+
+
+class Adafactor(FusedOptimizer):
+    r"""Adafactor (Shazeer & Stern 2018) as ``torch.optim.Adafactor``: the same arguments,
+    defaults, state keys (``step``, ``row_var`` and ``col_var`` for a parameter of 2+ dims,
+    ``variance`` otherwise) and results::
+
+        ρ = min(lr, 1/√t);   α = max(ε2, RMS(W)) ρ;   w = t^beta2_decay
+        2+ dims:  r ← lerp(r, mean_C g², w);  c ← lerp(c, mean_R g², w);  V = r c / max(mean_R r, ε1)
+        else:     V ← lerp(V, g², w)
+        W ← W (1 - lr λ) - α / max(1, RMS(u)/d) · u,   u = g / sqrt(max(V, ε1²))
+
+    factored over the last two dims (the leading ones are a batch of matrices), ``ε1`` ``None``
+    the machine epsilon of the group's (first) parameter dtype, as torch's. Three launches per
+    group and step, no host sync (torch's for-loop makes three ``.item()`` syncs a parameter):
+    the row and column statistics, the norms of W and u, the update
+    (``gpuopt/kernels/adafactor.py``). The step runs eagerly under ``torch.compile`` (a graph
+    break); ``foreach`` is accepted and ignored. Complex parameters are refused, as torch does.
+    """
+
+    _algorithm = adafactor_kernel.ADAFACTOR
+    _plan_type = TilePlan
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *,
+                 foreach=None, maximize=False, fused=None, capturable=False, differentiable=False,
+                 state_dtype=None, master_weights=False, stochastic_rounding=False):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+        if not 0.0 >= beta2_decay:
+            raise ValueError(f"beta2_decay should be <= 0 but is: {beta2_decay}")
+        if eps[0] is not None and not 0.0 <= eps[0]:
+            raise ValueError(f"epsilon1 should be >= 0 but is: {eps[0]}")
+        if not 0.0 <= eps[1]:
+            raise ValueError(f"epsilon2 should be >= 0 but is: {eps[1]}")
+        if not 1.0 <= d:
+            raise ValueError(f"Clipping threshold d should be >= 1 but is: {d}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight_decay should be >= 0 but is: {weight_decay}")
+        defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
+                        **_precision_defaults(state_dtype, master_weights, stochastic_rounding, capturable,
+                                              differentiable, foreach, fused, maximize))
+        super().__init__(params, defaults)
+
+    @torch.compiler.disable
+    def step(self, closure=None, **kwargs):
+        """One step (``closure``, ``grad_scale``/``found_inf`` as every gpuopt optimizer)."""
+        return super().step(closure, **kwargs)
+
+    step.hooked = True  # (torch.optim.Optimizer wraps a step without it)
+
+    def _options(self, group):
+        eps1, eps2 = group["eps"]
+        if eps1 is None:  # torch's: the machine epsilon of the first parameter stepped
+            params = group["params"]
+            eps1 = torch.finfo(next((p for p in params if p.grad is not None), params[0]).dtype).eps
+        return dict(beta2_decay=group["beta2_decay"], eps1=eps1, eps2=eps2, d=group["d"],
+                    weight_decay=group["weight_decay"], maximize=group["maximize"])
 
 
 class AdamWScheduleFree(FusedOptimizer):
@@ -575,7 +636,7 @@ class AdamWScheduleFree(FusedOptimizer):
                 roles = {role: step_roles.get(role) for role in algorithm.roles}
                 name = type(self).__name__
                 options = step_options(algorithm, dict(weight=1.0 - beta1 if train else 1.0 - 1.0 / beta1))
-                for bucket in prepare_buckets(name, local_roles(roles), algorithm.roles, self._plans, ("switch", index),
+                for bucket in prepare_buckets(name, local_roles(roles), algorithm, self._plans, ("switch", index),
                                               group["stochastic_rounding"]):
                     launch_step(algorithm, bucket, options, self._step_args(bucket.plan.device, None, None), 0.0)
                     bucket.plan.release()

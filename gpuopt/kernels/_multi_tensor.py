@@ -148,6 +148,13 @@ def stochastic_round_bf16(x, seed, offsets):
 
 
 @triton.jit
+def lerp(start, end, weight):
+    """torch.lerp: ``start + w (end - start)`` for |w| < 0.5, else ``end - (end - start)(1 - w)``
+    (``weight`` a scalar, so the branch is uniform)."""
+    return tl.where(tl.abs(weight) < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
+
+
+@triton.jit
 def scalar(value, value_ptr, ON_DEVICE: tl.constexpr, like_ptr):
     """A hyperparameter passed either by value or, for capturable steps, as a pointer to a device
     scalar (read on the device: no host synchronisation, safe in CUDA graphs); in the compute
@@ -272,26 +279,24 @@ def masked_sum_of_squares(x, mask):
 
 
 @triton.jit
-def fold_sums(block_sums, i, t, numel, block_start_ptr, counter_ptr, partials_ptr, sums_ptr,
+def fold_sums(block_sums, i, t, first, count, counter_ptr, partials_ptr, sums_ptr,
               N_SUMS: tl.constexpr, BLOCK: tl.constexpr):
     """Per-tensor sums of a launch, without float atomics (the same bits whichever program folds):
-    schedule entry ``i`` (a block of tensor ``t``) writes its ``N_SUMS`` block sums to
-    ``partials[i]`` and counts itself in tensor ``t``'s arrival counter (``counter_ptr[1 + t]``);
-    the block that arrives last for its tensor adds the tensor's partials in schedule order and
-    writes ``sums[t]``, then resets the counter for the next launch.
+    schedule entry ``i`` (a block of tensor ``t``, whose ``count`` blocks are the consecutive
+    entries from ``first``) writes its ``N_SUMS`` block sums to ``partials[i]`` and counts itself
+    in tensor ``t``'s arrival counter (``counter_ptr[1 + t]``); the block that arrives last for its
+    tensor adds the tensor's partials in schedule order and writes ``sums[t]``, then resets the
+    counter for the next launch.
 
-    A tensor's blocks are consecutive in the schedule (``LaunchPlan``), so its first entry is
-    ``i - block_start[i] / BLOCK``. Ordering: the barrier makes every thread's partial stores
+    Ordering: the barrier makes every thread's partial stores
     happen before the one thread's acq_rel atomic (release), whose result, broadcast to the
     program, orders the last arriver's loads after every other block's stores (acquire); the
     loads go to L2 (``.cg``), past a stale L1."""
     for k in tl.static_range(N_SUMS):
         tl.store(partials_ptr + i * N_SUMS + k, block_sums[k])
     tl.debug_barrier()
-    count = tl.maximum((numel + BLOCK - 1) // BLOCK, 1)
     arrived = tl.atomic_add(counter_ptr + 1 + t, 1, sem="acq_rel")
     if arrived == count - 1:
-        first = i - tl.load(block_start_ptr + i) // BLOCK
         for k in tl.static_range(N_SUMS):
             total = tl.zeros([], partials_ptr.dtype.element_ty)
             for chunk in range(0, count, BLOCK):
@@ -366,6 +371,14 @@ class Algorithm:
             (``fold_sums``), then ``update``, whose ``scalars`` end with its tensor's sums. The
             first launch reads ``step``; the second advances it.
         sums: the names of the sums ``norms`` returns, in order (``()`` without ``norms``).
+        tiles: for an update that is not elementwise over blocks (Adafactor's row and column
+            statistics of each matrix), its own ``@triton.jit`` kernels, launched in order over a
+            schedule of row tiles (``gpuopt._adafactor.TilePlan``); ``update`` is then ``None``.
+            Each kernel takes the same arguments: the roles' bases as ``<role>_base`` in ``roles``
+            order and the hyperparameters by their ``hyper`` names.
+        state_shapes: state roles not shaped like their parameter: ``role -> (shape -> the state's
+            shape, or None where a parameter of that shape has no such state)``. A parameter
+            without the state has a stand-in in that role's list, which the kernels never touch.
     """
 
     roles: tuple
@@ -380,6 +393,8 @@ class Algorithm:
     sparse_grads: str | None = None
     norms: object = None
     sums: tuple = ()
+    tiles: tuple = ()
+    state_shapes: dict = dataclasses.field(default_factory=dict, hash=False)
 
 
 @triton.jit
@@ -453,8 +468,10 @@ def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_bl
                 else:
                     block_sums = UPDATE(ptrs, offsets, offsets < numel, scalars, lr, hyper_values, grad_scale_ptr,
                                         tensor_seed, FLAGS)
-                fold_sums(block_sums, i, t, numel, block_start_ptr, counter_ptr, partials_ptr, sums_ptr, MAKE_SUMS,
-                          BLOCK)
+                # (a tensor's blocks are consecutive in the schedule, LaunchPlan: its first is i - start / BLOCK)
+                first = i - tl.load(block_start_ptr + i) // BLOCK
+                fold_sums(block_sums, i, t, first, tl.maximum((numel + BLOCK - 1) // BLOCK, 1), counter_ptr,
+                          partials_ptr, sums_ptr, MAKE_SUMS, BLOCK)
             elif full:
                 UPDATE(ptrs, offsets, None, scalars, lr, hyper_values, grad_scale_ptr, tensor_seed, FLAGS)
             else:

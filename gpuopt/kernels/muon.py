@@ -14,18 +14,12 @@ Newton–Schulz iteration (batched matrix products, ``gpuopt._muon``)::
 import triton
 import triton.language as tl
 
-from ._multi_tensor import Algorithm, load_compute, load_grad, load_param, rounded_as, step_flags, store_as, store_param
+from ._multi_tensor import (Algorithm, lerp, load_compute, load_grad, load_param, rounded_as, step_flags, store_as,
+                            store_param)
 
 MOMENTUM_ROLES = ("param", "grad", "momentum_buffer", "update")
 MOMENTUM_HYPER = ("momentum", "one_minus_momentum")
 MomentumFlags = step_flags("MomentumFlags", "nesterov", __name__)
-
-
-@triton.jit
-def lerp(start, end, weight):
-    """torch.lerp: ``start + w (end - start)`` for |w| < 0.5, else ``end - (end - start)(1 - w)``
-    (``weight`` a scalar, so the branch is uniform)."""
-    return tl.where(tl.abs(weight) < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
 
 
 @triton.jit

@@ -1,0 +1,157 @@
+"""Adafactor's launch plan: its tensors cut into row tiles for the kernels of
+``gpuopt/kernels/adafactor.py`` (three launches a step), with the per-tensor table and scratch
+they need. The pointer table, its refresh when tensors move, and the whole-tensor sums' buffers
+are ``LaunchPlan``'s; the schedule is of tiles instead of blocks.
+
+Tiles: a matrix of at most ``ROWS`` rows lies in one tile with the next ones (``ROWS // R`` of
+them); a taller one is split into tiles of ``ROWS·⌈√⌈R/ROWS⌉⌉`` rows, so that its tiles (each
+walking its rows) and the last tile's fold of their column sums (one read of each tile's) are
+about equally long. A tensor of 0/1 dims is rows of ``COLS``, ``ROWS`` of them a tile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _launch
+from ._launch import ASSUMED_SM_COUNT, ASSUMED_THREADS_PER_SM, use_gpu_config
+from ._multi_tensor import INTERPRETER_PROGRAMS, LaunchPlan
+from .kernels import adafactor as kernels
+from .kernels._multi_tensor import float64_variant
+
+# (ROWS, COLS, warps): on a GPU 2048 elements a tile step (8 fp32 a thread, as the walk's blocks);
+# the interpreter's small tiles make the tests' small tensors packed, split and multi-column.
+GPU_TILE, INTERPRETER_TILE = (16, 128, 8), (4, 16, 4)
+_FLOAT64 = {kernel: float64_variant(kernel, kernels.FLOAT_ARGUMENTS) for kernel in kernels.ADAFACTOR.tiles}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _batch_dims(p: torch.Tensor) -> list[tuple[int, int]]:
+    """The leading dims of ``p`` (all but the last two) as (size, stride), innermost first, size-1
+    dims dropped and neighbours that step evenly merged (a contiguous batch is one dim)."""
+    dims = []
+    for size, stride in sorted(((n, s) for n, s in zip(p.shape[:-2], p.stride()[:-2]) if n != 1),
+                               key=lambda d: d[1]):
+        if dims and stride == dims[-1][0] * dims[-1][1]:
+            dims[-1] = (dims[-1][0] * size, dims[-1][1])
+        else:
+            dims.append((size, stride))
+    return dims
+
+
+class TilePlan(LaunchPlan):
+    """``LaunchPlan`` for ``kernels.adafactor``: ``roles`` as the algorithm's (``ROLES``), every
+    tensor of every role the parameter's, its own factor states or a stand-in."""
+
+    def __init__(self, roles: list[list[torch.Tensor]], block: int | None = None):
+        params = roles[0]
+        self.device = params[0].device
+        self.n_tensors = len(params)
+        self.float64 = params[0].dtype == torch.float64
+        self.numels = tuple(p.numel() for p in params)
+        self.layout = tuple((p.shape, p.stride()) for p in params)
+        gpu_config = use_gpu_config(self.device)
+        self.rows, self.cols, self.num_warps = GPU_TILE if gpu_config else INTERPRETER_TILE
+        table, tile_tensor, tile_row = [], [], []
+        bases = dict(column_base=0, matrix_base=0, partial_base=0, counter_base=1 + self.n_tensors)
+        for t, p in enumerate(params):
+            meta = dict(self._geometry(p), first_tile=len(tile_tensor), **bases)
+            if meta["split"]:  # each tile's first row
+                starts = [b * meta["rows"] + j * meta["tile_rows"] for b in range(meta["matrices"])
+                          for j in range(meta["tiles_per_matrix"])]
+            else:
+                starts = list(range(0, meta["view_rows"], max(meta["tile_rows"], 1)))
+            starts = starts or [0]  # (an empty tensor keeps one tile: its sums and step)
+            meta["n_tiles"] = len(starts)
+            tile_tensor += [t] * len(starts)
+            tile_row += starts
+            if meta["factored"]:
+                bases["column_base"] += meta["matrices"] * meta["columns"]
+                bases["matrix_base"] += meta["matrices"]
+            if meta["split"]:
+                bases["partial_base"] += len(starts) * (meta["columns"] + 1)
+                bases["counter_base"] += meta["matrices"]
+            table.append([meta[field] for field in kernels.META])
+        self.n_blocks = len(tile_tensor)  # (LaunchPlan.sum_buffers: one set of partial sums a schedule entry)
+        self.tile_tensor = torch.tensor(tile_tensor, dtype=torch.int32).to(self.device)
+        self.tile_row = torch.tensor(tile_row, dtype=torch.int64).to(self.device)
+        self.meta = torch.tensor(table, dtype=torch.int64).to(self.device)
+        self.unit_stride = all(row[kernels.META.index("column_stride")] == 1 for row in table)
+        dtype = torch.float64 if self.float64 else torch.float32
+        self.column_sums = torch.zeros(max(bases["column_base"], 1), dtype=dtype, device=self.device)
+        self.matrix_sums = torch.zeros(max(bases["matrix_base"], 1), dtype=dtype, device=self.device)
+        self.partials = torch.zeros(max(bases["partial_base"], 1), dtype=dtype, device=self.device)
+        self.counter = torch.zeros(bases["counter_base"], dtype=torch.int32, device=self.device)
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            programs = props.multi_processor_count * (props.max_threads_per_multi_processor // (32 * self.num_warps))
+        elif gpu_config:
+            programs = ASSUMED_SM_COUNT * (ASSUMED_THREADS_PER_SM // (32 * self.num_warps))
+        else:
+            programs = INTERPRETER_PROGRAMS
+        self.grid = (min(self.n_blocks, programs),)
+        self._sums = None
+        self._addresses = None
+        self.refresh(roles)
+
+    def _geometry(self, p: torch.Tensor) -> dict:
+        """The table's numbers for parameter ``p`` that depend on its shape and strides alone."""
+        ROWS, COLS = self.rows, self.cols
+        n = p.numel()
+        if p.dim() < 2:  # rows of COLS elements
+            view_rows = _cdiv(n, COLS)
+            return dict(numel=n, rows=max(view_rows, 1), columns=COLS, factored=0, row_stride=COLS, column_stride=1,
+                        split=0, tile_rows=ROWS, tiles_per_matrix=1, view_rows=view_rows, matrices=1, global_rows=1,
+                        global_numel=n, holds_columns=1, **self._batch_fields([]))
+        R, C = p.shape[-2], p.shape[-1]
+        matrices = math.prod(p.shape[:-2])
+        dims = _batch_dims(p)
+        if len(dims) > kernels.MAX_BATCH_DIMS:
+            raise ValueError(f"Adafactor: a parameter of shape {tuple(p.shape)} and strides {p.stride()} has more "
+                             f"than {kernels.MAX_BATCH_DIMS} leading dims that cannot be walked as one; make it "
+                             "contiguous")
+        split = R > ROWS
+        if split:
+            tile_rows = ROWS * math.ceil(math.sqrt(_cdiv(R, ROWS)))
+            tiles_per_matrix = _cdiv(R, tile_rows)
+        else:
+            tile_rows, tiles_per_matrix = (ROWS // max(R, 1)) * R, 1
+        return dict(numel=n, rows=max(R, 1), columns=C, factored=1, row_stride=p.stride(-2),
+                    column_stride=p.stride(-1), split=int(split), tile_rows=tile_rows,
+                    tiles_per_matrix=tiles_per_matrix, view_rows=matrices * R, matrices=matrices, global_rows=R,
+                    global_numel=n, holds_columns=1, **self._batch_fields(dims))
+
+    @staticmethod
+    def _batch_fields(dims: list) -> dict:
+        dims = dims + [(1, 0)] * (kernels.MAX_BATCH_DIMS - len(dims))
+        return {**{f"batch_size_{d}": size for d, (size, _) in enumerate(dims)},
+                **{f"batch_stride_{d}": stride for d, (_, stride) in enumerate(dims)}}
+
+    def _schedule(self) -> tuple:
+        return self.tile_tensor, self.tile_row, self.meta, self.offsets, self.n_blocks, self.n_tensors
+
+    def matches(self, roles: list[list[torch.Tensor]]) -> bool:
+        """Same shapes and strides (the tiles still fit); addresses may have changed."""
+        return tuple((p.shape, p.stride()) for p in roles[0]) == self.layout
+
+    def launch(self, algorithm, hyperparameters: tuple, flags, lr: float, lr_ptr, step_args, epoch,
+               sum_groups: tuple) -> None:
+        """One step: the algorithm's three kernels (``_launch.launch_step``'s arguments), the
+        norms summed over the ranks sharing the tensors between the second and the third."""
+        sums, sum_partials = self.sum_buffers(len(algorithm.sums))
+        args = (*self.schedule, *self.bases, self.counter, self.column_sums, self.matrix_sums, self.partials, sums,
+                sum_partials, lr, lr_ptr, *hyperparameters, step_args.grad_scale, step_args.found_inf,
+                step_args.seed, epoch)
+        constexprs = dict(FLAGS=flags, LR_ON_DEVICE=lr_ptr is not None, HAS_FOUND_INF=step_args.found_inf is not None,
+                          COUNT_EPOCH=epoch is not None, UNIT_STRIDE=self.unit_stride, ROWS=self.rows, COLS=self.cols)
+        for kernel in algorithm.tiles:
+            _launch.launch(_FLOAT64[kernel] if self.float64 else kernel, self.grid, args, constexprs, self.num_warps,
+                           persistent=True)
+            if kernel is algorithm.tiles[1]:
+                for group in sum_groups:
+                    torch.distributed.all_reduce(sums, group=group)
