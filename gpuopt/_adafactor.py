@@ -23,7 +23,7 @@ from .kernels._multi_tensor import float64_variant
 
 # (ROWS, COLS, warps): on a GPU 2048 elements a tile step (8 fp32 a thread, as the walk's blocks);
 # the interpreter's small tiles make the tests' small tensors packed, split and multi-column.
-GPU_TILE, INTERPRETER_TILE = (16, 128, 8), (4, 16, 4)
+GPU_TILE, INTERPRETER_TILE = (16, 128, 8), (64, 64, 4)
 _FLOAT64 = {kernel: float64_variant(kernel, kernels.FLOAT_ARGUMENTS) for kernel in kernels.ADAFACTOR.tiles}
 
 
@@ -58,6 +58,7 @@ class TilePlan(LaunchPlan):
         gpu_config = use_gpu_config(self.device)
         self.rows, self.cols, self.num_warps = GPU_TILE if gpu_config else INTERPRETER_TILE
         table, tile_tensor, tile_row = [], [], []
+        self.batch_dims = 0  # (the most leading dims a tensor walks: the kernels' BATCH_DIMS)
         bases = dict(column_base=0, matrix_base=0, partial_base=0, counter_base=1 + self.n_tensors)
         for t, p in enumerate(params):
             meta = dict(self._geometry(p), first_tile=len(tile_tensor), **bases)
@@ -126,8 +127,8 @@ class TilePlan(LaunchPlan):
                     tiles_per_matrix=tiles_per_matrix, view_rows=matrices * R, matrices=matrices, global_rows=R,
                     global_numel=n, holds_columns=1, **self._batch_fields(dims))
 
-    @staticmethod
-    def _batch_fields(dims: list) -> dict:
+    def _batch_fields(self, dims: list) -> dict:
+        self.batch_dims = max(self.batch_dims, len(dims))
         dims = dims + [(1, 0)] * (kernels.MAX_BATCH_DIMS - len(dims))
         return {**{f"batch_size_{d}": size for d, (size, _) in enumerate(dims)},
                 **{f"batch_stride_{d}": stride for d, (_, stride) in enumerate(dims)}}
@@ -148,7 +149,8 @@ class TilePlan(LaunchPlan):
                 sum_partials, lr, lr_ptr, *hyperparameters, step_args.grad_scale, step_args.found_inf,
                 step_args.seed, epoch)
         constexprs = dict(FLAGS=flags, LR_ON_DEVICE=lr_ptr is not None, HAS_FOUND_INF=step_args.found_inf is not None,
-                          COUNT_EPOCH=epoch is not None, UNIT_STRIDE=self.unit_stride, ROWS=self.rows, COLS=self.cols)
+                          COUNT_EPOCH=epoch is not None, UNIT_STRIDE=self.unit_stride, BATCH_DIMS=self.batch_dims,
+                          ROWS=self.rows, COLS=self.cols)
         for kernel in algorithm.tiles:
             _launch.launch(_FLOAT64[kernel] if self.float64 else kernel, self.grid, args, constexprs, self.num_warps,
                            persistent=True)

@@ -24,6 +24,9 @@ the caller's current CuPy stream, and ``batch_norm`` returns an array of the cal
 
 from __future__ import annotations
 
+import torch
+
+from ._adafactor import TilePlan
 from ._arrays import accepts_arrays
 from ._batch_norm import batch_norm as _batch_norm
 from ._batch_norm import batch_norm_backward as _batch_norm_backward
@@ -31,6 +34,7 @@ from ._batch_norm import batch_norm_forward as _batch_norm_forward
 from ._multi_tensor import run_functional
 from ._muon import Orthogonalizer
 from .kernels import adadelta as adadelta_kernel
+from .kernels import adafactor as adafactor_kernel
 from .kernels import adagrad as adagrad_kernel
 from .kernels import adam as adam_kernel
 from .kernels import lamb as lamb_kernel
@@ -188,6 +192,27 @@ def adamw_schedule_free(params, grads, zs, exp_avg_sqs, *, lr, ckp1, step, beta1
                    y_rate=lr * (beta1 * (1.0 - ckp1) - 1.0), z_rate=lr, maximize=maximize)
     run_functional("AdamWScheduleFree", schedule_free_kernel.SCHEDULE_FREE, roles, options, lr=lr,
                    grad_scale=grad_scale, found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding)
+
+
+@accepts_arrays(read=("grads", "grad_scale", "found_inf", "lr"))
+def adafactor(params, grads, row_vars, col_vars, variances, state_steps, *, lr=1e-2, beta2_decay=-0.8, eps1=None,
+              eps2=1e-3, d=1.0, weight_decay=0.0, maximize=False, master_params=None, stochastic_rounding=False,
+              grad_scale=None, found_inf=None, seed=0):
+    """One Adafactor step; see :class:`gpuopt.Adafactor` (three launches per group). As in
+    ``torch.optim.adafactor``: ``row_vars`` / ``col_vars`` hold the factors of parameters of 2+
+    dims (shapes ``[..., R, 1]`` and ``[..., 1, C]``, contiguous) and ``None`` for the others,
+    ``variances`` the reverse; ``eps1=None`` is the machine epsilon of ``params[0]``'s dtype."""
+    if eps1 is None and params:
+        eps1 = torch.finfo(params[0].dtype).eps
+    # (a parameter without a state: its other state stands in; the kernels never touch it)
+    row_vars = [variance if row is None else row for row, variance in zip(row_vars, variances)]
+    col_vars = [variance if column is None else column for column, variance in zip(col_vars, variances)]
+    variances = [row if variance is None else variance for variance, row in zip(variances, row_vars)]
+    roles = dict(param=params, grad=grads, step=state_steps, row_var=row_vars, col_var=col_vars, variance=variances,
+                 master=master_params)
+    options = dict(beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, d=d, weight_decay=weight_decay, maximize=maximize)
+    run_functional("Adafactor", adafactor_kernel.ADAFACTOR, roles, options, lr=lr, grad_scale=grad_scale,
+                   found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding, plan_type=TilePlan)
 
 
 @accepts_arrays(read=("input", "weight", "bias"))

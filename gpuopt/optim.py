@@ -538,8 +538,8 @@ class Adafactor(FusedOptimizer):
 
     def _options(self, group):
         eps1, eps2 = group["eps"]
-        if eps1 is None:  # torch's: the machine epsilon of the first parameter stepped
-            params = group["params"]
+        params = [p for p in group["params"] if isinstance(p, torch.Tensor)]  # (a loaded group lists ids)
+        if eps1 is None and params:  # torch's: the machine epsilon of the first parameter stepped
             eps1 = torch.finfo(next((p for p in params if p.grad is not None), params[0]).dtype).eps
         return dict(beta2_decay=group["beta2_decay"], eps1=eps1, eps2=eps2, d=group["d"],
                     weight_decay=group["weight_decay"], maximize=group["maximize"])

@@ -34,8 +34,7 @@ import triton
 import triton.language as tl
 
 from ._multi_tensor import (Algorithm, finish_launch, fold_sums, hyper, lerp, load_compute, load_grad, load_param,
-                            rounded_as, scalar, step_flags, step_is_skipped, store_as, store_param, tensor_ptr,
-                            widened)
+                            rounded_as, scalar, step_flags, step_is_skipped, store_as, store_param, widened)
 
 ROLES = ("param", "grad", "step", "row_var", "col_var", "variance", "master")
 HYPER = ("beta2_decay", "eps1", "eps2", "d", "weight_decay")
@@ -53,59 +52,67 @@ META = ("numel",  # its elements
         "column_base", "matrix_base", "partial_base", "counter_base",  # its first scratch slots
         "global_rows", "global_numel",  # R and numel of the whole tensor (the means' and RMS's divisors)
         "holds_columns",  # this rank holds its col_var (all but one of the ranks sharing its rows do not)
-        "batch_size_0", "batch_size_1", "batch_size_2",  # the leading dims, innermost first (1: none)
-        "batch_stride_0", "batch_stride_1", "batch_stride_2")
+        "batch_size_0", "batch_stride_0", "batch_size_1", "batch_stride_1",  # the leading dims that cannot
+        "batch_size_2", "batch_stride_2")  # be walked as one, innermost first (size 1: none)
 N_META = tl.constexpr(len(META))
 MAX_BATCH_DIMS = tl.constexpr(3)
 _NUMEL, _ROWS, _COLUMNS, _FACTORED, _ROW_STRIDE, _COLUMN_STRIDE, _SPLIT, _TILE_ROWS, _TILES_PER_MATRIX, \
     _VIEW_ROWS, _FIRST_TILE, _N_TILES, _COLUMN_BASE, _MATRIX_BASE, _PARTIAL_BASE, _COUNTER_BASE, _GLOBAL_ROWS, \
-    _GLOBAL_NUMEL, _HOLDS_COLUMNS, _BATCH_SIZE, _, _, _BATCH_STRIDE, _, _ = map(tl.constexpr, range(len(META)))
-_PARAM, _GRAD, _STEP, _ROW_VAR, _COL_VAR, _VARIANCE, _MASTER = map(tl.constexpr, range(len(ROLES)))
+    _GLOBAL_NUMEL, _HOLDS_COLUMNS, _BATCH = map(tl.constexpr, range(len(META) - 2 * MAX_BATCH_DIMS + 1))
+N_ROLES = tl.constexpr(len(ROLES))
+_STEP = tl.constexpr(ROLES.index("step"))
 
 
 @triton.jit
-def _field(meta_ptr, t, field: tl.constexpr):
-    return tl.load(meta_ptr + t * N_META + field)
+def _geometry(meta_ptr, t, BATCH_DIMS: tl.constexpr):
+    """Tensor ``t``'s row of the table, a tuple indexed by the ``META`` positions (``_ROWS``, ...),
+    with the first ``BATCH_DIMS`` leading dims'."""
+    row = meta_ptr + t * N_META
+    fields = ()
+    for field in tl.static_range(_BATCH + 2 * BATCH_DIMS):
+        fields = fields + (tl.load(row + field),)
+    return fields
 
 
 @triton.jit
-def _tile_end(meta_ptr, t, q0):
+def _tile_end(geometry, q0):
     """One past the last row of the tile starting at row ``q0``: a split matrix's tile stops at
     its matrix's end, a packed tile holds whole matrices."""
-    end = q0 + _field(meta_ptr, t, _TILE_ROWS)
-    R = _field(meta_ptr, t, _ROWS)
-    return tl.minimum(end, tl.where(_field(meta_ptr, t, _SPLIT) != 0, (q0 // R + 1) * R,
-                                    _field(meta_ptr, t, _VIEW_ROWS)))
+    end = q0 + geometry[_TILE_ROWS]
+    R = geometry[_ROWS]
+    return tl.minimum(end, tl.where(geometry[_SPLIT] != 0, (q0 // R + 1) * R,
+                                    geometry[_VIEW_ROWS]))
 
 
 @triton.jit
-def _rows(meta_ptr, t, q0, end, sub, ROWS: tl.constexpr):
+def _rows(geometry, q0, end, sub, ROWS: tl.constexpr, BATCH_DIMS: tl.constexpr):
     """Rows ``sub·ROWS ...`` of the tile starting at row ``q0``: their row index q = b·R + r (matrix
     b, row r; also their index in row_var), which of them the tile has, b, and the element
-    offset of each row's first column, from the strides (any dense layout)."""
+    offset of each row's first column, from the strides (any dense layout; ``BATCH_DIMS``: the
+    most leading dims a tensor of the launch has that cannot be walked as one)."""
     q = q0 + sub * ROWS + tl.arange(0, ROWS)
-    R = _field(meta_ptr, t, _ROWS)
+    R = geometry[_ROWS]
     b = q // R
-    offset = (q - b * R) * _field(meta_ptr, t, _ROW_STRIDE)
+    offset = (q - b * R) * geometry[_ROW_STRIDE]
     rest = b
-    for d in tl.static_range(MAX_BATCH_DIMS):
-        size = _field(meta_ptr, t, _BATCH_SIZE + d)
-        offset += (rest % size) * _field(meta_ptr, t, _BATCH_STRIDE + d)
+    for d in tl.static_range(BATCH_DIMS):
+        size = geometry[_BATCH + 2 * d]
+        offset += (rest % size) * geometry[_BATCH + 2 * d + 1]
         rest = rest // size
     return q, q < end, b, offset
 
 
 @triton.jit
-def _columns(meta_ptr, t, q, rows_in, row_offsets, c0, COLS: tl.constexpr, UNIT_STRIDE: tl.constexpr):
+def _columns(geometry, q, rows_in, row_offsets, c0, COLS: tl.constexpr, UNIT_STRIDE: tl.constexpr):
     """Columns ``c0 ...`` of those rows: the column indices, each element's offset, and the mask
     (a 0/1-dim tensor's last row stops at its numel)."""
-    C = _field(meta_ptr, t, _COLUMNS)
+    C = geometry[_COLUMNS]
     cols = c0 + tl.arange(0, COLS)
     if UNIT_STRIDE:  # (the compiler then sees contiguous columns)
         offsets = row_offsets[:, None] + cols[None, :]
     else:
-        offsets = row_offsets[:, None] + cols[None, :] * _field(meta_ptr, t, _COLUMN_STRIDE)
-    mask = rows_in[:, None] & (cols < C)[None, :] & (q[:, None] * C + cols[None, :] < _field(meta_ptr, t, _NUMEL))
+        offsets = row_offsets[:, None] + cols[None, :] * geometry[_COLUMN_STRIDE]
+    mask = rows_in[:, None] & (cols < C)[None, :] & (q[:, None] * C + cols[None, :] < geometry[_NUMEL])
     return cols, offsets, mask
 
 
@@ -117,27 +124,28 @@ def _next_columns(column_sums_ptr, col_var_ptr, index, sums, mask, w, rows, hold
 
 
 @triton.jit
-def _factored_statistics(i, t, q0, meta_ptr, grad_ptr, row_var_ptr, col_var_ptr, column_sums_ptr, matrix_sums_ptr,
+def _factored_statistics(i, geometry, q0, end, grad_ptr, row_var_ptr, col_var_ptr, column_sums_ptr, matrix_sums_ptr,
                          partials_ptr, counter_ptr, w, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr,
-                         UNIT_STRIDE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+                         UNIT_STRIDE: tl.constexpr, BATCH_DIMS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """Launch 1 on one tile of a tensor of 2+ dims (module docstring)."""
-    R = _field(meta_ptr, t, _ROWS)
-    C = _field(meta_ptr, t, _COLUMNS)
-    split = _field(meta_ptr, t, _SPLIT) != 0
-    rows = _field(meta_ptr, t, _GLOBAL_ROWS).to(w.dtype)
-    holds = _field(meta_ptr, t, _HOLDS_COLUMNS) != 0
-    columns = column_sums_ptr + _field(meta_ptr, t, _COLUMN_BASE)
-    matrices = matrix_sums_ptr + _field(meta_ptr, t, _MATRIX_BASE)
-    end = _tile_end(meta_ptr, t, q0)
+    R = geometry[_ROWS]
+    C = geometry[_COLUMNS]
+    split = geometry[_SPLIT] != 0
+    rows = geometry[_GLOBAL_ROWS].to(w.dtype)
+    holds = geometry[_HOLDS_COLUMNS] != 0
+    columns = column_sums_ptr + geometry[_COLUMN_BASE]
+    matrices = matrix_sums_ptr + geometry[_MATRIX_BASE]
     b0 = q0 // R
     packed = tl.cdiv(end - q0, R)  # matrices of a packed tile
-    partial = partials_ptr + _field(meta_ptr, t, _PARTIAL_BASE) + (i - _field(meta_ptr, t, _FIRST_TILE)) * (C + 1)
+    partial = partials_ptr + geometry[_PARTIAL_BASE] + (i - geometry[_FIRST_TILE]) * (C + 1)
     matrix_sum = tl.zeros([], w.dtype)
     for sub in range(0, tl.cdiv(end - q0, ROWS)):
-        q, rows_in, b, row_offsets = _rows(meta_ptr, t, q0, end, sub, ROWS)
+        q, rows_in, b, row_offsets = _rows(geometry, q0, end, sub, ROWS, BATCH_DIMS)
+        k = tl.arange(0, ROWS)
+        mine = (b[None, :] == b0 + k[:, None]) & rows_in[None, :]  # [k, row]: the row is of the tile's k-th matrix
         row_sum = tl.zeros([ROWS], w.dtype)
         for c0 in range(0, C, COLS):
-            cols, offsets, mask = _columns(meta_ptr, t, q, rows_in, row_offsets, c0, COLS, UNIT_STRIDE)
+            cols, offsets, mask = _columns(geometry, q, rows_in, row_offsets, c0, COLS, UNIT_STRIDE)
             g = load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE, False)
             g2 = tl.where(mask, g * g, 0.0)
             row_sum += tl.sum(g2, axis=1)
@@ -145,25 +153,24 @@ def _factored_statistics(i, t, q0, meta_ptr, grad_ptr, row_var_ptr, col_var_ptr,
                 tl.debug_barrier()  # (the previous sub-tile's stores, by other threads)
                 earlier = tl.load(partial + cols, mask=(cols < C) & (sub > 0), other=0.0)
                 tl.store(partial + cols, earlier + tl.sum(g2, axis=0), mask=cols < C)
-            else:
-                for k in range(0, packed):
-                    sums = tl.sum(tl.where((b == b0 + k)[:, None], g2, 0.0), axis=0)
-                    _next_columns(columns, col_var_ptr, (b0 + k) * C + cols, sums, cols < C, w, rows, holds)
+            else:  # a packed tile: the column sums of each of its matrices at once (exact: fp32 FMAs)
+                sums = tl.dot(mine.to(g2.dtype), g2, input_precision="ieee")
+                _next_columns(columns, col_var_ptr, (b0 + k)[:, None] * C + cols[None, :], sums,
+                              (k < packed)[:, None] & (cols < C)[None, :], w, rows, holds)
         r = lerp(load_compute(row_var_ptr + q, rows_in), row_sum / C, w)
         store_as(row_var_ptr + q, r, rows_in)
         r = tl.where(rows_in, widened(rounded_as(r, row_var_ptr)), 0.0)  # (as stored: what mean_R r reads)
         if split:
             matrix_sum += tl.sum(r, axis=0)
         else:
-            for k in range(0, packed):
-                tl.store(matrices + b0 + k, tl.sum(tl.where(b == b0 + k, r, 0.0), axis=0))
+            tl.store(matrices + b0 + k, tl.sum(tl.where(mine, r[None, :], 0.0), axis=1), mask=k < packed)
     if split:  # the last tile of the matrix to arrive adds up the tiles' sums (Σ_R r rides as column C)
         tl.store(partial + C, matrix_sum)
         tl.debug_barrier()
-        counter = counter_ptr + _field(meta_ptr, t, _COUNTER_BASE) + b0
-        tiles = _field(meta_ptr, t, _TILES_PER_MATRIX)
+        counter = counter_ptr + geometry[_COUNTER_BASE] + b0
+        tiles = geometry[_TILES_PER_MATRIX]
         if tl.atomic_add(counter, 1, sem="acq_rel") == tiles - 1:
-            first = partials_ptr + _field(meta_ptr, t, _PARTIAL_BASE) + b0 * tiles * (C + 1)
+            first = partials_ptr + geometry[_PARTIAL_BASE] + b0 * tiles * (C + 1)
             for c0 in range(0, C + 1, COLS):
                 cols = c0 + tl.arange(0, COLS)
                 sums = tl.zeros([COLS], w.dtype)
@@ -175,33 +182,32 @@ def _factored_statistics(i, t, q0, meta_ptr, grad_ptr, row_var_ptr, col_var_ptr,
 
 
 @triton.jit
-def _variance_statistics(t, q0, meta_ptr, grad_ptr, variance_ptr, w, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr,
-                         ROWS: tl.constexpr, COLS: tl.constexpr):
+def _variance_statistics(geometry, q0, end, grad_ptr, variance_ptr, w, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr,
+                         BATCH_DIMS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """Launch 1 on one tile of a tensor of 0/1 dims: V ← lerp(V, g², w)."""
-    end = _tile_end(meta_ptr, t, q0)
     for sub in range(0, tl.cdiv(end - q0, ROWS)):
-        q, rows_in, _, row_offsets = _rows(meta_ptr, t, q0, end, sub, ROWS)
-        _, offsets, mask = _columns(meta_ptr, t, q, rows_in, row_offsets, 0, COLS, True)
+        q, rows_in, _, row_offsets = _rows(geometry, q0, end, sub, ROWS, BATCH_DIMS)
+        _, offsets, mask = _columns(geometry, q, rows_in, row_offsets, 0, COLS, True)
         g = load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE, False)
         store_as(variance_ptr + offsets, lerp(load_compute(variance_ptr + offsets, mask), g * g, w), mask)
 
 
 @triton.jit
-def _row_factors(meta_ptr, t, q, rows_in, b, row_var_ptr, matrix_sums_ptr, eps1, factored):
+def _row_factors(geometry, q, rows_in, b, row_var_ptr, matrix_sums_ptr, eps1, factored):
     """Per row, r and max(mean_R r, ε1) of its matrix (zeros for a 0/1-dim tensor)."""
     rows_in = tl.where(factored, rows_in, False)
     r = widened(tl.load(row_var_ptr + q, mask=rows_in, other=0.0))
-    sums = tl.load(matrix_sums_ptr + _field(meta_ptr, t, _MATRIX_BASE) + b, mask=rows_in, other=1.0)
-    return r, tl.maximum(sums / _field(meta_ptr, t, _GLOBAL_ROWS).to(sums.dtype), eps1)
+    sums = tl.load(matrix_sums_ptr + geometry[_MATRIX_BASE] + b, mask=rows_in, other=1.0)
+    return r, tl.maximum(sums / geometry[_GLOBAL_ROWS].to(sums.dtype), eps1)
 
 
 @triton.jit
-def _direction(g, offsets, mask, cols, b, r, mean, meta_ptr, t, col_var_ptr, variance_ptr, column_sums_ptr, eps1,
+def _direction(g, offsets, mask, cols, b, r, mean, geometry, col_var_ptr, variance_ptr, column_sums_ptr, eps1,
                factored):
     """u = g / sqrt(max(V, ε1²)), V = r c / max(mean_R r, ε1) (c the new col_var, as it will be
     stored) or the variance."""
     if factored:
-        index = _field(meta_ptr, t, _COLUMN_BASE) + b[:, None] * _field(meta_ptr, t, _COLUMNS) + cols[None, :]
+        index = geometry[_COLUMN_BASE] + b[:, None] * geometry[_COLUMNS] + cols[None, :]
         c = widened(rounded_as(tl.load(column_sums_ptr + index, mask=mask), col_var_ptr))
         v = r[:, None] * c / mean[:, None]
     else:
@@ -215,11 +221,17 @@ def _direction(g, offsets, mask, cols, b, r, mean, meta_ptr, t, col_var_ptr, var
 
 
 @triton.jit
-def _tile(i, tile_tensor_ptr, tile_row_ptr, offsets_ptr, n_tensors, step_base, lr):
-    """Schedule entry ``i``: its tensor, first row, and the tensor's step number this step."""
+def _tile(i, tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tensors, bases, lr, BATCH_DIMS: tl.constexpr):
+    """Schedule entry ``i``: its tensor t, t's pointer in each role (``ROLES`` order) and
+    ``_geometry``, the tile's first row and one past its last, and t's step number this step."""
     t = tl.load(tile_tensor_ptr + i)
-    step = tl.load(tensor_ptr(step_base, offsets_ptr, _STEP, t, n_tensors, False)).to(lr.dtype) + 1.0
-    return t, tl.load(tile_row_ptr + i), step
+    ptrs = ()
+    for role in tl.static_range(N_ROLES):
+        ptrs = ptrs + (bases[role] + tl.load(offsets_ptr + role * n_tensors + t),)
+    geometry = _geometry(meta_ptr, t, BATCH_DIMS)
+    q0 = tl.load(tile_row_ptr + i)
+    step = tl.load(ptrs[_STEP]).to(lr.dtype) + 1.0
+    return t, ptrs, geometry, q0, _tile_end(geometry, q0), step
 
 
 @triton.jit
@@ -228,24 +240,24 @@ def _statistics(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n
                 counter_ptr, column_sums_ptr, matrix_sums_ptr, partials_ptr, sums_ptr, sum_partials_ptr,
                 lr, lr_ptr, beta2_decay, eps1, eps2, d, weight_decay, grad_scale_ptr, found_inf_ptr, seed, epoch_ptr,
                 FLAGS: tl.constexpr, LR_ON_DEVICE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                COUNT_EPOCH: tl.constexpr, UNIT_STRIDE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+                COUNT_EPOCH: tl.constexpr, UNIT_STRIDE: tl.constexpr, BATCH_DIMS: tl.constexpr, ROWS: tl.constexpr,
+                COLS: tl.constexpr):
     """Launch 1: the second-moment statistics (module docstring)."""
+    bases = (param_base, grad_base, step_base, row_var_base, col_var_base, variance_base, master_base)
     lr = scalar(lr, lr_ptr, LR_ON_DEVICE, param_base)
     if not step_is_skipped(found_inf_ptr, HAS_FOUND_INF):
         for i in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-            t, q0, step = _tile(i, tile_tensor_ptr, tile_row_ptr, offsets_ptr, n_tensors, step_base, lr)
+            t, ptrs, geometry, q0, end, step = _tile(i, tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr,
+                                                     n_tensors, bases, lr, BATCH_DIMS)
+            _, grad_ptr, _, row_var_ptr, col_var_ptr, variance_ptr, _ = ptrs
             w = tl.exp(hyper(beta2_decay, param_base) * tl.log(step))
-            grad_ptr = tensor_ptr(grad_base, offsets_ptr, _GRAD, t, n_tensors, False)
-            if _field(meta_ptr, t, _FACTORED) != 0:
-                _factored_statistics(i, t, q0, meta_ptr, grad_ptr,
-                                     tensor_ptr(row_var_base, offsets_ptr, _ROW_VAR, t, n_tensors, False),
-                                     tensor_ptr(col_var_base, offsets_ptr, _COL_VAR, t, n_tensors, False),
-                                     column_sums_ptr, matrix_sums_ptr, partials_ptr, counter_ptr, w, grad_scale_ptr,
-                                     FLAGS.has_grad_scale, UNIT_STRIDE, ROWS, COLS)
+            if geometry[_FACTORED] != 0:
+                _factored_statistics(i, geometry, q0, end, grad_ptr, row_var_ptr, col_var_ptr, column_sums_ptr,
+                                     matrix_sums_ptr, partials_ptr, counter_ptr, w, grad_scale_ptr,
+                                     FLAGS.has_grad_scale, UNIT_STRIDE, BATCH_DIMS, ROWS, COLS)
             else:
-                _variance_statistics(t, q0, meta_ptr, grad_ptr,
-                                     tensor_ptr(variance_base, offsets_ptr, _VARIANCE, t, n_tensors, False), w,
-                                     grad_scale_ptr, FLAGS.has_grad_scale, ROWS, COLS)
+                _variance_statistics(geometry, q0, end, grad_ptr, variance_ptr, w, grad_scale_ptr,
+                                     FLAGS.has_grad_scale, BATCH_DIMS, ROWS, COLS)
 
 
 @triton.jit
@@ -254,35 +266,32 @@ def _norms(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n_tens
            counter_ptr, column_sums_ptr, matrix_sums_ptr, partials_ptr, sums_ptr, sum_partials_ptr,
            lr, lr_ptr, beta2_decay, eps1, eps2, d, weight_decay, grad_scale_ptr, found_inf_ptr, seed, epoch_ptr,
            FLAGS: tl.constexpr, LR_ON_DEVICE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-           COUNT_EPOCH: tl.constexpr, UNIT_STRIDE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+           COUNT_EPOCH: tl.constexpr, UNIT_STRIDE: tl.constexpr, BATCH_DIMS: tl.constexpr, ROWS: tl.constexpr,
+           COLS: tl.constexpr):
     """Launch 2: each tensor's Σ W² and Σ u², into ``sums`` (two a tensor, ``SUMS``)."""
+    bases = (param_base, grad_base, step_base, row_var_base, col_var_base, variance_base, master_base)
     lr = scalar(lr, lr_ptr, LR_ON_DEVICE, param_base)
     eps1 = hyper(eps1, param_base)
     if not step_is_skipped(found_inf_ptr, HAS_FOUND_INF):
         for i in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-            t, q0, _ = _tile(i, tile_tensor_ptr, tile_row_ptr, offsets_ptr, n_tensors, step_base, lr)
-            param_ptr = tensor_ptr(param_base, offsets_ptr, _PARAM, t, n_tensors, False)
-            grad_ptr = tensor_ptr(grad_base, offsets_ptr, _GRAD, t, n_tensors, False)
-            row_var_ptr = tensor_ptr(row_var_base, offsets_ptr, _ROW_VAR, t, n_tensors, False)
-            col_var_ptr = tensor_ptr(col_var_base, offsets_ptr, _COL_VAR, t, n_tensors, False)
-            variance_ptr = tensor_ptr(variance_base, offsets_ptr, _VARIANCE, t, n_tensors, False)
-            master_ptr = tensor_ptr(master_base, offsets_ptr, _MASTER, t, n_tensors, False)
-            factored = _field(meta_ptr, t, _FACTORED) != 0
-            end = _tile_end(meta_ptr, t, q0)
+            t, ptrs, geometry, q0, end, step = _tile(i, tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr,
+                                                     n_tensors, bases, lr, BATCH_DIMS)
+            param_ptr, grad_ptr, _, row_var_ptr, col_var_ptr, variance_ptr, master_ptr = ptrs
+            factored = geometry[_FACTORED] != 0
             param_sq = tl.zeros([], lr.dtype)
             update_sq = tl.zeros([], lr.dtype)
             for sub in range(0, tl.cdiv(end - q0, ROWS)):
-                q, rows_in, b, row_offsets = _rows(meta_ptr, t, q0, end, sub, ROWS)
-                r, mean = _row_factors(meta_ptr, t, q, rows_in, b, row_var_ptr, matrix_sums_ptr, eps1, factored)
-                for c0 in range(0, _field(meta_ptr, t, _COLUMNS), COLS):
-                    cols, offsets, mask = _columns(meta_ptr, t, q, rows_in, row_offsets, c0, COLS, UNIT_STRIDE)
+                q, rows_in, b, row_offsets = _rows(geometry, q0, end, sub, ROWS, BATCH_DIMS)
+                r, mean = _row_factors(geometry, q, rows_in, b, row_var_ptr, matrix_sums_ptr, eps1, factored)
+                for c0 in range(0, geometry[_COLUMNS], COLS):
+                    cols, offsets, mask = _columns(geometry, q, rows_in, row_offsets, c0, COLS, UNIT_STRIDE)
                     g = load_grad(grad_ptr, offsets, mask, grad_scale_ptr, FLAGS.has_grad_scale, FLAGS.maximize)
                     weight = load_param(param_ptr, master_ptr, offsets, mask, FLAGS.has_master)
-                    u = _direction(g, offsets, mask, cols, b, r, mean, meta_ptr, t, col_var_ptr, variance_ptr,
+                    u = _direction(g, offsets, mask, cols, b, r, mean, geometry, col_var_ptr, variance_ptr,
                                    column_sums_ptr, eps1, factored)
                     param_sq += tl.sum(tl.where(mask, weight * weight, 0.0))
                     update_sq += tl.sum(tl.where(mask, u * u, 0.0))
-            fold_sums((param_sq, update_sq), i, t, _field(meta_ptr, t, _FIRST_TILE), _field(meta_ptr, t, _N_TILES),
+            fold_sums((param_sq, update_sq), i, t, geometry[_FIRST_TILE], geometry[_N_TILES],
                       counter_ptr, sum_partials_ptr, sums_ptr, 2, COLS)
 
 
@@ -292,8 +301,10 @@ def _update(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n_ten
             counter_ptr, column_sums_ptr, matrix_sums_ptr, partials_ptr, sums_ptr, sum_partials_ptr,
             lr, lr_ptr, beta2_decay, eps1, eps2, d, weight_decay, grad_scale_ptr, found_inf_ptr, seed, epoch_ptr,
             FLAGS: tl.constexpr, LR_ON_DEVICE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-            COUNT_EPOCH: tl.constexpr, UNIT_STRIDE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+            COUNT_EPOCH: tl.constexpr, UNIT_STRIDE: tl.constexpr, BATCH_DIMS: tl.constexpr, ROWS: tl.constexpr,
+            COLS: tl.constexpr):
     """Launch 3: W ← W (1 - lr λ) - α / max(1, RMS(u)/d) · u; col_var ← c_next; step + 1."""
+    bases = (param_base, grad_base, step_base, row_var_base, col_var_base, variance_base, master_base)
     lr = scalar(lr, lr_ptr, LR_ON_DEVICE, param_base)
     eps1 = hyper(eps1, param_base)
     eps2 = hyper(eps2, param_base)
@@ -306,36 +317,31 @@ def _update(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n_ten
         epoch = 0
     if not skipped:
         for i in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-            t, q0, step = _tile(i, tile_tensor_ptr, tile_row_ptr, offsets_ptr, n_tensors, step_base, lr)
-            param_ptr = tensor_ptr(param_base, offsets_ptr, _PARAM, t, n_tensors, False)
-            grad_ptr = tensor_ptr(grad_base, offsets_ptr, _GRAD, t, n_tensors, False)
-            row_var_ptr = tensor_ptr(row_var_base, offsets_ptr, _ROW_VAR, t, n_tensors, False)
-            col_var_ptr = tensor_ptr(col_var_base, offsets_ptr, _COL_VAR, t, n_tensors, False)
-            variance_ptr = tensor_ptr(variance_base, offsets_ptr, _VARIANCE, t, n_tensors, False)
-            master_ptr = tensor_ptr(master_base, offsets_ptr, _MASTER, t, n_tensors, False)
-            factored = _field(meta_ptr, t, _FACTORED) != 0
-            numel = tl.maximum(_field(meta_ptr, t, _GLOBAL_NUMEL), 1).to(lr.dtype)
+            t, ptrs, geometry, q0, end, step = _tile(i, tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr,
+                                                     n_tensors, bases, lr, BATCH_DIMS)
+            param_ptr, grad_ptr, _, row_var_ptr, col_var_ptr, variance_ptr, master_ptr = ptrs
+            factored = geometry[_FACTORED] != 0
+            numel = tl.maximum(geometry[_GLOBAL_NUMEL], 1).to(lr.dtype)
             param_rms = tl.sqrt(tl.load(sums_ptr + 2 * t) / numel)
             update_rms = tl.sqrt(tl.load(sums_ptr + 2 * t + 1) / numel)
             alpha = tl.maximum(eps2, param_rms) * tl.minimum(lr, 1.0 / tl.sqrt(step))
             step_size = alpha / tl.maximum(1.0, update_rms / d)
             tensor_seed = seed + t * 7919 + (step.to(tl.int32) + epoch) * 104729  # (as the walk's)
-            end = _tile_end(meta_ptr, t, q0)
             for sub in range(0, tl.cdiv(end - q0, ROWS)):
-                q, rows_in, b, row_offsets = _rows(meta_ptr, t, q0, end, sub, ROWS)
-                r, mean = _row_factors(meta_ptr, t, q, rows_in, b, row_var_ptr, matrix_sums_ptr, eps1, factored)
-                for c0 in range(0, _field(meta_ptr, t, _COLUMNS), COLS):
-                    cols, offsets, mask = _columns(meta_ptr, t, q, rows_in, row_offsets, c0, COLS, UNIT_STRIDE)
+                q, rows_in, b, row_offsets = _rows(geometry, q0, end, sub, ROWS, BATCH_DIMS)
+                r, mean = _row_factors(geometry, q, rows_in, b, row_var_ptr, matrix_sums_ptr, eps1, factored)
+                for c0 in range(0, geometry[_COLUMNS], COLS):
+                    cols, offsets, mask = _columns(geometry, q, rows_in, row_offsets, c0, COLS, UNIT_STRIDE)
                     g = load_grad(grad_ptr, offsets, mask, grad_scale_ptr, FLAGS.has_grad_scale, FLAGS.maximize)
                     weight = load_param(param_ptr, master_ptr, offsets, mask, FLAGS.has_master)
-                    u = _direction(g, offsets, mask, cols, b, r, mean, meta_ptr, t, col_var_ptr, variance_ptr,
+                    u = _direction(g, offsets, mask, cols, b, r, mean, geometry, col_var_ptr, variance_ptr,
                                    column_sums_ptr, eps1, factored)
                     store_param(param_ptr, master_ptr, offsets, mask, weight * decay - step_size * u, tensor_seed,
                                 FLAGS.has_master, FLAGS.stochastic_rounding)
-            if factored and _field(meta_ptr, t, _HOLDS_COLUMNS) != 0:  # c ← c_next, by the matrix's first tile
-                R = _field(meta_ptr, t, _ROWS)
-                C = _field(meta_ptr, t, _COLUMNS)
-                columns = column_sums_ptr + _field(meta_ptr, t, _COLUMN_BASE)
+            if factored and geometry[_HOLDS_COLUMNS] != 0:  # c ← c_next, by the matrix's first tile
+                R = geometry[_ROWS]
+                C = geometry[_COLUMNS]
+                columns = column_sums_ptr + geometry[_COLUMN_BASE]
                 for b in range(tl.cdiv(q0, R), tl.cdiv(end, R)):
                     for c0 in range(0, C, COLS):
                         index = b * C + c0 + tl.arange(0, COLS)
