@@ -16,6 +16,7 @@ import math
 import torch
 
 from . import _launch
+from ._distributed import is_dtensor
 from ._launch import ASSUMED_SM_COUNT, ASSUMED_THREADS_PER_SM, use_gpu_config
 from ._multi_tensor import INTERPRETER_PROGRAMS, LaunchPlan
 from .kernels import adafactor as kernels
@@ -67,6 +68,8 @@ class TilePlan(LaunchPlan):
                           for j in range(meta["tiles_per_matrix"])]
             else:
                 starts = list(range(0, meta["view_rows"], max(meta["tile_rows"], 1)))
+            if meta["factored"] and not roles[kernels.ROLES.index("col_var")][t].numel():
+                meta["holds_columns"] = 0  # a shard without its col_var (FSDP2: all ranks but one)
             starts = starts or [0]  # (an empty tensor keeps one tile: its sums and step)
             meta["n_tiles"] = len(starts)
             tile_tensor += [t] * len(starts)
@@ -81,7 +84,9 @@ class TilePlan(LaunchPlan):
         self.n_blocks = len(tile_tensor)  # (LaunchPlan.sum_buffers: one set of partial sums a schedule entry)
         self.tile_tensor = torch.tensor(tile_tensor, dtype=torch.int32).to(self.device)
         self.tile_row = torch.tensor(tile_row, dtype=torch.int64).to(self.device)
-        self.meta = torch.tensor(table, dtype=torch.int64).to(self.device)
+        self._local_table = torch.tensor(table, dtype=torch.int64)  # (as the local shards see it: shard())
+        self.meta = self._local_table.to(self.device)
+        self.row_groups, self.shared = (), (0, 0)
         self.unit_stride = all(row[kernels.META.index("column_stride")] == 1 for row in table)
         dtype = torch.float64 if self.float64 else torch.float32
         self.column_sums = torch.zeros(max(bases["column_base"], 1), dtype=dtype, device=self.device)
@@ -107,7 +112,8 @@ class TilePlan(LaunchPlan):
         if p.dim() < 2:  # rows of COLS elements
             view_rows = _cdiv(n, COLS)
             return dict(numel=n, rows=max(view_rows, 1), columns=COLS, factored=0, row_stride=COLS, column_stride=1,
-                        split=0, tile_rows=ROWS, tiles_per_matrix=1, view_rows=view_rows, matrices=1, global_rows=1,
+                        split=0, tile_rows=ROWS, tiles_per_matrix=1, view_rows=view_rows, matrices=1,
+                        tile_matrices=1, global_rows=1,
                         global_numel=n, holds_columns=1, **self._batch_fields([]))
         R, C = p.shape[-2], p.shape[-1]
         matrices = math.prod(p.shape[:-2])
@@ -124,7 +130,8 @@ class TilePlan(LaunchPlan):
             tile_rows, tiles_per_matrix = (ROWS // max(R, 1)) * R, 1
         return dict(numel=n, rows=max(R, 1), columns=C, factored=1, row_stride=p.stride(-2),
                     column_stride=p.stride(-1), split=int(split), tile_rows=tile_rows,
-                    tiles_per_matrix=tiles_per_matrix, view_rows=matrices * R, matrices=matrices, global_rows=R,
+                    tiles_per_matrix=tiles_per_matrix, view_rows=matrices * R, matrices=matrices,
+                    tile_matrices=1 if split else ROWS // max(R, 1), global_rows=R,
                     global_numel=n, holds_columns=1, **self._batch_fields(dims))
 
     def _batch_fields(self, dims: list) -> dict:
@@ -140,10 +147,59 @@ class TilePlan(LaunchPlan):
         """Same shapes and strides (the tiles still fit); addresses may have changed."""
         return tuple((p.shape, p.stride()) for p in roles[0]) == self.layout
 
+    def shard(self, params) -> None:
+        """The whole tensors behind the local ones the plan walks (``params``: the launch's
+        parameters as given, DTensors under FSDP2; plain tensors are whole): each tensor's rows
+        and elements in all (the means' and RMS's divisors), and the tensors whose rows are
+        sharded over ranks (``Shard`` of the dim before the last): their column and matrix sums,
+        first in the scratch, are summed over those ranks (``row_groups``) between the first
+        and second launch. Columns may not be sharded: a row's mean would need every rank."""
+        table = self._local_table.clone()
+        field = kernels.META.index
+        shared, layouts = [], set()
+        for t, p in enumerate(params):
+            if not is_dtensor(p):
+                continue
+            table[t, field("global_numel")] = p.numel()
+            if p.dim() < 2:
+                continue
+            sharded = [(mesh_dim, placement.dim) for mesh_dim, placement in enumerate(p.placements)
+                       if placement.is_shard()]
+            if any(dim == p.dim() - 1 for _, dim in sharded):
+                raise NotImplementedError(f"Adafactor: a parameter of shape {tuple(p.shape)} is sharded along its "
+                                          f"last dim ({p.placements}); its row statistics need whole rows on each rank")
+            table[t, field("global_rows")] = p.shape[-2]
+            rows_sharded = tuple(mesh_dim for mesh_dim, dim in sharded if dim == p.dim() - 2)
+            if rows_sharded:
+                shared.append(t)
+                layouts.add((p.device_mesh, rows_sharded))
+        if len(layouts) > 1:
+            raise RuntimeError("Adafactor: the parameters of a group whose rows are sharded must share a mesh and "
+                               "the mesh dims they are sharded over (FSDP2 shards them so)")
+        bases = [0, 0]  # (the next column and matrix sum)
+
+        def place(t):
+            table[t, field("column_base")], table[t, field("matrix_base")] = bases
+            bases[0] += int(table[t, field("matrices")] * table[t, field("columns")])
+            bases[1] += int(table[t, field("matrices")])
+
+        for t in shared:  # the summed ones first, then the others
+            place(t)
+        self.shared = tuple(bases)
+        for t in range(self.n_tensors):
+            if table[t, field("factored")] and t not in shared:
+                place(t)
+        self.meta.copy_(table)
+        self.row_groups = ()
+        if layouts:
+            mesh, dims = layouts.pop()
+            self.row_groups = tuple(mesh.get_group(dim) for dim in dims)
+
     def launch(self, algorithm, hyperparameters: tuple, flags, lr: float, lr_ptr, step_args, epoch,
                sum_groups: tuple) -> None:
         """One step: the algorithm's three kernels (``_launch.launch_step``'s arguments), the
-        norms summed over the ranks sharing the tensors between the second and the third."""
+        sharded rows' column statistics summed over their ranks after the first, the norms over
+        the ranks sharing the tensors after the second."""
         sums, sum_partials = self.sum_buffers(len(algorithm.sums))
         args = (*self.schedule, *self.bases, self.counter, self.column_sums, self.matrix_sums, self.partials, sums,
                 sum_partials, lr, lr_ptr, *hyperparameters, step_args.grad_scale, step_args.found_inf,
@@ -151,9 +207,13 @@ class TilePlan(LaunchPlan):
         constexprs = dict(FLAGS=flags, LR_ON_DEVICE=lr_ptr is not None, HAS_FOUND_INF=step_args.found_inf is not None,
                           COUNT_EPOCH=epoch is not None, UNIT_STRIDE=self.unit_stride, BATCH_DIMS=self.batch_dims,
                           ROWS=self.rows, COLS=self.cols)
-        for kernel in algorithm.tiles:
-            _launch.launch(_FLOAT64[kernel] if self.float64 else kernel, self.grid, args, constexprs, self.num_warps,
-                           persistent=True)
-            if kernel is algorithm.tiles[1]:
-                for group in sum_groups:
-                    torch.distributed.all_reduce(sums, group=group)
+        statistics, norms, update = (_FLOAT64[kernel] if self.float64 else kernel for kernel in algorithm.tiles)
+        _launch.launch(statistics, self.grid, args, constexprs, self.num_warps, persistent=True)
+        columns, matrices = self.shared
+        for group in self.row_groups:
+            torch.distributed.all_reduce(self.column_sums[:columns], group=group)
+            torch.distributed.all_reduce(self.matrix_sums[:matrices], group=group)
+        _launch.launch(norms, self.grid, args, constexprs, self.num_warps, persistent=True)
+        for group in sum_groups:
+            torch.distributed.all_reduce(sums, group=group)
+        _launch.launch(update, self.grid, args, constexprs, self.num_warps, persistent=True)

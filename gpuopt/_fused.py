@@ -12,7 +12,7 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 
 from . import _traced
-from ._distributed import DTensor, check_sharded_pairs, like_dtensor, local, local_roles, shard_groups
+from ._distributed import DTensor, check_sharded_pairs, is_dtensor, like_dtensor, local, local_roles, shard_groups
 from ._launch import launch_step
 from ._multi_tensor import (GRAD_ROLE, LaunchPlan, PlanCache, StepArgs, dense_grads, has_step, needed_roles,
                             on_device, prepare_buckets, step_options)
@@ -184,10 +184,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
         shapes = self._algorithm.state_shapes
         for role in self._state_roles(group):
-            if role in shapes:  # a state of its own shape (or none for this parameter): contiguous zeros
-                shape = shapes[role](p.shape)
+            if role in shapes:  # a state of its own shape (or none for this parameter): contiguous zeros,
+                shape = shapes[role](p.shape)  # placed as its parameter when that is a DTensor
                 if shape is not None and state.get(role) is None:
-                    state[role] = torch.zeros(shape, dtype=self._state_dtype(p, group), device=p.device)
+                    zeros = torch.zeros(shape, dtype=self._state_dtype(p, group), device=p.device)
+                    state[role] = like_dtensor(zeros, p)
             elif state.get(role) is None and role in self._copied_states:
                 state[role] = p.detach().to(dtype=self._state_dtype(p, group), memory_format=torch.preserve_format,
                                             copy=True)
@@ -293,8 +294,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     step = value.detach().reshape(()) if isinstance(value, torch.Tensor) else torch.tensor(float(value))
                     state[key] = step.to(device=p.device, dtype=torch.float32, copy=True)
                 elif key in self._algorithm.state_shapes and isinstance(value, torch.Tensor):
-                    state[key] = value.to(device=p.device, dtype=self._state_dtype(p, group),
-                                          memory_format=torch.contiguous_format, copy=True)
+                    placed = like_dtensor(value, p).to(device=p.device, dtype=self._state_dtype(p, group), copy=True)
+                    state[key] = placed if is_dtensor(p) else placed.contiguous()
                 elif isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
                     dtype = torch.float32 if key == "master_param" else self._state_dtype(p, group)
                     state[key] = like_param(like_dtensor(value, p).to(p.device), p, dtype)
@@ -502,6 +503,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             for bucket in buckets:  # (positions in the group's param list)
                 if sharded and self._algorithm.sums:
                     bucket.sum_groups = shard_groups(name, [params[i] for i in bucket.positions])
+                if self._algorithm.tiles:  # (whole tensors' sizes; which rows are sharded)
+                    bucket.plan.shard([params[i] for i in bucket.positions])
                 bucket.positions = [chosen[i] for i in bucket.positions]
             touched = tuple(t for role, tensors in roles.items() if role != "grad" for t in tensors)
         grad_layout = layout_check(present) if copies is None and all(type(a) is int for a in addresses) else None

@@ -359,9 +359,11 @@ def run_functional(name: str, algorithm, roles: dict, options: dict, *, lr, grad
         roles = dict(roles, grad=[matching_layout(g, p) for g, p in zip(roles["grad"], params)])
     buckets = prepare_buckets(name, roles, algorithm, _FUNCTIONAL_PLANS.plans, (name, algorithm.roles),
                               stochastic_rounding, plan_type)
-    if sharded and algorithm.sums:
-        for bucket in buckets:
+    for bucket in buckets:
+        if sharded and algorithm.sums:
             bucket.sum_groups = shard_groups(name, [sharded_params[i] for i in bucket.positions])
+        if algorithm.tiles:  # (whole tensors' sizes; which rows are sharded: gpuopt._adafactor.TilePlan.shard)
+            bucket.plan.shard([(sharded_params if sharded else params)[i] for i in bucket.positions])
     device = params[0].device
     step_args = StepArgs(device, on_device(grad_scale, device), on_device(found_inf, device), seed, epoch)
     launch_options = step_options(algorithm, options)

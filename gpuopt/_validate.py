@@ -175,8 +175,10 @@ def check_roles(name: str, roles: dict, role_names, state_shapes=None) -> None:
 
 def _check_own_shape(name, role, i, t, p, shape):
     """A state with a shape of its own (``state_shapes``): that shape, contiguous (the kernels
-    index it so), floating point, on the parameter's device."""
-    if tuple(t.shape) != tuple(shape):
+    index it so), floating point, on the parameter's device. Empty along a dim of size 1 is a
+    shard holding none of it (FSDP2's col_var on all ranks but the first: torch.chunk of one
+    row); the kernels leave such a state alone."""
+    if len(t.shape) != len(shape) or any(a != e and not (a == 0 and e == 1) for a, e in zip(t.shape, shape)):
         raise RuntimeError(f"{name}: {role} {i} has shape {tuple(t.shape)} but a parameter of shape {tuple(p.shape)} "
                            f"keeps a {role} of shape {tuple(shape)}")
     if t.device != p.device:

@@ -388,6 +388,30 @@ def fsdp_muon(tmp):
         close(buffer, ref.state[q]["momentum_buffer"], f"Muon: momentum of {n}", rtol=1e-3, atol=1e-5)
 
 
+def fsdp_adafactor(tmp):
+    """FSDP2 + gpuopt.Adafactor = one process stepping the whole model with torch.optim.Adafactor
+    on the whole batch: the weights' rows are sharded (7 and 5 rows over 2 and 3 ranks, one rank
+    of 3 with a single row), so each matrix's column statistics and RMS are summed over the
+    ranks; row_var is sharded like its weight, col_var held by the first rank (torch.chunk of its
+    one row), as torch's own states are placed."""
+    world = dist.get_world_size()
+    base, x, y = model_and_data()
+    xs, ys = [torch.empty_like(x) for _ in range(world)], [torch.empty_like(y) for _ in range(world)]
+    dist.all_gather(xs, x)
+    dist.all_gather(ys, y)
+    ours, whole = sharded(copy.deepcopy(base)), copy.deepcopy(base)
+    opt = gpuopt.Adafactor(ours.parameters(), lr=0.02, weight_decay=0.01)
+    ref = torch.optim.Adafactor(whole.parameters(), lr=0.02, weight_decay=0.01)
+    train(ours, opt, x, y, 4)
+    train(whole, ref, torch.cat(xs), torch.cat(ys), 4)
+    for (n, p), q in zip(ours.named_parameters(), whole.parameters()):
+        close(p, q, f"Adafactor: {n}", rtol=1e-4, atol=1e-6)
+        for key, value in opt.state[p].items():
+            if key != "step":
+                assert isinstance(value, DTensor) and value.placements == p.placements, key
+                close(value, ref.state[q][key], f"Adafactor: state {key} of {n}", rtol=1e-4, atol=1e-7)
+
+
 def fsdp_adamw_and_sgd(tmp):
     """fsdp_optimizers for two of them (the 3-rank run: uneven shards, 3 + 3 + 1 rows)."""
     fsdp_optimizers(tmp, [OPTIMIZERS[0], OPTIMIZERS[2]])
@@ -395,7 +419,7 @@ def fsdp_adamw_and_sgd(tmp):
 
 SCENARIOS = {f.__name__: f for f in (fsdp_optimizers, fsdp_mixed_precision, fsdp_checkpoint, clip_norms,
                                      tensor_parallel_and_ema, ddp_and_zero, sync_batch_norm,
-                                     fsdp_lion_and_schedule_free, fsdp_lamb_and_lars, fsdp_muon)}
+                                     fsdp_lion_and_schedule_free, fsdp_lamb_and_lars, fsdp_muon, fsdp_adafactor)}
 SCENARIOS["fsdp_adamw_and_sgd"] = fsdp_adamw_and_sgd
 
 

@@ -31,6 +31,6 @@ def test_fsdp2_ddp_zero_checkpoint_clipping_and_sync_batch_norm_match_torch_on_t
 
 def test_uneven_shards_and_batches_on_three_ranks(tmp_path):
     _spawn(3, ["fsdp_adamw_and_sgd", "clip_norms", "tensor_parallel_and_ema", "sync_batch_norm", "fsdp_lamb_and_lars",
-               "fsdp_muon"],
+               "fsdp_muon", "fsdp_adafactor"],
            tmp_path)
 

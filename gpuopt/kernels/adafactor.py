@@ -48,6 +48,7 @@ META = ("numel",  # its elements
         "row_stride", "column_stride",  # in elements, as the parameter is laid out
         "split",  # its matrices have more than ROWS rows: each spans tiles_per_matrix tiles
         "tile_rows", "tiles_per_matrix", "view_rows",  # rows in a tile, tiles of a matrix, rows in all
+        "matrices", "tile_matrices",  # matrices in all, and in a packed tile
         "first_tile", "n_tiles",  # its tiles, consecutive in the schedule
         "column_base", "matrix_base", "partial_base", "counter_base",  # its first scratch slots
         "global_rows", "global_numel",  # R and numel of the whole tensor (the means' and RMS's divisors)
@@ -57,8 +58,9 @@ META = ("numel",  # its elements
 N_META = tl.constexpr(len(META))
 MAX_BATCH_DIMS = tl.constexpr(3)
 _NUMEL, _ROWS, _COLUMNS, _FACTORED, _ROW_STRIDE, _COLUMN_STRIDE, _SPLIT, _TILE_ROWS, _TILES_PER_MATRIX, \
-    _VIEW_ROWS, _FIRST_TILE, _N_TILES, _COLUMN_BASE, _MATRIX_BASE, _PARTIAL_BASE, _COUNTER_BASE, _GLOBAL_ROWS, \
-    _GLOBAL_NUMEL, _HOLDS_COLUMNS, _BATCH = map(tl.constexpr, range(len(META) - 2 * MAX_BATCH_DIMS + 1))
+    _VIEW_ROWS, _MATRICES, _TILE_MATRICES, _FIRST_TILE, _N_TILES, _COLUMN_BASE, _MATRIX_BASE, _PARTIAL_BASE, \
+    _COUNTER_BASE, _GLOBAL_ROWS, _GLOBAL_NUMEL, _HOLDS_COLUMNS, _BATCH = \
+    map(tl.constexpr, range(len(META) - 2 * MAX_BATCH_DIMS + 1))
 N_ROLES = tl.constexpr(len(ROLES))
 _STEP = tl.constexpr(ROLES.index("step"))
 
@@ -136,7 +138,8 @@ def _factored_statistics(i, geometry, q0, end, grad_ptr, row_var_ptr, col_var_pt
     columns = column_sums_ptr + geometry[_COLUMN_BASE]
     matrices = matrix_sums_ptr + geometry[_MATRIX_BASE]
     b0 = q0 // R
-    packed = tl.cdiv(end - q0, R)  # matrices of a packed tile
+    packed = tl.minimum(geometry[_TILE_MATRICES], geometry[_MATRICES] - b0)  # matrices of a packed tile (a
+    # shard without rows keeps its matrix: its column sums, 0, join the other ranks')
     partial = partials_ptr + geometry[_PARTIAL_BASE] + (i - geometry[_FIRST_TILE]) * (C + 1)
     matrix_sum = tl.zeros([], w.dtype)
     for sub in range(0, tl.cdiv(end - q0, ROWS)):
