@@ -32,36 +32,49 @@ def encode(value):
     if isinstance(value, tuple) and hasattr(value, "_fields"):
         return {"flags": [type(value).__module__, type(value).__name__], "values": list(value)}
     return value
+def record(module, name, kernel, args, kwargs):
+    names = kernel.arg_names
+    sig, constexprs, ints = {}, {}, {}
+    for n, a in zip(names, args):
+        if isinstance(a, torch.Tensor):
+            sig[n] = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                            torch.int32: "i32", torch.int64: "i64", torch.float64: "fp64"}[a.dtype]
+        elif isinstance(a, bool) or a is None:
+            sig[n] = "constexpr"; constexprs[n] = a
+        elif isinstance(a, int):
+            sig[n] = "i32" if -2**31 <= a < 2**31 else "i64"
+            ints[n] = a
+        else:  # a float: the kernel's annotation (tl.float64 hyperparameters) or Triton's default
+            sig[n] = "fp64" if str(kernel.fn.__annotations__.get(n)) == "fp64" else "fp32"
+    shown = name
+    for n, v in kwargs.items():
+        if n in ("num_warps", "num_stages"):
+            continue
+        sig[n] = "constexpr"; constexprs[n] = encode(v)
+        if n == "UPDATE":  # the shared walk: named after the algorithm's update
+            shown = v.fn.__name__ + ("_f64" if "_f64" in name else "")
+    records.append(dict(module=module.__name__, kernel=name, shown=shown, signature=sig,
+                        constexprs=constexprs, ints=ints, num_warps=kwargs.get("num_warps", 4)))
 def spy(module, name):
     kernel = getattr(module, name)
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                names = kernel.arg_names
-                sig, constexprs, ints = {}, {}, {}
-                for n, a in zip(names, args):
-                    if isinstance(a, torch.Tensor):
-                        sig[n] = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-                                        torch.int32: "i32", torch.int64: "i64", torch.float64: "fp64"}[a.dtype]
-                    elif isinstance(a, bool) or a is None:
-                        sig[n] = "constexpr"; constexprs[n] = a
-                    elif isinstance(a, int):
-                        sig[n] = "i32" if -2**31 <= a < 2**31 else "i64"
-                        ints[n] = a
-                    else:  # a float: the kernel's annotation (tl.float64 hyperparameters) or Triton's default
-                        sig[n] = "fp64" if str(kernel.fn.__annotations__.get(n)) == "fp64" else "fp32"
-                shown = name
-                for n, v in kwargs.items():
-                    if n in ("num_warps", "num_stages"):
-                        continue
-                    sig[n] = "constexpr"; constexprs[n] = encode(v)
-                    if n == "UPDATE":  # the shared walk: named after the algorithm's update
-                        shown = v.fn.__name__ + ("_f64" if "_f64" in name else "")
-                records.append(dict(module=module.__name__, kernel=name, shown=shown, signature=sig,
-                                    constexprs=constexprs, ints=ints, num_warps=kwargs.get("num_warps", 4)))
+                record(module, name, kernel, args, kwargs)
                 return kernel[grid](*args, **kwargs)
             return launch
     setattr(module, name, Spy())
+# Adafactor's tile kernels, launched by its plan from the algorithm's tuple: recorded at the launch.
+from gpuopt import _launch
+from gpuopt.kernels import adafactor as _adafactor
+_tiles = {id(getattr(_adafactor, n)): n for n in ("_statistics", "_norms", "_update", "_statistics_f64", "_norms_f64",
+                                                   "_update_f64")}
+_plain_launch = _launch.launch
+def _recorded_launch(kernel, grid, args, constexprs, num_warps, **kw):
+    if id(kernel) in _tiles:
+        record(_adafactor, _tiles[id(kernel)], kernel, args, dict(constexprs, num_warps=num_warps))
+    return _plain_launch(kernel, grid, args, constexprs, num_warps, **kw)
+_launch.launch = _recorded_launch
 from gpuopt.kernels import _multi_tensor
 spy(_multi_tensor, "_step_kernel")
 spy(_multi_tensor, "_step_f64_kernel")  # float64 tensors: float64 hyperparameters
@@ -71,8 +84,8 @@ for dtype, extra in [(torch.float32, {}), (torch.bfloat16, dict(master_weights=T
                     ("RMSprop", dict(centered=True, momentum=0.9)), ("Adagrad", {}), ("Adadelta", {}),
                     ("Lion", dict(weight_decay=0.1)), ("AdamWScheduleFree", dict(weight_decay=0.1)),
                     ("LAMB", dict(weight_decay=0.1)), ("LARS", dict(lr=0.1, weight_decay=0.1)),
-                    ("Muon", {})]:
-        shape = (20, 15) if cls == "Muon" else (300,)  # (Muon: matrices)
+                    ("Muon", {}), ("Adafactor", dict(weight_decay=0.1))]:
+        shape = (20, 15) if cls == "Muon" else (40, 152) if cls == "Adafactor" else (300,)  # (matrices)
         p = torch.nn.Parameter(torch.randn(shape).to(dtype)); p.grad = torch.randn_like(p)
         opt = getattr(gpuopt, cls)([p], **kw, **extra)
         if cls == "AdamWScheduleFree":
@@ -220,6 +233,7 @@ def compile_record(r: dict, arch: int) -> dict:
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
+    from gpuopt._adafactor import GPU_TILE
     from gpuopt._multi_tensor import GPU_BLOCK, GPU_WARPS
     from gpuopt._launch import resident_programs
 
@@ -232,6 +246,8 @@ def compile_record(r: dict, arch: int) -> dict:
         # LaunchPlan takes GPU_BLOCK, half of it for float64 tensors
         constexprs["BLOCK"] = GPU_BLOCK // 2 if "*fp64" in r["signature"].values() else GPU_BLOCK
         num_warps = GPU_WARPS
+    if "ROWS" in constexprs:  # Adafactor's tiles: the GPU's (gpuopt._adafactor.GPU_TILE)
+        constexprs["ROWS"], constexprs["COLS"], num_warps = GPU_TILE
     # As a real launch specialises: pointers 16-byte aligned, ints equal to 1 constexpr, ints
     # divisible by 16 marked so.
     signature = dict(r["signature"])
@@ -259,7 +275,8 @@ def compile_record(r: dict, arch: int) -> dict:
     # The compiled kernel's own figures: SASS instructions of its data loop per element a thread
     # handles in one iteration, barriers in that loop, and programs resident per H100 SM.
     instructions, barriers, local = sass_loops(k.asm["cubin"])
-    per_iteration = constexprs.get("BLOCK") or constexprs.get("BLOCK_R", 1) * constexprs.get("BLOCK_K", 1)
+    per_iteration = (constexprs.get("BLOCK") or constexprs.get("BLOCK_R", 1) * constexprs.get("BLOCK_K", 1)
+                     * constexprs.get("ROWS", 1) * constexprs.get("COLS", 1))
     registers = k.n_regs if getattr(k, "n_regs", None) else int(nregs)
     return dict(figures, regs=nregs, spills=spills, loads=widest("ld"), stores=widest("st"),
                 per_element=instructions / max(1, per_iteration / (32 * num_warps)), barriers=barriers,

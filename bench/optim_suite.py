@@ -28,12 +28,15 @@ ALGORITHMS = {
     "LAMB": ("LAMB", dict(lr=1e-3, weight_decay=0.01), 2),
     "LARS": ("LARS", dict(lr=0.1, momentum=0.9, weight_decay=1e-4), 1),
     "Muon": ("Muon", dict(lr=0.02, weight_decay=0.01), 1),
+    "Adafactor": ("Adafactor", dict(lr=1e-2, weight_decay=0.01), 0),
     "EMA": (None, dict(decay=0.999), None),
 }
 # The floor of the algorithms a single pass cannot do, in bytes per fp32 element (gpuopt/kernels/*.py):
 # LAMB and LARS need whole-tensor norms before any weight moves (a second pass); Muon's
-# orthogonalization sits between its two elementwise passes (its matrix products not counted).
-TWO_PASS_BYTES = {"LAMB": 40, "LARS": 28, "Muon": 24}
+# orthogonalization sits between its two elementwise passes (its matrix products not counted);
+# Adafactor reads g for its row and column statistics, W and g for the norms of W and of the update,
+# then moves W (its factors, O(R + C) a matrix, not counted).
+TWO_PASS_BYTES = {"LAMB": 40, "LARS": 28, "Muon": 24, "Adafactor": 24}
 
 
 def cases(gpu: bool, quick: bool):
@@ -107,6 +110,8 @@ def _torch_variants(algorithm: str, master: bool, gpu: bool = False):
         variants.append(("torch fused", cls, dict(kwargs, fused=True)))
     if "foreach" in _parameters(cls):
         variants.append(("torch foreach", cls, dict(kwargs, foreach=True)))
+        if name == "Adafactor":  # (torch's default for it: foreach costs ~a parameter's size of memory)
+            variants.append(("torch for-loop (default)", cls, dict(kwargs, foreach=False)))
     else:
         variants.append(("torch", cls, dict(kwargs)))
     return cls, variants

@@ -20,12 +20,11 @@ from ._distributed import is_dtensor
 from ._launch import ASSUMED_SM_COUNT, ASSUMED_THREADS_PER_SM, use_gpu_config
 from ._multi_tensor import INTERPRETER_PROGRAMS, LaunchPlan
 from .kernels import adafactor as kernels
-from .kernels._multi_tensor import float64_variant
 
 # (ROWS, COLS, warps): on a GPU 2048 elements a tile step (8 fp32 a thread, as the walk's blocks);
 # the interpreter's small tiles make the tests' small tensors packed, split and multi-column.
 GPU_TILE, INTERPRETER_TILE = (16, 128, 8), (64, 64, 4)
-_FLOAT64 = {kernel: float64_variant(kernel, kernels.FLOAT_ARGUMENTS) for kernel in kernels.ADAFACTOR.tiles}
+_FLOAT64 = dict(zip(kernels.ADAFACTOR.tiles, kernels.TILES_F64))  # (float64 tensors: exact hyperparameters)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -87,7 +86,12 @@ class TilePlan(LaunchPlan):
         self._local_table = torch.tensor(table, dtype=torch.int64)  # (as the local shards see it: shard())
         self.meta = self._local_table.to(self.device)
         self.row_groups, self.shared = (), (0, 0)
-        self.unit_stride = all(row[kernels.META.index("column_stride")] == 1 for row in table)
+        # Every tensor's columns contiguous, and its counts and strides multiples of 4 elements: with
+        # 16-byte aligned tensors (``aligned``), the kernels' VEC (16-byte accesses; bench/NOTES.md).
+        field = kernels.META.index
+        self.multiples_of_4 = all(row[field("column_stride")] == 1 and all(
+            row[field(name)] % 4 == 0 for name in ("numel", "columns", "row_stride", "batch_stride_0",
+                                                   "batch_stride_1", "batch_stride_2")) for row in table)
         dtype = torch.float64 if self.float64 else torch.float32
         self.column_sums = torch.zeros(max(bases["column_base"], 1), dtype=dtype, device=self.device)
         self.matrix_sums = torch.zeros(max(bases["matrix_base"], 1), dtype=dtype, device=self.device)
@@ -205,7 +209,8 @@ class TilePlan(LaunchPlan):
                 sum_partials, lr, lr_ptr, *hyperparameters, step_args.grad_scale, step_args.found_inf,
                 step_args.seed, epoch)
         constexprs = dict(FLAGS=flags, LR_ON_DEVICE=lr_ptr is not None, HAS_FOUND_INF=step_args.found_inf is not None,
-                          COUNT_EPOCH=epoch is not None, UNIT_STRIDE=self.unit_stride, BATCH_DIMS=self.batch_dims,
+                          COUNT_EPOCH=epoch is not None, VEC=4 if self.aligned and self.multiples_of_4 else 1,
+                          BATCH_DIMS=self.batch_dims,
                           ROWS=self.rows, COLS=self.cols)
         statistics, norms, update = (_FLOAT64[kernel] if self.float64 else kernel for kernel in algorithm.tiles)
         _launch.launch(statistics, self.grid, args, constexprs, self.num_warps, persistent=True)

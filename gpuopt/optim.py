@@ -135,8 +135,8 @@ class _MomentumBuffer:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         super()._complete_state(state, p, group)
 
-    def _required_state(self, group) -> tuple:
-        return tuple(key for key in super()._required_state(group) if key != "step")  # torch's SGD keeps none
+    def _required_state(self, group, p) -> tuple:
+        return tuple(key for key in super()._required_state(group, p) if key != "step")  # torch's SGD keeps none
 
     def _after_load(self, state, p, group):
         if state.get("momentum_buffer") is not None and "step" not in state:  # torch.optim.SGD's: in use

@@ -33,7 +33,7 @@ O(R + C) per matrix.
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (Algorithm, finish_launch, fold_sums, hyper, lerp, load_compute, load_grad, load_param,
+from ._multi_tensor import (Algorithm, finish_launch, float64_variant, fold_sums, hyper, lerp, load_compute, load_grad, load_param,
                             rounded_as, scalar, step_flags, step_is_skipped, store_as, store_param, widened)
 
 ROLES = ("param", "grad", "step", "row_var", "col_var", "variance", "master")
@@ -105,16 +105,25 @@ def _rows(geometry, q0, end, sub, ROWS: tl.constexpr, BATCH_DIMS: tl.constexpr):
 
 
 @triton.jit
-def _columns(geometry, q, rows_in, row_offsets, c0, COLS: tl.constexpr, UNIT_STRIDE: tl.constexpr):
-    """Columns ``c0 ...`` of those rows: the column indices, each element's offset, and the mask
-    (a 0/1-dim tensor's last row stops at its numel)."""
-    C = geometry[_COLUMNS]
-    cols = c0 + tl.arange(0, COLS)
-    if UNIT_STRIDE:  # (the compiler then sees contiguous columns)
-        offsets = row_offsets[:, None] + cols[None, :]
+def _multiple(x, VEC: tl.constexpr):
+    """``x``, known to be a multiple of ``VEC`` (the host's ``VEC`` promise): so stated, the
+    compiler sees ``VEC``-element runs in the addresses and masks below and makes 16-byte accesses
+    (without it, one element a thread at a time, each row's numbers held for 8 rows: bench/NOTES.md)."""
+    return x // VEC * VEC
+
+
+@triton.jit
+def _columns(geometry, q, rows_in, row_offsets, chunk, COLS: tl.constexpr, VEC: tl.constexpr):
+    """Columns ``chunk·COLS ...`` of those rows: the column indices, each element's offset, and the
+    mask (a 0/1-dim tensor's last row stops at its numel). ``VEC`` > 1: the columns are contiguous
+    and every offset, column count and numel a multiple of ``VEC`` (``TilePlan.vec``)."""
+    C = _multiple(geometry[_COLUMNS], VEC)
+    cols = chunk * COLS + tl.arange(0, COLS)
+    if VEC > 1:
+        offsets = _multiple(row_offsets, VEC)[:, None] + cols[None, :]
     else:
         offsets = row_offsets[:, None] + cols[None, :] * geometry[_COLUMN_STRIDE]
-    mask = rows_in[:, None] & (cols < C)[None, :] & (q[:, None] * C + cols[None, :] < geometry[_NUMEL])
+    mask = rows_in[:, None] & (cols < C)[None, :] & (q[:, None] * C + cols[None, :] < _multiple(geometry[_NUMEL], VEC))
     return cols, offsets, mask
 
 
@@ -128,7 +137,7 @@ def _next_columns(column_sums_ptr, col_var_ptr, index, sums, mask, w, rows, hold
 @triton.jit
 def _factored_statistics(i, geometry, q0, end, grad_ptr, row_var_ptr, col_var_ptr, column_sums_ptr, matrix_sums_ptr,
                          partials_ptr, counter_ptr, w, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr,
-                         UNIT_STRIDE: tl.constexpr, BATCH_DIMS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+                         VEC: tl.constexpr, BATCH_DIMS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """Launch 1 on one tile of a tensor of 2+ dims (module docstring)."""
     R = geometry[_ROWS]
     C = geometry[_COLUMNS]
@@ -147,8 +156,8 @@ def _factored_statistics(i, geometry, q0, end, grad_ptr, row_var_ptr, col_var_pt
         k = tl.arange(0, ROWS)
         mine = (b[None, :] == b0 + k[:, None]) & rows_in[None, :]  # [k, row]: the row is of the tile's k-th matrix
         row_sum = tl.zeros([ROWS], w.dtype)
-        for c0 in range(0, C, COLS):
-            cols, offsets, mask = _columns(geometry, q, rows_in, row_offsets, c0, COLS, UNIT_STRIDE)
+        for chunk in range(0, tl.cdiv(C, COLS)):
+            cols, offsets, mask = _columns(geometry, q, rows_in, row_offsets, chunk, COLS, VEC)
             g = load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE, False)
             g2 = tl.where(mask, g * g, 0.0)
             row_sum += tl.sum(g2, axis=1)
@@ -156,10 +165,10 @@ def _factored_statistics(i, geometry, q0, end, grad_ptr, row_var_ptr, col_var_pt
                 tl.debug_barrier()  # (the previous sub-tile's stores, by other threads)
                 earlier = tl.load(partial + cols, mask=(cols < C) & (sub > 0), other=0.0)
                 tl.store(partial + cols, earlier + tl.sum(g2, axis=0), mask=cols < C)
-            else:  # a packed tile: the column sums of each of its matrices at once (exact: fp32 FMAs)
-                sums = tl.dot(mine.to(g2.dtype), g2, input_precision="ieee")
-                _next_columns(columns, col_var_ptr, (b0 + k)[:, None] * C + cols[None, :], sums,
-                              (k < packed)[:, None] & (cols < C)[None, :], w, rows, holds)
+            else:  # a packed tile: each of its matrices' column sums (one tl.dot of `mine` with g²
+                for m in range(0, packed):  # would do it, holding 66 more registers: bench/NOTES.md)
+                    sums = tl.sum(tl.where((b == b0 + m)[:, None], g2, 0.0), axis=0)
+                    _next_columns(columns, col_var_ptr, (b0 + m) * C + cols, sums, cols < C, w, rows, holds)
         r = lerp(load_compute(row_var_ptr + q, rows_in), row_sum / C, w)
         store_as(row_var_ptr + q, r, rows_in)
         r = tl.where(rows_in, widened(rounded_as(r, row_var_ptr)), 0.0)  # (as stored: what mean_R r reads)
@@ -186,11 +195,11 @@ def _factored_statistics(i, geometry, q0, end, grad_ptr, row_var_ptr, col_var_pt
 
 @triton.jit
 def _variance_statistics(geometry, q0, end, grad_ptr, variance_ptr, w, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr,
-                         BATCH_DIMS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+                         VEC: tl.constexpr, BATCH_DIMS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """Launch 1 on one tile of a tensor of 0/1 dims: V ← lerp(V, g², w)."""
     for sub in range(0, tl.cdiv(end - q0, ROWS)):
         q, rows_in, _, row_offsets = _rows(geometry, q0, end, sub, ROWS, BATCH_DIMS)
-        _, offsets, mask = _columns(geometry, q, rows_in, row_offsets, 0, COLS, True)
+        _, offsets, mask = _columns(geometry, q, rows_in, row_offsets, 0, COLS, VEC)
         g = load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE, False)
         store_as(variance_ptr + offsets, lerp(load_compute(variance_ptr + offsets, mask), g * g, w), mask)
 
@@ -224,13 +233,14 @@ def _direction(g, offsets, mask, cols, b, r, mean, geometry, col_var_ptr, varian
 
 
 @triton.jit
-def _tile(i, tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tensors, bases, lr, BATCH_DIMS: tl.constexpr):
+def _tile(i, tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tensors, bases, lr, VEC: tl.constexpr,
+          BATCH_DIMS: tl.constexpr):
     """Schedule entry ``i``: its tensor t, t's pointer in each role (``ROLES`` order) and
     ``_geometry``, the tile's first row and one past its last, and t's step number this step."""
     t = tl.load(tile_tensor_ptr + i)
     ptrs = ()
     for role in tl.static_range(N_ROLES):
-        ptrs = ptrs + (bases[role] + tl.load(offsets_ptr + role * n_tensors + t),)
+        ptrs = ptrs + (bases[role] + _multiple(tl.load(offsets_ptr + role * n_tensors + t), VEC),)
     geometry = _geometry(meta_ptr, t, BATCH_DIMS)
     q0 = tl.load(tile_row_ptr + i)
     step = tl.load(ptrs[_STEP]).to(lr.dtype) + 1.0
@@ -243,7 +253,7 @@ def _statistics(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n
                 counter_ptr, column_sums_ptr, matrix_sums_ptr, partials_ptr, sums_ptr, sum_partials_ptr,
                 lr, lr_ptr, beta2_decay, eps1, eps2, d, weight_decay, grad_scale_ptr, found_inf_ptr, seed, epoch_ptr,
                 FLAGS: tl.constexpr, LR_ON_DEVICE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                COUNT_EPOCH: tl.constexpr, UNIT_STRIDE: tl.constexpr, BATCH_DIMS: tl.constexpr, ROWS: tl.constexpr,
+                COUNT_EPOCH: tl.constexpr, VEC: tl.constexpr, BATCH_DIMS: tl.constexpr, ROWS: tl.constexpr,
                 COLS: tl.constexpr):
     """Launch 1: the second-moment statistics (module docstring)."""
     bases = (param_base, grad_base, step_base, row_var_base, col_var_base, variance_base, master_base)
@@ -251,16 +261,16 @@ def _statistics(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n
     if not step_is_skipped(found_inf_ptr, HAS_FOUND_INF):
         for i in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             t, ptrs, geometry, q0, end, step = _tile(i, tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr,
-                                                     n_tensors, bases, lr, BATCH_DIMS)
+                                                     n_tensors, bases, lr, VEC, BATCH_DIMS)
             _, grad_ptr, _, row_var_ptr, col_var_ptr, variance_ptr, _ = ptrs
             w = tl.exp(hyper(beta2_decay, param_base) * tl.log(step))
             if geometry[_FACTORED] != 0:
                 _factored_statistics(i, geometry, q0, end, grad_ptr, row_var_ptr, col_var_ptr, column_sums_ptr,
                                      matrix_sums_ptr, partials_ptr, counter_ptr, w, grad_scale_ptr,
-                                     FLAGS.has_grad_scale, UNIT_STRIDE, BATCH_DIMS, ROWS, COLS)
+                                     FLAGS.has_grad_scale, VEC, BATCH_DIMS, ROWS, COLS)
             else:
                 _variance_statistics(geometry, q0, end, grad_ptr, variance_ptr, w, grad_scale_ptr,
-                                     FLAGS.has_grad_scale, BATCH_DIMS, ROWS, COLS)
+                                     FLAGS.has_grad_scale, VEC, BATCH_DIMS, ROWS, COLS)
 
 
 @triton.jit
@@ -269,7 +279,7 @@ def _norms(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n_tens
            counter_ptr, column_sums_ptr, matrix_sums_ptr, partials_ptr, sums_ptr, sum_partials_ptr,
            lr, lr_ptr, beta2_decay, eps1, eps2, d, weight_decay, grad_scale_ptr, found_inf_ptr, seed, epoch_ptr,
            FLAGS: tl.constexpr, LR_ON_DEVICE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-           COUNT_EPOCH: tl.constexpr, UNIT_STRIDE: tl.constexpr, BATCH_DIMS: tl.constexpr, ROWS: tl.constexpr,
+           COUNT_EPOCH: tl.constexpr, VEC: tl.constexpr, BATCH_DIMS: tl.constexpr, ROWS: tl.constexpr,
            COLS: tl.constexpr):
     """Launch 2: each tensor's Σ W² and Σ u², into ``sums`` (two a tensor, ``SUMS``)."""
     bases = (param_base, grad_base, step_base, row_var_base, col_var_base, variance_base, master_base)
@@ -278,7 +288,7 @@ def _norms(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n_tens
     if not step_is_skipped(found_inf_ptr, HAS_FOUND_INF):
         for i in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             t, ptrs, geometry, q0, end, step = _tile(i, tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr,
-                                                     n_tensors, bases, lr, BATCH_DIMS)
+                                                     n_tensors, bases, lr, VEC, BATCH_DIMS)
             param_ptr, grad_ptr, _, row_var_ptr, col_var_ptr, variance_ptr, master_ptr = ptrs
             factored = geometry[_FACTORED] != 0
             param_sq = tl.zeros([], lr.dtype)
@@ -286,8 +296,8 @@ def _norms(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n_tens
             for sub in range(0, tl.cdiv(end - q0, ROWS)):
                 q, rows_in, b, row_offsets = _rows(geometry, q0, end, sub, ROWS, BATCH_DIMS)
                 r, mean = _row_factors(geometry, q, rows_in, b, row_var_ptr, matrix_sums_ptr, eps1, factored)
-                for c0 in range(0, geometry[_COLUMNS], COLS):
-                    cols, offsets, mask = _columns(geometry, q, rows_in, row_offsets, c0, COLS, UNIT_STRIDE)
+                for chunk in range(0, tl.cdiv(geometry[_COLUMNS], COLS)):
+                    cols, offsets, mask = _columns(geometry, q, rows_in, row_offsets, chunk, COLS, VEC)
                     g = load_grad(grad_ptr, offsets, mask, grad_scale_ptr, FLAGS.has_grad_scale, FLAGS.maximize)
                     weight = load_param(param_ptr, master_ptr, offsets, mask, FLAGS.has_master)
                     u = _direction(g, offsets, mask, cols, b, r, mean, geometry, col_var_ptr, variance_ptr,
@@ -304,7 +314,7 @@ def _update(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n_ten
             counter_ptr, column_sums_ptr, matrix_sums_ptr, partials_ptr, sums_ptr, sum_partials_ptr,
             lr, lr_ptr, beta2_decay, eps1, eps2, d, weight_decay, grad_scale_ptr, found_inf_ptr, seed, epoch_ptr,
             FLAGS: tl.constexpr, LR_ON_DEVICE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-            COUNT_EPOCH: tl.constexpr, UNIT_STRIDE: tl.constexpr, BATCH_DIMS: tl.constexpr, ROWS: tl.constexpr,
+            COUNT_EPOCH: tl.constexpr, VEC: tl.constexpr, BATCH_DIMS: tl.constexpr, ROWS: tl.constexpr,
             COLS: tl.constexpr):
     """Launch 3: W ← W (1 - lr λ) - α / max(1, RMS(u)/d) · u; col_var ← c_next; step + 1."""
     bases = (param_base, grad_base, step_base, row_var_base, col_var_base, variance_base, master_base)
@@ -321,7 +331,7 @@ def _update(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n_ten
     if not skipped:
         for i in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             t, ptrs, geometry, q0, end, step = _tile(i, tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr,
-                                                     n_tensors, bases, lr, BATCH_DIMS)
+                                                     n_tensors, bases, lr, VEC, BATCH_DIMS)
             param_ptr, grad_ptr, _, row_var_ptr, col_var_ptr, variance_ptr, master_ptr = ptrs
             factored = geometry[_FACTORED] != 0
             numel = tl.maximum(geometry[_GLOBAL_NUMEL], 1).to(lr.dtype)
@@ -333,8 +343,8 @@ def _update(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n_ten
             for sub in range(0, tl.cdiv(end - q0, ROWS)):
                 q, rows_in, b, row_offsets = _rows(geometry, q0, end, sub, ROWS, BATCH_DIMS)
                 r, mean = _row_factors(geometry, q, rows_in, b, row_var_ptr, matrix_sums_ptr, eps1, factored)
-                for c0 in range(0, geometry[_COLUMNS], COLS):
-                    cols, offsets, mask = _columns(geometry, q, rows_in, row_offsets, c0, COLS, UNIT_STRIDE)
+                for chunk in range(0, tl.cdiv(geometry[_COLUMNS], COLS)):
+                    cols, offsets, mask = _columns(geometry, q, rows_in, row_offsets, chunk, COLS, VEC)
                     g = load_grad(grad_ptr, offsets, mask, grad_scale_ptr, FLAGS.has_grad_scale, FLAGS.maximize)
                     weight = load_param(param_ptr, master_ptr, offsets, mask, FLAGS.has_master)
                     u = _direction(g, offsets, mask, cols, b, r, mean, geometry, col_var_ptr, variance_ptr,
@@ -353,7 +363,10 @@ def _update(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n_ten
     finish_launch(counter_ptr, step_base, offsets_ptr, _STEP, n_tensors, skipped, epoch_ptr, True, COUNT_EPOCH, COLS)
 
 
-FLOAT_ARGUMENTS = ("lr",) + HYPER
+FLOAT_ARGUMENTS = ("lr",) + HYPER  # (float64 tensors' launches: exact hyperparameters, as the walk's)
+_statistics_f64, _norms_f64, _update_f64 = (float64_variant(kernel, FLOAT_ARGUMENTS)
+                                            for kernel in (_statistics, _norms, _update))
+TILES_F64 = (_statistics_f64, _norms_f64, _update_f64)
 
 
 def _hyperparameters(*, beta2_decay, eps1, eps2, d, weight_decay, maximize):
