@@ -32,7 +32,8 @@ def test_every_kernel_compiles_for_sm90_with_vector_accesses():
     # combine kernels (a few hundred bytes).
     wide = {"_stats_kernel": ("v4", None), "_backward_reduce_kernel": ("v4", None),
             "_stats_combine_kernel": (None, None), "_backward_combine_kernel": (None, None),
-            "_lars_norms": ("v4", None)}  # (LARS's norms pass stores only its block sums)
+            "_lars_norms": ("v4", None),  # (LARS's norms pass stores only its block sums; Adafactor's too)
+            "_norms": ("v4", None)}
     kernels_seen = set()
     for row in rows:
         regs, spill, loads, stores, per_element, barriers, resident, loop_spills = row[-8:]
@@ -45,6 +46,8 @@ def test_every_kernel_compiles_for_sm90_with_vector_accesses():
             want_loads, want_stores = (w and "v2" for w in (want_loads, want_stores))
         if row[0] == "_lamb_norms" and "has_master" in row[1]:  # it stores only the bf16 moments, at 4 a
             want_stores = "v2"  # thread beside the fp32 master's loads (RUN in gpuopt/_launch.py): 8 bytes
+        if row[0] == "_statistics" and "has_master" in row[1]:  # Adafactor's runs are 4 elements for every
+            want_loads, want_stores = "v2", "v2"  # role (VEC, gpuopt/_adafactor.py): bf16 g and factors, 8 bytes
         assert want_loads in (None, loads) and want_stores in (None, stores), f"no 16-byte accesses: {' '.join(row)}"
         assert int(resident) >= 1 and float(per_element) >= 0, f"no SASS figures: {' '.join(row)}"
         # No barrier inside a data loop. Not data loops: the combine kernels' folds over splits (a

@@ -291,8 +291,8 @@ def _norms(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n_tens
                                                      n_tensors, bases, lr, VEC, BATCH_DIMS)
             param_ptr, grad_ptr, _, row_var_ptr, col_var_ptr, variance_ptr, master_ptr = ptrs
             factored = geometry[_FACTORED] != 0
-            param_sq = tl.zeros([], lr.dtype)
-            update_sq = tl.zeros([], lr.dtype)
+            param_sq = tl.zeros([ROWS, COLS], lr.dtype)  # (per lane: reduced once a tile, not a chunk)
+            update_sq = tl.zeros([ROWS, COLS], lr.dtype)
             for sub in range(0, tl.cdiv(end - q0, ROWS)):
                 q, rows_in, b, row_offsets = _rows(geometry, q0, end, sub, ROWS, BATCH_DIMS)
                 r, mean = _row_factors(geometry, q, rows_in, b, row_var_ptr, matrix_sums_ptr, eps1, factored)
@@ -302,9 +302,9 @@ def _norms(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n_tens
                     weight = load_param(param_ptr, master_ptr, offsets, mask, FLAGS.has_master)
                     u = _direction(g, offsets, mask, cols, b, r, mean, geometry, col_var_ptr, variance_ptr,
                                    column_sums_ptr, eps1, factored)
-                    param_sq += tl.sum(tl.where(mask, weight * weight, 0.0))
-                    update_sq += tl.sum(tl.where(mask, u * u, 0.0))
-            fold_sums((param_sq, update_sq), i, t, geometry[_FIRST_TILE], geometry[_N_TILES],
+                    param_sq += tl.where(mask, weight * weight, 0.0)
+                    update_sq += tl.where(mask, u * u, 0.0)
+            fold_sums((tl.sum(param_sq), tl.sum(update_sq)), i, t, geometry[_FIRST_TILE], geometry[_N_TILES],
                       counter_ptr, sum_partials_ptr, sums_ptr, 2, COLS)
 
 
