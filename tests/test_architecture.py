@@ -254,3 +254,30 @@ def test_traced_operator_schema_names_the_roles(name):
     assert mutated == (set(roles) - {"grad"}) | {"epoch"}
     assert "grad" in arguments
     assert cls._traced_options == tuple(sorted(inspect.signature(cls._algorithm.hyperparameters).parameters))
+
+
+def test_tile_kernels_take_the_names_their_spec_declares():
+    """An algorithm with kernels of its own (``Algorithm.tiles``: Adafactor's) takes one argument
+    list for all of them: each role's base as ``<role>_base`` in ``roles`` order and the
+    hyperparameters by their ``hyper`` names, in order (the host packs them so); and every
+    unpacking of ``ptrs`` in them names the roles."""
+    import ast
+    import inspect
+    import textwrap
+
+    from gpuopt.kernels import adafactor
+
+    algorithm = adafactor.ADAFACTOR
+    for kernel in algorithm.tiles:
+        names = kernel.arg_names
+        bases = [n for n in names if n.endswith("_base")]
+        assert bases == [f"{role}_base" for role in algorithm.roles], bases
+        start = names.index(algorithm.hyper[0])
+        assert tuple(names[start:start + len(algorithm.hyper)]) == algorithm.hyper
+        assert names[start - 2:start] == ["lr", "lr_ptr"]
+        tree = ast.parse(textwrap.dedent(inspect.getsource(kernel.fn)))
+        unpacked = [[t.id for t in node.targets[0].elts] for node in ast.walk(tree)
+                    if isinstance(node, ast.Assign) and isinstance(node.value, ast.Name) and node.value.id == "ptrs"]
+        assert unpacked
+        for unpacking in unpacked:
+            assert all(n == "_" or n == f"{role}_ptr" for n, role in zip(unpacking, algorithm.roles)), unpacking
