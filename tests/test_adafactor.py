@@ -17,7 +17,7 @@ from gpuopt.kernels import adafactor as kernels
 
 from .helpers import assert_close, count_launches, regression_task
 
-STEPS = 5
+STEPS = 10
 
 
 def _shapes_params(device, dtype=torch.float32):
@@ -42,7 +42,7 @@ CASES = [dict(),
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("options", CASES)
 def test_matches_torch_adafactor(device, dtype, options):
-    """5 steps, fresh gradients (new tensors each step), two param groups (the second with its own
+    """10 steps, fresh gradients (new tensors each step), two param groups (the second with its own
     lr): parameters and every state equal torch.optim.Adafactor's, to float64 or float32
     rounding."""
     params = _shapes_params(device, dtype)
@@ -112,6 +112,7 @@ def test_bf16_follows_the_equations(device, precision):
     differs from rounding to nearest."""
     params = _shapes_params(device, torch.bfloat16)
     opt = gpuopt.Adafactor(params, lr=0.03, weight_decay=0.05, state_dtype=torch.float32, **{precision: True})
+    bf16_eps = float(torch.finfo(torch.bfloat16).eps)
     W = [p.detach().double().cpu().numpy() for p in params]
     states = [dict(row_var=np.zeros((*w.shape[:-1], 1)), col_var=np.zeros((*w.shape[:-2], 1, w.shape[-1])))
               if w.ndim > 1 else dict(variance=np.zeros(w.shape)) for w in W]
@@ -119,9 +120,8 @@ def test_bf16_follows_the_equations(device, precision):
         for i, p in enumerate(params):
             p.grad = torch.randn_like(p, dtype=torch.float32).to(torch.bfloat16)
             W[i], states[i] = ref.adafactor_step(W[i], p.grad.float().cpu().numpy(), states[i], step, lr=0.03,
-                                                 weight_decay=0.05, eps1_dtype=np.float32)
+                                                 weight_decay=0.05, eps=(bf16_eps, 1e-3))
         opt.step()
-    bf16_eps = float(torch.finfo(torch.bfloat16).eps)
     rounded_to_nearest = 0  # elements that differ from the equations' value rounded to nearest
     assert opt._options(opt.param_groups[0])["eps1"] == bf16_eps
     for p, w in zip(params, W):
@@ -131,7 +131,7 @@ def test_bf16_follows_the_equations(device, precision):
             assert torch.equal(p, master.to(torch.bfloat16))
         else:
             assert_close(p.float(), w, rtol=4 * bf16_eps, atol=4 * bf16_eps)  # (4 ulps at the weights' scale, 1)
-            rounded_to_nearest += int((p != torch.from_numpy(w).to(p.device, torch.bfloat16)).sum())
+            rounded_to_nearest += int((p != torch.as_tensor(w).to(p.device, torch.bfloat16)).sum())
     if precision == "stochastic_rounding":
         assert rounded_to_nearest > 0
 
@@ -377,3 +377,26 @@ def test_the_folds_on_a_gpu_are_exact_and_repeat_bit_for_bit(device):
         for p, c, t in zip(params, copies, twins):
             assert torch.equal(p, c)
             assert_close(p, t, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_training_step_runs_the_step_eagerly(device):
+    """``torch.compile`` of a training step with ``opt.step()`` inside: the step runs eagerly (a
+    graph break, as Muon's) and the run equals the uncompiled one."""
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).to(device)
+        return model, gpuopt.Adafactor(model.parameters(), weight_decay=0.01)
+
+    def train_step(model, opt, x):
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        opt.step()
+
+    x = torch.randn(6, 5, device=device)
+    (model, opt), (twin, twin_opt) = make(), make()
+    compiled = torch.compile(train_step, backend="eager")
+    for _ in range(3):
+        compiled(model, opt, x)
+        train_step(twin, twin_opt, x)
+    for p, t in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, t)
