@@ -392,10 +392,14 @@ def fsdp_adafactor(tmp):
     """FSDP2 + gpuopt.Adafactor = one process stepping the whole model with torch.optim.Adafactor
     on the whole batch: the weights' rows are sharded (7 and 5 rows over 2 and 3 ranks, one rank
     of 3 with a single row), so each matrix's column statistics and RMS are summed over the
-    ranks; row_var is sharded like its weight, col_var held by the first rank (torch.chunk of its
-    one row), as torch's own states are placed."""
+    ranks (a rank of 3 holds none of the last layer's 2 rows); row_var is sharded like its weight,
+    col_var held by the first rank (torch.chunk of its one row), as torch's own states are placed."""
     world = dist.get_world_size()
-    base, x, y = model_and_data()
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 5), torch.nn.Tanh(),
+                               torch.nn.Linear(5, 2))  # (2 rows: one of 3 ranks holds none of them)
+    torch.manual_seed(100 + dist.get_rank())
+    x, y = torch.randn(8, 6), torch.randn(8, 2)
     xs, ys = [torch.empty_like(x) for _ in range(world)], [torch.empty_like(y) for _ in range(world)]
     dist.all_gather(xs, x)
     dist.all_gather(ys, y)

@@ -33,8 +33,9 @@ O(R + C) per matrix.
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (Algorithm, finish_launch, float64_variant, fold_sums, hyper, lerp, load_compute, load_grad, load_param,
-                            rounded_as, scalar, step_flags, step_is_skipped, store_as, store_param, widened)
+from ._multi_tensor import (Algorithm, finish_launch, float64_variant, fold_sums, hyper, lerp, load_compute,
+                            load_grad, load_param, rounded_as, scalar, step_flags, step_is_skipped, store_as,
+                            store_param, widened)
 
 ROLES = ("param", "grad", "step", "row_var", "col_var", "variance", "master")
 HYPER = ("beta2_decay", "eps1", "eps2", "d", "weight_decay")
@@ -67,8 +68,8 @@ _STEP = tl.constexpr(ROLES.index("step"))
 
 @triton.jit
 def _geometry(meta_ptr, t, BATCH_DIMS: tl.constexpr):
-    """Tensor ``t``'s row of the table, a tuple indexed by the ``META`` positions (``_ROWS``, ...),
-    with the first ``BATCH_DIMS`` leading dims'."""
+    """Tensor ``t``'s row of the table, a tuple indexed by the ``META`` positions (``_ROWS``, ...);
+    of its leading dims, the first ``BATCH_DIMS`` (the launch walks no more)."""
     row = meta_ptr + t * N_META
     fields = ()
     for field in tl.static_range(_BATCH + 2 * BATCH_DIMS):
@@ -82,8 +83,7 @@ def _tile_end(geometry, q0):
     its matrix's end, a packed tile holds whole matrices."""
     end = q0 + geometry[_TILE_ROWS]
     R = geometry[_ROWS]
-    return tl.minimum(end, tl.where(geometry[_SPLIT] != 0, (q0 // R + 1) * R,
-                                    geometry[_VIEW_ROWS]))
+    return tl.minimum(end, tl.where(geometry[_SPLIT] != 0, (q0 // R + 1) * R, geometry[_VIEW_ROWS]))
 
 
 @triton.jit
@@ -116,7 +116,7 @@ def _multiple(x, VEC: tl.constexpr):
 def _columns(geometry, q, rows_in, row_offsets, chunk, COLS: tl.constexpr, VEC: tl.constexpr):
     """Columns ``chunk·COLS ...`` of those rows: the column indices, each element's offset, and the
     mask (a 0/1-dim tensor's last row stops at its numel). ``VEC`` > 1: the columns are contiguous
-    and every offset, column count and numel a multiple of ``VEC`` (``TilePlan.vec``)."""
+    and every offset, column count and numel a multiple of ``VEC`` (``TilePlan.launch``)."""
     C = _multiple(geometry[_COLUMNS], VEC)
     cols = chunk * COLS + tl.arange(0, COLS)
     if VEC > 1:
@@ -147,11 +147,11 @@ def _factored_statistics(i, geometry, q0, end, grad_ptr, row_var_ptr, col_var_pt
     columns = column_sums_ptr + geometry[_COLUMN_BASE]
     matrices = matrix_sums_ptr + geometry[_MATRIX_BASE]
     b0 = q0 // R
-    packed = tl.minimum(geometry[_TILE_MATRICES], geometry[_MATRICES] - b0)  # matrices of a packed tile (a
-    # shard without rows keeps its matrix: its column sums, 0, join the other ranks')
+    packed = tl.minimum(geometry[_TILE_MATRICES], geometry[_MATRICES] - b0)  # matrices of a packed tile
     partial = partials_ptr + geometry[_PARTIAL_BASE] + (i - geometry[_FIRST_TILE]) * (C + 1)
     matrix_sum = tl.zeros([], w.dtype)
-    for sub in range(0, tl.cdiv(end - q0, ROWS)):
+    # (at least once: a shard without rows still writes its matrix's sums, 0, for the other ranks')
+    for sub in range(0, tl.maximum(tl.cdiv(end - q0, ROWS), 1)):
         q, rows_in, b, row_offsets = _rows(geometry, q0, end, sub, ROWS, BATCH_DIMS)
         k = tl.arange(0, ROWS)
         mine = (b[None, :] == b0 + k[:, None]) & rows_in[None, :]  # [k, row]: the row is of the tile's k-th matrix
