@@ -17,12 +17,12 @@ import torch
 
 from . import _launch
 from ._distributed import is_dtensor
-from ._launch import ASSUMED_SM_COUNT, ASSUMED_THREADS_PER_SM, use_gpu_config
-from ._multi_tensor import INTERPRETER_PROGRAMS, LaunchPlan
+from ._launch import use_gpu_config
+from ._multi_tensor import LaunchPlan, persistent_programs
 from .kernels import adafactor as kernels
 
 # (ROWS, COLS, warps): on a GPU 2048 elements a tile step (8 fp32 a thread, as the walk's blocks);
-# the interpreter's small tiles make the tests' small tensors packed, split and multi-column.
+# the interpreter's larger tiles keep its cost down (each tile step costs ~20 nested calls: bench/NOTES.md).
 GPU_TILE, INTERPRETER_TILE = (16, 128, 8), (64, 64, 4)
 _FLOAT64 = dict(zip(kernels.ADAFACTOR.tiles, kernels.TILES_F64))  # (float64 tensors: exact hyperparameters)
 
@@ -55,8 +55,7 @@ class TilePlan(LaunchPlan):
         self.float64 = params[0].dtype == torch.float64
         self.numels = tuple(p.numel() for p in params)
         self.layout = tuple((p.shape, p.stride()) for p in params)
-        gpu_config = use_gpu_config(self.device)
-        self.rows, self.cols, self.num_warps = GPU_TILE if gpu_config else INTERPRETER_TILE
+        self.rows, self.cols, self.num_warps = GPU_TILE if use_gpu_config(self.device) else INTERPRETER_TILE
         table, tile_tensor, tile_row = [], [], []
         self.batch_dims = 0  # (the most leading dims a tensor walks: the kernels' BATCH_DIMS)
         bases = dict(column_base=0, matrix_base=0, partial_base=0, counter_base=1 + self.n_tensors)
@@ -97,14 +96,7 @@ class TilePlan(LaunchPlan):
         self.matrix_sums = torch.zeros(max(bases["matrix_base"], 1), dtype=dtype, device=self.device)
         self.partials = torch.zeros(max(bases["partial_base"], 1), dtype=dtype, device=self.device)
         self.counter = torch.zeros(bases["counter_base"], dtype=torch.int32, device=self.device)
-        if self.device.type == "cuda":
-            props = torch.cuda.get_device_properties(self.device)
-            programs = props.multi_processor_count * (props.max_threads_per_multi_processor // (32 * self.num_warps))
-        elif gpu_config:
-            programs = ASSUMED_SM_COUNT * (ASSUMED_THREADS_PER_SM // (32 * self.num_warps))
-        else:
-            programs = INTERPRETER_PROGRAMS
-        self.grid = (min(self.n_blocks, programs),)
+        self.grid = (min(self.n_blocks, persistent_programs(self.device, self.num_warps)),)
         self._sums = None
         self._addresses = None
         self.refresh(roles)

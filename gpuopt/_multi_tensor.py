@@ -43,6 +43,17 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def persistent_programs(device: torch.device, num_warps: int) -> int:
+    """The programs of a persistent launch at most: every SM's thread slots full (the launch lowers
+    this to one wave of the compiled kernel, whose registers allow fewer: ``_launch.launch``)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.multi_processor_count * (props.max_threads_per_multi_processor // (32 * num_warps))
+    if use_gpu_config(device):
+        return ASSUMED_SM_COUNT * (ASSUMED_THREADS_PER_SM // (32 * num_warps))
+    return INTERPRETER_PROGRAMS
+
+
 class LaunchPlan:
     """Schedule and tables for one kernel launch over ``n`` tensors playing several roles.
 
@@ -74,16 +85,7 @@ class LaunchPlan:
         self.block_tensor = block_tensor.to(self.device)
         self.block_start = block_start.to(torch.int64).to(self.device)
         self.numel = torch.tensor(self.numels, dtype=torch.int64, device=self.device)
-        # At most every SM's thread slots full: the launch lowers this to one wave of the compiled
-        # kernel, whose registers allow fewer programs per SM (``_launch.launch``, persistent).
-        if self.device.type == "cuda":
-            props = torch.cuda.get_device_properties(self.device)
-            programs = props.multi_processor_count * (props.max_threads_per_multi_processor // (32 * self.num_warps))
-        elif gpu_config:
-            programs = ASSUMED_SM_COUNT * (ASSUMED_THREADS_PER_SM // (32 * self.num_warps))
-        else:
-            programs = INTERPRETER_PROGRAMS
-        self.grid = (min(self.n_blocks, programs),)
+        self.grid = (min(self.n_blocks, persistent_programs(self.device, self.num_warps)),)
         # Arrival counters: the last program of a launch finishes the step (finish_launch), then
         # one per tensor: its last block folds its sums (fold_sums).
         self.counter = torch.zeros(1 + self.n_tensors, dtype=torch.int32, device=self.device)

@@ -181,11 +181,7 @@ def _check_own_shape(name, role, i, t, p, shape):
     if len(t.shape) != len(shape) or any(a != e and not (a == 0 and e == 1) for a, e in zip(t.shape, shape)):
         raise RuntimeError(f"{name}: {role} {i} has shape {tuple(t.shape)} but a parameter of shape {tuple(p.shape)} "
                            f"keeps a {role} of shape {tuple(shape)}")
-    if t.device != p.device:
-        raise RuntimeError(f"{name}: {role} {i} is on {t.device} but its parameter on {p.device}; "
-                           "parameters, gradients and states must share a device")
-    if t.dtype not in FLOAT_DTYPES:
-        raise RuntimeError(f"{name}: {role} {i} has dtype {t.dtype}; it must be floating point")
+    _check_device_and_dtype(name, role, i, t, p, "parameter")
     if not t.is_contiguous():
         raise RuntimeError(f"{name}: {role} {i} has strides {t.stride()}; it must be contiguous (.contiguous())")
 
@@ -194,16 +190,20 @@ def _check_against(name, role, i, t, p, what):
     if t.shape != p.shape:
         raise RuntimeError(f"{name}: {role} {i} has shape {tuple(t.shape)} but its {what} has shape "
                            f"{tuple(p.shape)} (states must match their parameter's size, as in torch.optim)")
-    if t.device != p.device:
-        raise RuntimeError(f"{name}: {role} {i} is on {t.device} but its {what} on {p.device}; "
-                           "parameters, gradients and states must share a device")
-    if t.dtype not in FLOAT_DTYPES:
-        raise RuntimeError(f"{name}: {role} {i} has dtype {t.dtype}; it must be floating point")
+    _check_device_and_dtype(name, role, i, t, p, what)
     if not same_layout(t, p):
         raise RuntimeError(
             f"{name}: {role} {i} has strides {t.stride()} but its {what} has strides {p.stride()}: the "
             "kernel pairs elements by memory position, so every state must share its parameter's memory "
             "layout (make it with torch.zeros_like(param), or copy it into one)")
+
+
+def _check_device_and_dtype(name, role, i, t, p, what):
+    if t.device != p.device:
+        raise RuntimeError(f"{name}: {role} {i} is on {t.device} but its {what} on {p.device}; "
+                           "parameters, gradients and states must share a device")
+    if t.dtype not in FLOAT_DTYPES:
+        raise RuntimeError(f"{name}: {role} {i} has dtype {t.dtype}; it must be floating point")
 
 
 def _check_storage(name, role, i, t):

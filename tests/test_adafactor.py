@@ -34,6 +34,16 @@ def _twins(params, dtype=None):
     return [torch.nn.Parameter(p.detach().clone().to(dtype or p.dtype)) for p in params]
 
 
+def _step_both(ours, theirs, params, twins, steps):
+    """``steps`` steps of both optimizers, on the same fresh gradients (new tensors each step)."""
+    for _ in range(steps):
+        for p, t in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            t.grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+
+
 CASES = [dict(),
          dict(lr=0.05, beta2_decay=-0.5, eps=(1e-20, 1e-2), d=1.5, weight_decay=0.1),
          dict(lr=1e-3, weight_decay=0.01, maximize=True)]
@@ -50,12 +60,7 @@ def test_matches_torch_adafactor(device, dtype, options):
     groups = lambda ps: [{"params": ps[:5]}, {"params": ps[5:], "lr": 0.02}]  # noqa: E731
     opt = gpuopt.Adafactor(groups(params), **options)
     theirs = torch.optim.Adafactor(groups(twins), **options)
-    for _ in range(STEPS):
-        for p, t in zip(params, twins):
-            p.grad = torch.randn_like(p)
-            t.grad = p.grad.clone()
-        opt.step()
-        theirs.step()
+    _step_both(opt, theirs, params, twins, STEPS)
     tolerance = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
     for p, t in zip(params, twins):
         assert_close(p, t, **tolerance)
@@ -73,12 +78,7 @@ def test_aligned_tensors_take_the_16_byte_path(device):
     params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in [(8, 12), (3, 16, 8), (150, 20), (24,)]]
     twins = _twins(params)
     opt, theirs = gpuopt.Adafactor(params, weight_decay=0.01), torch.optim.Adafactor(twins, weight_decay=0.01)
-    for _ in range(3):
-        for p, t in zip(params, twins):
-            p.grad = torch.randn_like(p)
-            t.grad = p.grad.clone()
-        opt.step()
-        theirs.step()
+    _step_both(opt, theirs, params, twins, 3)
     plan = opt._prepared[0].buckets[0].plan
     assert plan.aligned and plan.multiples_of_4
     for p, t in zip(params, twins):
@@ -274,12 +274,7 @@ def test_a_tensor_lr_on_the_device_equals_the_float(device):
     twins = _twins(params)
     opt = gpuopt.Adafactor(params, lr=torch.tensor(0.02, device=device), weight_decay=0.1)
     plain = gpuopt.Adafactor(twins, lr=0.02, weight_decay=0.1)
-    for _ in range(3):
-        for p, t in zip(params, twins):
-            p.grad = torch.randn_like(p)
-            t.grad = p.grad.clone()
-        opt.step()
-        plain.step()
+    _step_both(opt, plain, params, twins, 3)
     for p, t in zip(params, twins):
         assert_close(p, t, rtol=1e-6, atol=1e-7)
 
@@ -308,12 +303,7 @@ def test_split_matrices_fold_every_tile_and_reset_their_counters(device):
     params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
     twins = _twins(params)
     opt, theirs = gpuopt.Adafactor(params), torch.optim.Adafactor(twins)
-    for _ in range(3):
-        for p, t in zip(params, twins):
-            p.grad = torch.randn_like(p)
-            t.grad = p.grad.clone()
-        opt.step()
-        theirs.step()
+    _step_both(opt, theirs, params, twins, 3)
     plan = opt._prepared[0].buckets[0].plan
     split = plan.meta[:, kernels.META.index("split")]
     tiles = plan.meta[:, kernels.META.index("tiles_per_matrix")]

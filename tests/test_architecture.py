@@ -263,7 +263,6 @@ def test_tile_kernels_take_the_names_their_spec_declares():
     unpacking of ``ptrs`` in them names the roles."""
     import ast
     import inspect
-    import textwrap
 
     from gpuopt.kernels import adafactor
 
@@ -275,9 +274,10 @@ def test_tile_kernels_take_the_names_their_spec_declares():
         start = names.index(algorithm.hyper[0])
         assert tuple(names[start:start + len(algorithm.hyper)]) == algorithm.hyper
         assert names[start - 2:start] == ["lr", "lr_ptr"]
-        tree = ast.parse(textwrap.dedent(inspect.getsource(kernel.fn)))
-        unpacked = [[t.id for t in node.targets[0].elts] for node in ast.walk(tree)
-                    if isinstance(node, ast.Assign) and isinstance(node.value, ast.Name) and node.value.id == "ptrs"]
-        assert unpacked
-        for unpacking in unpacked:
-            assert all(n == "_" or n == f"{role}_ptr" for n, role in zip(unpacking, algorithm.roles)), unpacking
+    tree = ast.parse(inspect.getsource(adafactor))  # (the kernels and their helpers)
+    unpacked = [[t.id for t in node.targets[0].elts] for node in ast.walk(tree)
+                if isinstance(node, ast.Assign) and isinstance(node.value, ast.Name) and node.value.id == "ptrs"]
+    assert unpacked
+    for unpacking in unpacked:
+        assert len(unpacking) == len(algorithm.roles)
+        assert all(n == "_" or n == f"{role}_ptr" for n, role in zip(unpacking, algorithm.roles)), unpacking

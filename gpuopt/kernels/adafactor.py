@@ -63,7 +63,7 @@ _NUMEL, _ROWS, _COLUMNS, _FACTORED, _ROW_STRIDE, _COLUMN_STRIDE, _SPLIT, _TILE_R
     _COUNTER_BASE, _GLOBAL_ROWS, _GLOBAL_NUMEL, _HOLDS_COLUMNS, _BATCH = \
     map(tl.constexpr, range(len(META) - 2 * MAX_BATCH_DIMS + 1))
 N_ROLES = tl.constexpr(len(ROLES))
-_STEP = tl.constexpr(ROLES.index("step"))
+_STEP, _COL_VAR = tl.constexpr(ROLES.index("step")), tl.constexpr(ROLES.index("col_var"))
 
 
 @triton.jit
@@ -227,6 +227,35 @@ def _direction(g, offsets, mask, cols, b, r, mean, geometry, col_var_ptr, varian
     return g / tl.sqrt(tl.maximum(v, eps1 * eps1))
 
 
+@triton.jit
+def _directions(geometry, q0, end, ptrs, column_sums_ptr, matrix_sums_ptr, grad_scale_ptr, eps1, decay, step_size,
+                seed, FLAGS: tl.constexpr, MOVE: tl.constexpr, VEC: tl.constexpr, BATCH_DIMS: tl.constexpr,
+                ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The tile's u, chunk by chunk (``_direction``): with ``MOVE``, W ← W·decay - step_size·u
+    (launch 3); else the per-lane sums of W² and u², returned (launch 2; reduced once a tile, so
+    that no chunk waits on a cross-warp reduction)."""
+    param_ptr, grad_ptr, _, row_var_ptr, col_var_ptr, variance_ptr, master_ptr = ptrs
+    factored = geometry[_FACTORED] != 0
+    param_sq = tl.zeros([ROWS, COLS], eps1.dtype)
+    update_sq = tl.zeros([ROWS, COLS], eps1.dtype)
+    for sub in range(0, tl.cdiv(end - q0, ROWS)):
+        q, rows_in, b, row_offsets = _rows(geometry, q0, end, sub, ROWS, BATCH_DIMS)
+        r, mean = _row_factors(geometry, q, rows_in, b, row_var_ptr, matrix_sums_ptr, eps1, factored)
+        for chunk in range(0, tl.cdiv(geometry[_COLUMNS], COLS)):
+            cols, offsets, mask = _columns(geometry, q, rows_in, row_offsets, chunk, COLS, VEC)
+            g = load_grad(grad_ptr, offsets, mask, grad_scale_ptr, FLAGS.has_grad_scale, FLAGS.maximize)
+            weight = load_param(param_ptr, master_ptr, offsets, mask, FLAGS.has_master)
+            u = _direction(g, offsets, mask, cols, b, r, mean, geometry, col_var_ptr, variance_ptr, column_sums_ptr,
+                           eps1, factored)
+            if MOVE:
+                store_param(param_ptr, master_ptr, offsets, mask, weight * decay - step_size * u, seed,
+                            FLAGS.has_master, FLAGS.stochastic_rounding)
+            else:
+                param_sq += tl.where(mask, weight * weight, 0.0)
+                update_sq += tl.where(mask, u * u, 0.0)
+    return param_sq, update_sq
+
+
 # ------------------------------------------------------------------------------ kernels -----
 # All three take the same arguments (the host passes one list): the tile schedule, the
 # per-tensor table and role offsets, the roles' bases, the scratch, then the hyperparameters.
@@ -289,21 +318,9 @@ def _norms(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n_tens
         for i in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             t, ptrs, geometry, q0, end, step = _tile(i, tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr,
                                                      n_tensors, bases, lr, VEC, BATCH_DIMS)
-            param_ptr, grad_ptr, _, row_var_ptr, col_var_ptr, variance_ptr, master_ptr = ptrs
-            factored = geometry[_FACTORED] != 0
-            param_sq = tl.zeros([ROWS, COLS], lr.dtype)  # (per lane: reduced once a tile, not a chunk)
-            update_sq = tl.zeros([ROWS, COLS], lr.dtype)
-            for sub in range(0, tl.cdiv(end - q0, ROWS)):
-                q, rows_in, b, row_offsets = _rows(geometry, q0, end, sub, ROWS, BATCH_DIMS)
-                r, mean = _row_factors(geometry, q, rows_in, b, row_var_ptr, matrix_sums_ptr, eps1, factored)
-                for chunk in range(0, tl.cdiv(geometry[_COLUMNS], COLS)):
-                    cols, offsets, mask = _columns(geometry, q, rows_in, row_offsets, chunk, COLS, VEC)
-                    g = load_grad(grad_ptr, offsets, mask, grad_scale_ptr, FLAGS.has_grad_scale, FLAGS.maximize)
-                    weight = load_param(param_ptr, master_ptr, offsets, mask, FLAGS.has_master)
-                    u = _direction(g, offsets, mask, cols, b, r, mean, geometry, col_var_ptr, variance_ptr,
-                                   column_sums_ptr, eps1, factored)
-                    param_sq += tl.where(mask, weight * weight, 0.0)
-                    update_sq += tl.where(mask, u * u, 0.0)
+            param_sq, update_sq = _directions(geometry, q0, end, ptrs, column_sums_ptr, matrix_sums_ptr,
+                                              grad_scale_ptr, eps1, 0.0, 0.0, 0, FLAGS, False, VEC, BATCH_DIMS,
+                                              ROWS, COLS)
             fold_sums((tl.sum(param_sq), tl.sum(update_sq)), i, t, geometry[_FIRST_TILE], geometry[_N_TILES],
                       counter_ptr, sum_partials_ptr, sums_ptr, 2, COLS)
 
@@ -332,26 +349,16 @@ def _update(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n_ten
         for i in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             t, ptrs, geometry, q0, end, step = _tile(i, tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr,
                                                      n_tensors, bases, lr, VEC, BATCH_DIMS)
-            param_ptr, grad_ptr, _, row_var_ptr, col_var_ptr, variance_ptr, master_ptr = ptrs
-            factored = geometry[_FACTORED] != 0
             numel = tl.maximum(geometry[_GLOBAL_NUMEL], 1).to(lr.dtype)
             param_rms = tl.sqrt(tl.load(sums_ptr + 2 * t) / numel)
             update_rms = tl.sqrt(tl.load(sums_ptr + 2 * t + 1) / numel)
             alpha = tl.maximum(eps2, param_rms) * tl.minimum(lr, 1.0 / tl.sqrt(step))
             step_size = alpha / tl.maximum(1.0, update_rms / d)
             tensor_seed = seed + t * 7919 + (step.to(tl.int32) + epoch) * 104729  # (as the walk's)
-            for sub in range(0, tl.cdiv(end - q0, ROWS)):
-                q, rows_in, b, row_offsets = _rows(geometry, q0, end, sub, ROWS, BATCH_DIMS)
-                r, mean = _row_factors(geometry, q, rows_in, b, row_var_ptr, matrix_sums_ptr, eps1, factored)
-                for chunk in range(0, tl.cdiv(geometry[_COLUMNS], COLS)):
-                    cols, offsets, mask = _columns(geometry, q, rows_in, row_offsets, chunk, COLS, VEC)
-                    g = load_grad(grad_ptr, offsets, mask, grad_scale_ptr, FLAGS.has_grad_scale, FLAGS.maximize)
-                    weight = load_param(param_ptr, master_ptr, offsets, mask, FLAGS.has_master)
-                    u = _direction(g, offsets, mask, cols, b, r, mean, geometry, col_var_ptr, variance_ptr,
-                                   column_sums_ptr, eps1, factored)
-                    store_param(param_ptr, master_ptr, offsets, mask, weight * decay - step_size * u, tensor_seed,
-                                FLAGS.has_master, FLAGS.stochastic_rounding)
-            if factored and geometry[_HOLDS_COLUMNS] != 0:  # c ← c_next, by the matrix's first tile
+            _directions(geometry, q0, end, ptrs, column_sums_ptr, matrix_sums_ptr, grad_scale_ptr, eps1, decay,
+                        step_size, tensor_seed, FLAGS, True, VEC, BATCH_DIMS, ROWS, COLS)
+            col_var_ptr = ptrs[_COL_VAR]
+            if geometry[_FACTORED] != 0 and geometry[_HOLDS_COLUMNS] != 0:  # c ← c_next, by the matrix's first tile
                 R = geometry[_ROWS]
                 C = geometry[_COLUMNS]
                 columns = column_sums_ptr + geometry[_COLUMN_BASE]
