@@ -85,12 +85,15 @@ class TilePlan(LaunchPlan):
         self._local_table = torch.tensor(table, dtype=torch.int64)  # (as the local shards see it: shard())
         self.meta = self._local_table.to(self.device)
         self.row_groups, self.shared = (), (0, 0)
-        # Every tensor's columns contiguous, and its counts and strides multiples of 4 elements: with
-        # 16-byte aligned tensors (``aligned``), the kernels' VEC (16-byte accesses; bench/NOTES.md).
+        # VEC, the elements of the widest role in 16 bytes: when every tensor's columns are contiguous,
+        # its counts and strides multiples of VEC and its address 16-byte aligned (``aligned``), the
+        # kernels are told so and make 16-byte accesses (narrower roles beside a wider one 8-byte
+        # ones, in the same layout: as the walk's RUN, gpuopt/_launch.py; bench/NOTES.md).
         field = kernels.META.index
-        self.multiples_of_4 = all(row[field("column_stride")] == 1 and all(
-            row[field(name)] % 4 == 0 for name in ("numel", "columns", "row_stride", "batch_stride_0",
-                                                   "batch_stride_1", "batch_stride_2")) for row in table)
+        self.vec = 16 // max(role[0].element_size() for k, role in enumerate(roles) if kernels.ROLES[k] != "step")
+        self.multiples_of_vec = all(row[field("column_stride")] == 1 and all(
+            row[field(name)] % self.vec == 0 for name in ("numel", "columns", "row_stride", "batch_stride_0",
+                                                          "batch_stride_1", "batch_stride_2")) for row in table)
         dtype = torch.float64 if self.float64 else torch.float32
         self.column_sums = torch.zeros(max(bases["column_base"], 1), dtype=dtype, device=self.device)
         self.matrix_sums = torch.zeros(max(bases["matrix_base"], 1), dtype=dtype, device=self.device)
@@ -201,7 +204,7 @@ class TilePlan(LaunchPlan):
                 sum_partials, lr, lr_ptr, *hyperparameters, step_args.grad_scale, step_args.found_inf,
                 step_args.seed, epoch)
         constexprs = dict(FLAGS=flags, LR_ON_DEVICE=lr_ptr is not None, HAS_FOUND_INF=step_args.found_inf is not None,
-                          COUNT_EPOCH=epoch is not None, VEC=4 if self.aligned and self.multiples_of_4 else 1,
+                          COUNT_EPOCH=epoch is not None, VEC=self.vec if self.aligned and self.multiples_of_vec else 1,
                           BATCH_DIMS=self.batch_dims,
                           ROWS=self.rows, COLS=self.cols)
         statistics, norms, update = (_FLOAT64[kernel] if self.float64 else kernel for kernel in algorithm.tiles)

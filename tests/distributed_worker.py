@@ -47,6 +47,15 @@ def model_and_data(seed=0):
     return model, torch.randn(8, 6), torch.randn(8, 3)
 
 
+def whole_batch(x, y):
+    """Every rank's batch, concatenated in rank order: what one process steps on."""
+    world = dist.get_world_size()
+    xs, ys = [torch.empty_like(x) for _ in range(world)], [torch.empty_like(y) for _ in range(world)]
+    dist.all_gather(xs, x)
+    dist.all_gather(ys, y)
+    return torch.cat(xs), torch.cat(ys)
+
+
 def sharded(model):
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
@@ -342,17 +351,14 @@ def fsdp_lion_and_schedule_free(tmp):
 def fsdp_lamb_and_lars(tmp):
     """FSDP2 + gpuopt.LAMB / LARS = one process stepping the whole model on the whole batch: their
     per-tensor norms are of the whole parameter (the shards' sums all-reduced), not of the shard."""
-    world = dist.get_world_size()
     for cls, kwargs in ((gpuopt.LAMB, dict(lr=1e-2, weight_decay=0.01)),
                         (gpuopt.LARS, dict(lr=0.5, weight_decay=1e-3, trust_coefficient=0.02))):
         base, x, y = model_and_data()
-        xs, ys = [torch.empty_like(x) for _ in range(world)], [torch.empty_like(y) for _ in range(world)]
-        dist.all_gather(xs, x)
-        dist.all_gather(ys, y)
+        whole_x, whole_y = whole_batch(x, y)
         ours, whole = sharded(copy.deepcopy(base)), copy.deepcopy(base)
         opt, ref = cls(ours.parameters(), **kwargs), cls(whole.parameters(), **kwargs)
         train(ours, opt, x, y, 4)
-        train(whole, ref, torch.cat(xs), torch.cat(ys), 4)  # (the mean loss of equal batches: FSDP2's gradient)
+        train(whole, ref, whole_x, whole_y, 4)  # (the mean loss of equal batches: FSDP2's gradient)
         name = cls.__name__
         for (n, p), q in zip(ours.named_parameters(), whole.parameters()):
             close(p, q, f"{name}: {n}", rtol=1e-4, atol=1e-6)
@@ -366,20 +372,17 @@ def fsdp_muon(tmp):
     """FSDP2 + gpuopt.Muon = one process stepping the whole model with torch.optim.Muon on the whole
     batch: each matrix is orthogonalized whole (gathered on one rank, scattered back), rows split
     unevenly (7, 5 and 3 rows over 2 and 3 ranks)."""
-    world = dist.get_world_size()
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(6, 7, bias=False), torch.nn.Tanh(), torch.nn.Linear(7, 5, bias=False),
                                torch.nn.Tanh(), torch.nn.Linear(5, 3, bias=False))
     torch.manual_seed(100 + dist.get_rank())
     x, y = torch.randn(8, 6), torch.randn(8, 3)
-    xs, ys = [torch.empty_like(x) for _ in range(world)], [torch.empty_like(y) for _ in range(world)]
-    dist.all_gather(xs, x)
-    dist.all_gather(ys, y)
+    whole_x, whole_y = whole_batch(x, y)
     ours, whole = sharded(copy.deepcopy(base)), copy.deepcopy(base)
     opt = gpuopt.Muon(ours.parameters(), lr=0.02, weight_decay=0.01)
     ref = torch.optim.Muon(whole.parameters(), lr=0.02, weight_decay=0.01)
     train(ours, opt, x, y, 3)
-    train(whole, ref, torch.cat(xs), torch.cat(ys), 3)
+    train(whole, ref, whole_x, whole_y, 3)
     for (n, p), q in zip(ours.named_parameters(), whole.parameters()):
         assert isinstance(p, DTensor)
         close(p, q, f"Muon: {n}", rtol=1e-3, atol=2e-4)  # (bf16 Newton–Schulz on both sides)
@@ -394,20 +397,17 @@ def fsdp_adafactor(tmp):
     of 3 with a single row), so each matrix's column statistics and RMS are summed over the
     ranks (a rank of 3 holds none of the last layer's 2 rows); row_var is sharded like its weight,
     col_var held by the first rank (torch.chunk of its one row), as torch's own states are placed."""
-    world = dist.get_world_size()
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 5), torch.nn.Tanh(),
                                torch.nn.Linear(5, 2))  # (2 rows: one of 3 ranks holds none of them)
     torch.manual_seed(100 + dist.get_rank())
     x, y = torch.randn(8, 6), torch.randn(8, 2)
-    xs, ys = [torch.empty_like(x) for _ in range(world)], [torch.empty_like(y) for _ in range(world)]
-    dist.all_gather(xs, x)
-    dist.all_gather(ys, y)
+    whole_x, whole_y = whole_batch(x, y)
     ours, whole = sharded(copy.deepcopy(base)), copy.deepcopy(base)
     opt = gpuopt.Adafactor(ours.parameters(), lr=0.02, weight_decay=0.01)
     ref = torch.optim.Adafactor(whole.parameters(), lr=0.02, weight_decay=0.01)
     train(ours, opt, x, y, 4)
-    train(whole, ref, torch.cat(xs), torch.cat(ys), 4)
+    train(whole, ref, whole_x, whole_y, 4)
     for (n, p), q in zip(ours.named_parameters(), whole.parameters()):
         close(p, q, f"Adafactor: {n}", rtol=1e-4, atol=1e-6)
         for key, value in opt.state[p].items():

@@ -72,15 +72,15 @@ def test_matches_torch_adafactor(device, dtype, options):
 
 
 def test_aligned_tensors_take_the_16_byte_path(device):
-    """Column counts, strides and vector lengths all multiples of 4 (and fresh, aligned tensors):
-    the plan promises the kernels 4-element runs (``VEC``, the 16-byte accesses), and the results
+    """Column counts, strides and vector lengths all multiples of 4 (and fresh, aligned fp32
+    tensors): the plan promises the kernels 4-element runs (``VEC``, 16-byte accesses), and the results
     still equal torch's, packed, split and batched matrices alike."""
     params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in [(8, 12), (3, 16, 8), (150, 20), (24,)]]
     twins = _twins(params)
     opt, theirs = gpuopt.Adafactor(params, weight_decay=0.01), torch.optim.Adafactor(twins, weight_decay=0.01)
     _step_both(opt, theirs, params, twins, 3)
     plan = opt._prepared[0].buckets[0].plan
-    assert plan.aligned and plan.multiples_of_4
+    assert plan.aligned and plan.multiples_of_vec and plan.vec == 4
     for p, t in zip(params, twins):
         assert_close(p, t, rtol=2e-5, atol=1e-6)
 

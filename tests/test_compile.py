@@ -38,16 +38,17 @@ def test_every_kernel_compiles_for_sm90_with_vector_accesses():
     for row in rows:
         regs, spill, loads, stores, per_element, barriers, resident, loop_spills = row[-8:]
         kernels_seen.add(row[0])
-        # No spill in a data loop; outside it, a register saved once per program at most (ptxas
-        # keeps one across bf16 Adagrad's walk with AMP and master weights: 4 bytes).
-        assert loop_spills == "0" and int(spill) <= 8, f"register spills: {' '.join(row)}"
+        # No spill in a data loop; outside it, a few registers saved once per program at most (ptxas
+        # keeps one across bf16 Adagrad's walk with AMP and master weights, 4 bytes; three around
+        # Adafactor's bf16 statistics loop at 80 registers, 3 programs an SM, 12 bytes).
+        assert loop_spills == "0" and int(spill) <= 16, f"register spills: {' '.join(row)}"
         want_loads, want_stores = wide.get(row[0].replace("_f64", ""), ("v4", "v4"))
         if row[1].startswith("FP64"):  # 16 bytes of float64 are v2
             want_loads, want_stores = (w and "v2" for w in (want_loads, want_stores))
         if row[0] == "_lamb_norms" and "has_master" in row[1]:  # it stores only the bf16 moments, at 4 a
             want_stores = "v2"  # thread beside the fp32 master's loads (RUN in gpuopt/_launch.py): 8 bytes
-        if row[0] == "_statistics" and "has_master" in row[1]:  # Adafactor's runs are 4 elements for every
-            want_loads, want_stores = "v2", "v2"  # role (VEC, gpuopt/_adafactor.py): bf16 g and factors, 8 bytes
+        if row[0] == "_statistics" and "has_master" in row[1]:  # Adafactor's runs are 4 elements beside an
+            want_loads, want_stores = "v2", "v2"  # fp32 master (VEC, gpuopt/_adafactor.py): bf16 g, 8 bytes
         assert want_loads in (None, loads) and want_stores in (None, stores), f"no 16-byte accesses: {' '.join(row)}"
         assert int(resident) >= 1 and float(per_element) >= 0, f"no SASS figures: {' '.join(row)}"
         # No barrier inside a data loop. Not data loops: the combine kernels' folds over splits (a
