@@ -608,3 +608,95 @@ def batch_norm_running_stats(running_mean, running_var, Z, num_batches_tracked, 
     new_mean = running_average_step(running_mean, mu, gamma)
     new_var = running_average_step(running_var, var_unbiased, gamma)
     return new_mean, new_var, t
+
+
+# --------------------------------------------------------------------------------------------
+# Low-bit optimizer states: quantization maps and blockwise (de)quantization
+# --------------------------------------------------------------------------------------------
+# A state tensor is stored as codes plus one float32 scale per block of ``block`` consecutive
+# elements (the last block may be shorter): 8- and 4-bit codes index a map of 2^bits values in
+# [-1, 1] (``dynamic_map``, ``linear_map``), the block's scale is its largest magnitude; fp8 codes
+# are float8_e4m3fn values, the scale the block's largest magnitude over 448. The maps are the
+# ones bitsandbytes and torchao index, to the bit (float32 values), so codes mean the same there.
+
+
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
+    """The dynamic-tree quantization map (Dettmers 2015) as bitsandbytes' ``create_dynamic_map``
+    defines it (torchao's for 8 and 4 bits): for each exponent ``i < max_exponent_bits``, the
+    midpoints of an even grid of ``2^(i + bits - 1 - max_exponent_bits)`` intervals on [0.1, 1]
+    (twice as many unsigned) scaled by ``10^(i + 1 - max_exponent_bits)``, signed: with their
+    negatives; then 0 and 1. Sorted, ``2^total_bits`` values rounded to float32 (held in float64).
+    The signed map has 1 but not -1.
+
+    The values are the exact midpoints rounded once: bitsandbytes and torchao build them with
+    float32 ``torch.linspace``, whose last bit depends on the CPU's vector width, so theirs can
+    differ from these by an ulp or two (``tests/test_reference.py`` checks the bound)."""
+    magnitude_bits = total_bits - 1
+
+    def midpoints(intervals, exponent):
+        boundaries = np.linspace(0.1, 1.0, intervals + 1)
+        return (boundaries[:-1] + boundaries[1:]) / 2.0 * 10.0 ** exponent
+
+    data = [np.zeros(1), np.ones(1)]
+    for i in range(max_exponent_bits):
+        intervals = 2 ** (i + magnitude_bits - max_exponent_bits) * (1 if signed else 2)
+        data.append(midpoints(intervals, i + 1 - max_exponent_bits))
+    extra = 2 ** (magnitude_bits - max_exponent_bits) - 1  # codes whose exponent bits are all zero
+    if extra > 0:
+        data.append(midpoints(extra, 0))
+    if signed:
+        data += [-d for d in data[2:]]
+    values = np.sort(np.concatenate(data)).astype(np.float32).astype(np.float64)
+    assert values.size == 2 ** total_bits, values.size
+    return values
+
+
+def linear_map(total_bits: int = 4) -> np.ndarray:
+    """torchao's map of 4-bit second moments: ``1/2^bits, 2/2^bits, ..., 1`` — no zero (a zero
+    level turns a small second moment into a division by zero; Li et al. 2023), float32 values."""
+    return np.arange(1, 2 ** total_bits + 1) / 2.0 ** total_bits
+
+
+def quantize_blockwise(x, qmap, block: int):
+    """``(codes, absmax)``: ``x`` (flattened) in blocks of ``block`` elements (the last one
+    possibly shorter), each scaled by its largest magnitude (at least 1e-12, as torchao) and
+    rounded to the nearest value of the sorted map ``qmap`` (a tie to the larger), as
+    bitsandbytes and torchao quantize. ``codes``: int64 indices into ``qmap``."""
+    x = _f64(x).ravel()
+    qmap = _f64(qmap)
+    starts = np.arange(0, x.size, block)
+    absmax = np.maximum(np.maximum.reduceat(np.abs(x), starts) if x.size else np.zeros(0), 1e-12)
+    scaled = x / np.repeat(absmax, np.diff(np.append(starts, x.size)))
+    below = np.clip(np.searchsorted(qmap, scaled, side="right") - 1, 0, qmap.size - 1)
+    above = np.minimum(below + 1, qmap.size - 1)
+    codes = np.where(scaled - qmap[below] >= (qmap[above] - qmap[below]) * 0.5, above, below)
+    return codes, absmax
+
+
+def dequantize_blockwise(codes, absmax, qmap, block: int) -> np.ndarray:
+    """The values ``quantize_blockwise`` stored: ``qmap[code] × absmax`` of each element's block
+    (flattened)."""
+    codes = np.asarray(codes).ravel()
+    return _f64(qmap)[codes] * np.repeat(_f64(absmax), block)[:codes.size]
+
+
+E4M3_MAX = 448.0
+
+
+def round_to_e4m3(x) -> np.ndarray:
+    """``x`` rounded to float8_e4m3fn (to nearest, ties to even): 3 mantissa bits, exponents from
+    -6 (below it, steps of 2^-9), at most 448 in magnitude (``x`` must not exceed it)."""
+    x = _f64(x)
+    _, exponent = np.frexp(x)  # |x| = m 2^exponent, m in [0.5, 1)
+    quantum = np.ldexp(1.0, np.maximum(exponent - 1, -6) - 3)
+    return np.round(x / quantum) * quantum
+
+
+def quantize_fp8_blockwise(x, block: int):
+    """``(values, scale)`` as torchao's fp8 states: per block of ``block`` elements, the scale is the
+    block's largest magnitude (at least 1e-12) over 448 and the values ``x / scale`` rounded to
+    float8_e4m3fn (``values`` as float64; dequantized: ``values × scale``)."""
+    x = _f64(x).ravel()
+    starts = np.arange(0, x.size, block)
+    scale = np.maximum(np.maximum.reduceat(np.abs(x), starts) if x.size else np.zeros(0), 1e-12) / E4M3_MAX
+    return round_to_e4m3(x / np.repeat(scale, np.diff(np.append(starts, x.size)))), scale

@@ -315,3 +315,70 @@ def test_cumulative_running_stats_match_torch_momentum_none():
     assert_close(mean, np.mean(batch_means, axis=0), rtol=1e-12, name="exact mean of batch means")
     assert_close(var, np.mean(batch_vars, axis=0), rtol=1e-12, name="exact mean of batch variances")
     assert t == int(bn.num_batches_tracked)
+
+
+def _bitsandbytes_dynamic_map(signed, max_exponent_bits, total_bits):
+    """The map as bitsandbytes and torchao build it: float32 ``torch.linspace`` grids."""
+    values, magnitude_bits = [0.0, 1.0], total_bits - 1
+    for i in range(max_exponent_bits):
+        intervals = 2 ** (i + magnitude_bits - max_exponent_bits) * (1 if signed else 2)
+        grid = torch.linspace(0.1, 1, intervals + 1)
+        means = ((grid[:-1] + grid[1:]) / 2.0 * 10.0 ** (i + 1 - max_exponent_bits)).tolist()
+        values += means + ([-m for m in means] if signed else [])
+    return np.sort(np.array(values))
+
+
+@pytest.mark.parametrize("signed, max_exponent_bits, total_bits", [(True, 7, 8), (False, 7, 8), (True, 3, 4)])
+def test_dynamic_maps_are_bitsandbytes_and_torchaos(signed, max_exponent_bits, total_bits):
+    """The 8-bit maps (signed and unsigned) and torchao's signed 4-bit map: 2^bits sorted distinct
+    values in [-1, 1] with 0 and 1 (not -1), equal to the float32 construction bitsandbytes and
+    torchao use to within 2 float32 ulps (their linspace's last bit varies with the CPU)."""
+    ours = ref.dynamic_map(signed, max_exponent_bits, total_bits)
+    theirs = _bitsandbytes_dynamic_map(signed, max_exponent_bits, total_bits)
+    assert ours.size == theirs.size == 2 ** total_bits
+    assert (np.diff(ours) > 0).all() and ours[-1] == 1.0 and 0.0 in ours and -1.0 not in ours
+    assert (ours >= 0).all() != signed
+    assert (np.abs(ours - theirs) <= 2.5e-7 * np.abs(theirs)).all()
+    assert (ours.astype(np.float32) == ours).all()  # float32 values
+    assert_close(ref.linear_map(4), torch.linspace(0, 1, 17)[1:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("block", [256, 128, 7])
+def test_blockwise_quantization_rounds_each_block_to_the_nearest_code(block):
+    """Blocks of ``block`` elements and a shorter tail: each block's scale is its largest
+    magnitude, every element's code the nearest map value to x / scale (a tie to the larger), so
+    the dequantized value is within half a gap of x; a value already on the grid comes back
+    exactly."""
+    qmap = ref.dynamic_map(True)
+    x = np.random.standard_normal(3 * block + block // 2 + 1) * np.logspace(-6, 0, 3 * block + block // 2 + 1)
+    codes, absmax = ref.quantize_blockwise(x, qmap, block)
+    assert absmax.size == -(-x.size // block)
+    for k, start in enumerate(range(0, x.size, block)):
+        assert absmax[k] == np.abs(x[start:start + block]).max()
+    scaled = x / np.repeat(absmax, block)[:x.size]
+    distance = np.abs(qmap[None, :] - scaled[:, None])
+    best = distance.min(axis=1)
+    assert (np.abs(qmap[codes] - scaled) == best).all()
+    ties = (distance == best[:, None]).sum(axis=1) > 1
+    assert (codes[ties] == np.argmax(distance[ties] == best[ties, None], axis=1) + 1).all()
+    back = ref.dequantize_blockwise(codes, absmax, qmap, block)
+    again, absmax_again = ref.quantize_blockwise(back, qmap, block)
+    positive_max = [np.argmax(np.abs(back[s:s + block])) for s in range(0, x.size, block)]
+    for k, start in enumerate(range(0, x.size, block)):  # a block whose largest value is positive: 1 stays 1
+        if back[start + positive_max[k]] > 0:
+            assert (again[start:start + block] == codes[start:start + block]).all()
+
+
+def test_e4m3_rounding_is_torchs_float8_e4m3fn():
+    """``round_to_e4m3`` equals torch's float → float8_e4m3fn conversion (to nearest, ties to
+    even) over normals, subnormals and exact ties; fp8 blocks scale their largest magnitude to 448."""
+    x = np.concatenate([np.random.standard_normal(4000) * 10.0 ** np.random.uniform(-4, 2.5, 4000),
+                        np.arange(-64, 65) * 2.0 ** -10, [448.0, -448.0, 0.0]])
+    x = x[np.abs(x) <= 448]
+    expected = torch.from_numpy(x).float().to(torch.float8_e4m3fn).double().numpy()
+    rounded = ref.round_to_e4m3(x.astype(np.float32).astype(np.float64))
+    assert (rounded == expected).all()
+    values, scale = ref.quantize_fp8_blockwise(x, 256)
+    assert np.abs(values[:256]).max() == 448.0
+    per_element = np.repeat(scale, 256)[:x.size]  # within half an ulp (2^-4 relative), or of the subnormal step
+    assert (np.abs(values * per_element - x) <= 2.0 ** -4 * np.abs(x) + 2.0 ** -10 * per_element).all()
