@@ -112,8 +112,7 @@ class TilePlan(LaunchPlan):
             view_rows = _cdiv(n, COLS)
             return dict(numel=n, rows=max(view_rows, 1), columns=COLS, factored=0, row_stride=COLS, column_stride=1,
                         split=0, tile_rows=ROWS, tiles_per_matrix=1, view_rows=view_rows, matrices=1,
-                        tile_matrices=1, global_rows=1,
-                        global_numel=n, holds_columns=1, **self._batch_fields([]))
+                        tile_matrices=1, global_rows=1, global_numel=n, holds_columns=1, **self._batch_fields([]))
         R, C = p.shape[-2], p.shape[-1]
         matrices = math.prod(p.shape[:-2])
         dims = _batch_dims(p)
@@ -205,8 +204,7 @@ class TilePlan(LaunchPlan):
                 step_args.seed, epoch)
         constexprs = dict(FLAGS=flags, LR_ON_DEVICE=lr_ptr is not None, HAS_FOUND_INF=step_args.found_inf is not None,
                           COUNT_EPOCH=epoch is not None, VEC=self.vec if self.aligned and self.multiples_of_vec else 1,
-                          BATCH_DIMS=self.batch_dims,
-                          ROWS=self.rows, COLS=self.cols)
+                          BATCH_DIMS=self.batch_dims, ROWS=self.rows, COLS=self.cols)
         statistics, norms, update = (_FLOAT64[kernel] if self.float64 else kernel for kernel in algorithm.tiles)
         _launch.launch(statistics, self.grid, args, constexprs, self.num_warps, persistent=True)
         columns, matrices = self.shared

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from ._adafactor import TilePlan
 from ._distributed import local_roles
 from ._fused import FusedOptimizer, validate_common, validate_precision
 from ._launch import launch_step
 from ._multi_tensor import prepare_buckets, step_options
-from ._adafactor import TilePlan
 from ._muon import Orthogonalizer
 from .kernels import adadelta as adadelta_kernel
 from .kernels import adafactor as adafactor_kernel

@@ -166,6 +166,23 @@ def scalar(value, value_ptr, ON_DEVICE: tl.constexpr, like_ptr):
 
 
 @triton.jit
+def launch_epoch(epoch_ptr, COUNT_EPOCH: tl.constexpr):
+    """The stochastic-rounding epoch this launch reads (``COUNT_EPOCH``: an optimizer's launch
+    count on the device, see ``_step_kernel``; else 0)."""
+    if COUNT_EPOCH:
+        return tl.load(epoch_ptr)
+    else:
+        return 0
+
+
+@triton.jit
+def rounding_seed(seed, t, step, epoch):
+    """Stochastic rounding's seed for tensor ``t`` this step: the caller's ``seed`` mixed with the
+    tensor's index, its ``step`` and the launch ``epoch``, so the noise is fresh per tensor and step."""
+    return seed + t * 7919 + (step.to(tl.int32) + epoch) * 104729
+
+
+@triton.jit
 def step_is_skipped(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
     """AMP: ``found_inf != 0`` means this step's gradients overflowed; the whole step is skipped."""
     if HAS_FOUND_INF:
@@ -442,10 +459,7 @@ def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_bl
     for k in tl.static_range(N_HYPER):
         hyper_values = hyper_values + (hyper(slots[k], base_0),)
     skipped = step_is_skipped(found_inf_ptr, HAS_FOUND_INF)
-    if COUNT_EPOCH:
-        epoch = tl.load(epoch_ptr)
-    else:
-        epoch = 0
+    epoch = launch_epoch(epoch_ptr, COUNT_EPOCH)
     if not skipped:
         for i in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
             t, offsets, full, numel = schedule_entry(i, block_tensor_ptr, block_start_ptr, numel_ptr, BLOCK)
@@ -460,7 +474,7 @@ def _step_kernel(block_tensor_ptr, block_start_ptr, numel_ptr, offsets_ptr, n_bl
             for k in tl.static_range(TAKE_SUMS):
                 scalars = scalars + (tl.load(sums_ptr + t * TAKE_SUMS + k).to(lr.dtype),)
             ptrs = _role_pointers(bases, offsets_ptr, t, n_tensors, N_ROLES, ALIGNED)
-            tensor_seed = seed + t * 7919 + (step.to(tl.int32) + epoch) * 104729  # fresh per tensor and step
+            tensor_seed = rounding_seed(seed, t, step, epoch)
             if MAKE_SUMS:
                 if full:
                     block_sums = UPDATE(ptrs, offsets, None, scalars, lr, hyper_values, grad_scale_ptr, tensor_seed,

@@ -33,9 +33,9 @@ O(R + C) per matrix.
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (Algorithm, finish_launch, float64_variant, fold_sums, hyper, lerp, load_compute,
-                            load_grad, load_param, rounded_as, scalar, step_flags, step_is_skipped, store_as,
-                            store_param, widened)
+from ._multi_tensor import (Algorithm, finish_launch, float64_variant, fold_sums, hyper, launch_epoch, lerp,
+                            load_compute, load_grad, load_param, rounded_as, rounding_seed, scalar, step_flags,
+                            step_is_skipped, store_as, store_param, widened)
 
 ROLES = ("param", "grad", "step", "row_var", "col_var", "variance", "master")
 HYPER = ("beta2_decay", "eps1", "eps2", "d", "weight_decay")
@@ -341,10 +341,7 @@ def _update(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n_ten
     d = hyper(d, param_base)
     decay = 1.0 - lr * hyper(weight_decay, param_base)
     skipped = step_is_skipped(found_inf_ptr, HAS_FOUND_INF)
-    if COUNT_EPOCH:
-        epoch = tl.load(epoch_ptr)
-    else:
-        epoch = 0
+    epoch = launch_epoch(epoch_ptr, COUNT_EPOCH)
     if not skipped:
         for i in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             t, ptrs, geometry, q0, end, step = _tile(i, tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr,
@@ -354,9 +351,8 @@ def _update(tile_tensor_ptr, tile_row_ptr, meta_ptr, offsets_ptr, n_tiles, n_ten
             update_rms = tl.sqrt(tl.load(sums_ptr + 2 * t + 1) / numel)
             alpha = tl.maximum(eps2, param_rms) * tl.minimum(lr, 1.0 / tl.sqrt(step))
             step_size = alpha / tl.maximum(1.0, update_rms / d)
-            tensor_seed = seed + t * 7919 + (step.to(tl.int32) + epoch) * 104729  # (as the walk's)
             _directions(geometry, q0, end, ptrs, column_sums_ptr, matrix_sums_ptr, grad_scale_ptr, eps1, decay,
-                        step_size, tensor_seed, FLAGS, True, VEC, BATCH_DIMS, ROWS, COLS)
+                        step_size, rounding_seed(seed, t, step, epoch), FLAGS, True, VEC, BATCH_DIMS, ROWS, COLS)
             col_var_ptr = ptrs[_COL_VAR]
             if geometry[_FACTORED] != 0 and geometry[_HOLDS_COLUMNS] != 0:  # c ← c_next, by the matrix's first tile
                 R = geometry[_ROWS]
